@@ -1,0 +1,3 @@
+from nar4rec.cli import main
+
+raise SystemExit(main())

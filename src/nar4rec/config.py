@@ -1,0 +1,91 @@
+"""Dataclass configs, overridden by a TOML file and by `--set key=value` pairs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from nar4rec.errors import Nar4recError
+
+
+def _coerce(current: Any, text: str, key: str) -> Any:
+    """Parse `text` into the type of `current`."""
+    try:
+        if isinstance(current, bool):
+            lowered = text.strip().lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return lowered in ("true", "1", "yes")
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, str) or current is None:
+            return text
+        if isinstance(current, tuple | list | dict):
+            value = json.loads(text)
+            return type(current)(value) if not isinstance(current, dict) else value
+    except (ValueError, json.JSONDecodeError):
+        raise Nar4recError(f"--set {key}={text}: cannot read {text!r} as "
+                           f"{type(current).__name__}") from None
+    return text
+
+
+def apply_overrides(config: Any, values: dict[str, Any], *, source: str) -> Any:
+    """A copy of dataclass `config` with `values` applied; keys may be dotted for dicts.
+
+    `values` maps field names (or `dict_field.key`) to already-typed values or to strings,
+    which are parsed to the field's current type.
+    """
+    changes: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(config)}
+    for key, value in values.items():
+        head, _, rest = key.partition(".")
+        if head not in names:
+            raise Nar4recError(f"{source}: unknown setting '{head}' "
+                               f"(known: {', '.join(sorted(names))})")
+        current = changes.get(head, getattr(config, head))
+        if rest:
+            if not isinstance(current, dict):
+                raise Nar4recError(f"{source}: '{head}' is not a table, cannot set '{key}'")
+            updated = dict(current)
+            if rest not in updated:
+                raise Nar4recError(f"{source}: unknown key '{rest}' in '{head}' "
+                                   f"(known: {', '.join(updated)})")
+            updated[rest] = _coerce(updated[rest], value, key) if isinstance(value, str) \
+                else value
+            changes[head] = updated
+        elif isinstance(value, str) and not isinstance(current, str):
+            changes[head] = _coerce(current, value, key)
+        elif isinstance(value, dict) and isinstance(current, dict):
+            changes[head] = {**current, **value}
+        else:
+            changes[head] = value
+    return dataclasses.replace(config, **changes)
+
+
+def load_overrides(config: Any, toml_path: str | Path | None, sets: list[str]) -> Any:
+    """Apply a TOML file, then `key=value` strings, to a dataclass config."""
+    if toml_path is not None:
+        path = Path(toml_path)
+        try:
+            table = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise Nar4recError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise Nar4recError(f"{path}: not valid TOML ({exc})") from None
+        config = apply_overrides(config, table, source=str(path))
+    pairs = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise Nar4recError(f"--set {item}: expected key=value")
+        pairs[key.strip()] = value.strip()
+    return apply_overrides(config, pairs, source="--set")
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,1 @@
+"""Request logs: the Parquet format, validation, batching and converters from public data."""

@@ -1,0 +1,265 @@
+"""Check a request-log file against the format and its invariants, row by row, vectorised."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from nar4rec.data.convert import Counts
+from nar4rec.data.format import (
+    CAND_CAT,
+    CAND_NUM,
+    EXPOSED,
+    FEEDBACK,
+    ITEM_ID,
+    LOG_PROPENSITY,
+    REQUEST_ID,
+    TIMESTAMP,
+    UPSTREAM_SCORE,
+    USER_CAT,
+    USER_ID,
+    USER_NUM,
+    FormatSpec,
+    open_parquet,
+)
+from nar4rec.errors import DataError
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One violation of the format: where it is and what is wrong."""
+
+    file: str
+    row: int | None
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        return str(DataError(self.message, file=self.file, row=self.row, field=self.field))
+
+
+@dataclass
+class FileReport:
+    """The problems found in a file and, when it could be read, its summary counts."""
+
+    file: str
+    problems: list[Problem] = field(default_factory=list)
+    counts: Counts = field(default_factory=Counts)
+    min_candidates: int | None = None
+    max_candidates: int | None = None
+    min_list_length: int | None = None
+    max_list_length: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> dict:
+        return {
+            **self.counts.as_dict(),
+            "candidates": {"min": self.min_candidates, "max": self.max_candidates},
+            "list_length": {"min": self.min_list_length, "max": self.max_list_length},
+            "problems": len(self.problems),
+        }
+
+
+def _is_id(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_floating(t) or pa.types.is_integer(t)
+
+
+def _is_list_of(t: pa.DataType, predicate) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)
+            or pa.types.is_fixed_size_list(t)) and predicate(t.value_type)
+
+
+def _expected_types(spec: FormatSpec) -> dict[str, tuple[str, object]]:
+    """Column name -> (description, type predicate)."""
+    expected = {
+        REQUEST_ID: ("int64 or string", _is_id),
+        USER_ID: ("int64 or string", _is_id),
+        TIMESTAMP: ("timestamp", pa.types.is_timestamp),
+        ITEM_ID: ("list of int64 or string", lambda t: _is_list_of(t, _is_id)),
+        EXPOSED: ("list of integers", lambda t: _is_list_of(t, pa.types.is_integer)),
+    }
+    for f in spec.user_cat:
+        expected[USER_CAT + f] = ("int64 or string", _is_id)
+    for f in spec.user_num:
+        expected[USER_NUM + f] = ("number", _is_number)
+    for f in spec.cand_cat:
+        expected[CAND_CAT + f] = ("list of int64 or string", lambda t: _is_list_of(t, _is_id))
+    for f in spec.cand_num:
+        expected[CAND_NUM + f] = ("list of numbers", lambda t: _is_list_of(t, _is_number))
+    if spec.has_upstream_score:
+        expected[UPSTREAM_SCORE] = ("list of numbers", lambda t: _is_list_of(t, _is_number))
+    for b in spec.behaviours:
+        expected[FEEDBACK + b] = ("list of numbers", lambda t: _is_list_of(t, _is_number))
+    if spec.has_log_propensity:
+        expected[LOG_PROPENSITY] = ("number", _is_number)
+    return expected
+
+
+def check_file(path: str | os.PathLike) -> FileReport:
+    """Validate one Parquet request log; every problem is reported with its row and field."""
+    path = Path(path)
+    report = FileReport(file=str(path))
+    try:
+        parquet = open_parquet(path)
+        spec = FormatSpec.from_schema(parquet.schema_arrow, path)
+    except DataError as exc:
+        report.problems.append(Problem(str(path), exc.row, exc.field, exc.message))
+        return report
+
+    schema = parquet.schema_arrow
+    expected = _expected_types(spec)
+    for name in schema.names:
+        if name in expected:
+            description, predicate = expected[name]
+            if not predicate(schema.field(name).type):
+                report.problems.append(Problem(
+                    str(path), None, name,
+                    f"has type {schema.field(name).type}, expected {description}"))
+        else:
+            report.problems.append(Problem(str(path), None, name, "unknown column"))
+    if report.problems:
+        return report
+    if parquet.metadata.num_rows == 0:
+        report.problems.append(Problem(str(path), None, None, "the file holds no requests"))
+        return report
+
+    seen_ids: list[pa.Array] = []
+    offset = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=65536):
+            _check_batch(batch, spec, offset, report)
+            seen_ids.append(batch.column(REQUEST_ID))
+            offset += batch.num_rows
+    except (pa.ArrowException, OSError) as exc:
+        report.problems.append(Problem(
+            str(path), offset, None, f"cannot read the rows from here on ({exc})"))
+        return report
+
+    ids = pa.chunked_array(seen_ids)
+    counts = pc.value_counts(ids)
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        rows = np.flatnonzero(pc.is_in(ids, value_set=repeated).to_numpy(zero_copy_only=False))
+        for r in rows:
+            report.problems.append(Problem(str(path), int(r), REQUEST_ID,
+                                           f"request id {ids[int(r)].as_py()!r} is repeated"))
+    report.problems.sort(key=lambda p: (p.row if p.row is not None else -1, p.field or ""))
+    return report
+
+
+def validate_file(path: str | os.PathLike) -> list[Problem]:
+    """The problems of one request-log file (an empty list when it is valid)."""
+    return check_file(path).problems
+
+
+def _lengths(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return pc.list_value_length(column).fill_null(-1).to_numpy(zero_copy_only=False)
+
+
+def _flat(column) -> tuple[np.ndarray, np.ndarray]:
+    """Flattened list values and the row of each value (rows with null lists contribute none)."""
+    lengths = np.maximum(_lengths(column), 0)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    return pc.list_flatten(column), rows
+
+
+def _check_batch(batch: pa.RecordBatch, spec: FormatSpec, offset: int,
+                 report: FileReport) -> None:
+    problems = report.problems
+    file = report.file
+
+    def flag(rows: np.ndarray, name: str, message: str) -> None:
+        for r in np.unique(rows):
+            problems.append(Problem(file, offset + int(r), name, message))
+
+    def null_rows(column) -> np.ndarray:
+        return np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))
+
+    for name in (REQUEST_ID, USER_ID, TIMESTAMP, ITEM_ID, EXPOSED):
+        flag(null_rows(batch.column(name)), name, "is null")
+    for name in ([USER_NUM + f for f in spec.user_num]
+                 + ([LOG_PROPENSITY] if spec.has_log_propensity else [])):
+        column = batch.column(name)
+        if name != LOG_PROPENSITY:
+            flag(null_rows(column), name, "is null")
+        values = column.to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = ~np.isfinite(values) & ~column.is_null().to_numpy(zero_copy_only=False)
+        flag(np.flatnonzero(bad), name, "is not a finite number (NaN or infinite)")
+        if name == LOG_PROPENSITY:
+            flag(np.flatnonzero(np.nan_to_num(values, nan=0.0) > 1e-9), name,
+                 "is a log-probability and must be <= 0")
+
+    n = _lengths(batch.column(ITEM_ID))
+    m = _lengths(batch.column(EXPOSED))
+    flag(np.flatnonzero(n == 0), ITEM_ID, "has no candidates")
+    flag(np.flatnonzero(m == 0), EXPOSED, "the exposed list is empty")
+    flag(np.flatnonzero((m > n) & (n >= 0)), EXPOSED,
+         "more exposed positions than candidates (m > n)")
+
+    items, _ = _flat(batch.column(ITEM_ID))
+    item_rows = np.repeat(np.arange(len(n)), np.maximum(n, 0))
+    flag(item_rows[items.is_null().to_numpy(zero_copy_only=False)], ITEM_ID,
+         "has a null item id")
+
+    candidate_lists = [CAND_CAT + f for f in spec.cand_cat] + [CAND_NUM + f for f in spec.cand_num]
+    if spec.has_upstream_score:
+        candidate_lists.append(UPSTREAM_SCORE)
+    for name in candidate_lists:
+        lengths = _lengths(batch.column(name))
+        flag(np.flatnonzero((lengths != n) & (n >= 0)), name,
+             "length differs from the number of candidates (item_id)")
+    for name in [CAND_NUM + f for f in spec.cand_num] + (
+            [UPSTREAM_SCORE] if spec.has_upstream_score else []):
+        _check_numbers(batch.column(name), name, flag)
+
+    for b in spec.behaviours:
+        name = FEEDBACK + b
+        lengths = _lengths(batch.column(name))
+        flag(np.flatnonzero((lengths != m) & (m >= 0)), name,
+             "length differs from the exposed list's")
+        _check_numbers(batch.column(name), name, flag)
+
+    exposed, rows = _flat(batch.column(EXPOSED))
+    if len(exposed):
+        null = exposed.is_null().to_numpy(zero_copy_only=False)
+        flag(rows[null], EXPOSED, "has a null position")
+        values = exposed.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        limit = np.maximum(n, 0)[rows]
+        out_of_range = ((values < 0) | (values >= limit)) & ~null
+        flag(rows[out_of_range], EXPOSED, "has an index outside [0, n) of the candidates")
+        key = rows.astype(np.int64) * (int(values.max(initial=0)) + 2) + (values + 1)
+        order = np.argsort(key, kind="stable")
+        repeats = order[1:][np.diff(key[order]) == 0]
+        flag(rows[repeats], EXPOSED, "shows the same candidate twice")
+
+    counts = Counts.of_table(batch, spec)
+    report.counts.add(counts)
+    valid_n, valid_m = n[n > 0], m[m > 0]
+    if len(valid_n):
+        report.min_candidates = int(min(valid_n.min(), report.min_candidates or 1 << 62))
+        report.max_candidates = int(max(valid_n.max(), report.max_candidates or 0))
+    if len(valid_m):
+        report.min_list_length = int(min(valid_m.min(), report.min_list_length or 1 << 62))
+        report.max_list_length = int(max(valid_m.max(), report.max_list_length or 0))
+
+
+def _check_numbers(column, name: str, flag) -> None:
+    values, rows = _flat(column)
+    if len(values) == 0:
+        return
+    null = values.is_null().to_numpy(zero_copy_only=False)
+    flag(rows[null], name, "has a null value")
+    numbers = values.fill_null(0).to_numpy(zero_copy_only=False).astype(np.float64)
+    flag(rows[~np.isfinite(numbers)], name, "has a value that is not finite (NaN or infinite)")

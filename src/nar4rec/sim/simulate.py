@@ -1,0 +1,245 @@
+"""`nar4rec simulate`: write train/valid/test request logs, the ground truth and a summary.
+
+Requests are generated in chunks in time order and streamed to Parquet, so memory does not grow
+with the number of requests. The test split also gets the oracle's near-best list of every
+request (oracle.parquet), so that any method's lists can be compared with it later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from nar4rec.data.format import (
+    CAND_CAT,
+    CAND_NUM,
+    EXPOSED,
+    FEEDBACK,
+    ITEM_ID,
+    LOG_PROPENSITY,
+    REQUEST_ID,
+    TIMESTAMP,
+    UPSTREAM_SCORE,
+    USER_CAT,
+    USER_ID,
+    USER_NUM,
+    FormatSpec,
+    RequestLogWriter,
+    list_array,
+)
+from nar4rec.errors import Nar4recError
+from nar4rec.io import atomic_dir
+from nar4rec.sim.movielens import build_movielens_world
+from nar4rec.sim.oracle import itemwise_top, list_utility, oracle
+from nar4rec.sim.policy import Requests, plackett_luce, sample_feedback, sample_requests
+from nar4rec.sim.presets import SimConfig
+from nar4rec.sim.world import TRUTH_DIR, WORLD_FILE, World, build_synthetic_world
+
+SPLITS = ("train", "valid", "test")
+ORACLE_FILE = "oracle_test.parquet"
+SUMMARY_FILE = "summary.json"
+
+
+def build_world(config: SimConfig, seed: int) -> World:
+    rng = np.random.default_rng([seed, 0])
+    if config.preset == "movielens":
+        return build_movielens_world(config, rng)
+    return build_synthetic_world(config, rng)
+
+
+def format_spec(world: World) -> FormatSpec:
+    c = world.config
+    return FormatSpec(
+        behaviours=c.behaviours,
+        utility_weights=dict(c.utility_weights),
+        user_cat=tuple(world.user_cat),
+        user_num=tuple(world.user_num),
+        cand_cat=tuple(world.item_cat),
+        cand_num=tuple(world.item_num),
+        has_upstream_score=True,
+        has_log_propensity=True,
+        extra={"source": f"nar4rec simulate --preset {c.preset}",
+               "ground_truth": f"{TRUTH_DIR}/{WORLD_FILE}"},
+    )
+
+
+def split_sizes(config: SimConfig, requests: int) -> dict[str, int]:
+    valid = int(round(requests * config.valid_fraction))
+    test = int(round(requests * config.test_fraction))
+    return {"train": requests - valid - test, "valid": valid, "test": test}
+
+
+@dataclasses.dataclass
+class _Totals:
+    """Running sums over the test split, for the summary."""
+
+    requests: int = 0
+    utility: dict[str, float] = dataclasses.field(default_factory=dict)
+    behaviours: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    def add(self, name: str, per_request_utility: np.ndarray,
+            per_request_behaviours: np.ndarray) -> None:
+        self.utility[name] = self.utility.get(name, 0.0) + float(per_request_utility.sum())
+        self.behaviours[name] = self.behaviours.get(name, 0.0) + \
+            per_request_behaviours.sum(axis=0)
+
+    def means(self, behaviours: tuple[str, ...]) -> tuple[dict, dict]:
+        n = max(self.requests, 1)
+        utility = {k: v / n for k, v in self.utility.items()}
+        per_behaviour = {k: {b: float(v[i] / n) for i, b in enumerate(behaviours)}
+                         for k, v in self.behaviours.items()}
+        return utility, per_behaviour
+
+
+def simulate(config: SimConfig, requests: int, seed: int, out_dir: str | Path, *,
+             overwrite: bool = False, progress: bool | None = None) -> dict:
+    """Simulate `requests` requests into `out_dir`; return the summary that is also written."""
+    if requests < 3:
+        raise Nar4recError(f"--requests must be at least 3 (one per split), got {requests}")
+    started = time.perf_counter()
+    world = build_world(config, seed)
+    config = world.config
+    spec = format_spec(world)
+    sizes = split_sizes(config, requests)
+    totals = _Totals()
+    oracle_method = ""
+    start_ms = int(datetime.fromisoformat(config.start_date).replace(tzinfo=UTC).timestamp()
+                   * 1000)
+    span_ms = config.days * 86_400_000
+
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        (tmp / TRUTH_DIR).mkdir()
+        bar = tqdm(total=requests, unit="req", desc="simulate",
+                   disable=None if progress is None else not progress)
+        first = 0
+        oracle_writer = None
+        # Writing Parquet (in a thread, which releases the GIL) overlaps simulating the next
+        # chunk; at most two chunks wait, so memory stays bounded.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for split in SPLITS:
+                with RequestLogWriter(tmp / f"{split}.parquet", spec) as writer:
+                    pending: deque[Future] = deque()
+                    for chunk_start in range(first, first + sizes[split], config.chunk_size):
+                        size = min(config.chunk_size, first + sizes[split] - chunk_start)
+                        rng = np.random.default_rng([seed, 1, chunk_start])
+                        columns, lists, req, probabilities = _simulate_chunk(
+                            world, spec, chunk_start, size, requests, start_ms, span_ms, rng)
+                        pending.append(pool.submit(writer.write, columns))
+                        while len(pending) > 1:
+                            pending.popleft().result()
+                        if split == "test":
+                            table, oracle_method = _oracle_chunk(
+                                world, req, lists, probabilities, columns[REQUEST_ID],
+                                totals)
+                            if oracle_writer is None:
+                                oracle_writer = pq.ParquetWriter(tmp / TRUTH_DIR / ORACLE_FILE,
+                                                                 table.schema)
+                            oracle_writer.write_table(table)
+                        bar.update(size)
+                    while pending:
+                        pending.popleft().result()
+                first += sizes[split]
+        if oracle_writer is not None:
+            oracle_writer.close()
+        bar.close()
+        world.save(tmp / TRUTH_DIR / WORLD_FILE)
+        utility, per_behaviour = totals.means(config.behaviours)
+        summary = {
+            "preset": config.preset,
+            "seed": seed,
+            "n_candidates": config.n_candidates,
+            "list_length": config.list_length,
+            "behaviours": list(config.behaviours),
+            "utility_weights": dict(config.utility_weights),
+            "requests": sizes,
+            "users": world.n_users,
+            "items": world.n_items,
+            "logging_utility": utility.get("logging"),
+            "oracle_utility": utility.get("oracle"),
+            "itemwise_top_utility": utility.get("itemwise_top"),
+            "oracle_method": oracle_method,
+            "behaviour_means": per_behaviour,
+            "config": dataclasses.asdict(config),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _simulate_chunk(world: World, spec: FormatSpec, start: int, size: int, total: int,
+                    start_ms: int, span_ms: int, rng: np.random.Generator):
+    c = world.config
+    req = sample_requests(world, size, rng)
+    lists, log_propensity = plackett_luce(req.upstream_score, c.list_length,
+                                          c.logging_temperature, rng)
+    shown = np.take_along_axis(req.items, lists, axis=1)                     # (R, m)
+    shown_terms = world.candidate_terms(req.users, shown)
+    in_order = np.broadcast_to(np.arange(c.list_length), (size, 1, c.list_length))
+    probabilities = world.list_feedback(shown_terms, in_order)[:, 0]         # (R, m, K)
+    feedback = sample_feedback(world, probabilities, rng)                    # (R, m, K)
+
+    index = np.arange(start, start + size)
+    timestamp = start_ms + ((index + rng.random(size)) / total * span_ms).astype(np.int64)
+    columns: dict[str, pa.Array | np.ndarray] = {
+        REQUEST_ID: index.astype(np.int64),
+        USER_ID: req.users,
+        TIMESTAMP: pa.array(timestamp, type=pa.timestamp("ms", tz="UTC")),
+        ITEM_ID: list_array(req.items),
+        UPSTREAM_SCORE: list_array(req.upstream_score.astype(np.float32)),
+        EXPOSED: list_array(lists.astype(np.int32)),
+        LOG_PROPENSITY: log_propensity,
+    }
+    for name in spec.user_cat:
+        columns[USER_CAT + name] = world.user_cat[name][req.users]
+    for name in spec.user_num:
+        columns[USER_NUM + name] = world.user_num[name][req.users]
+    for name in spec.cand_cat:
+        columns[CAND_CAT + name] = list_array(world.item_cat[name][req.items])
+    for name in spec.cand_num:
+        columns[CAND_NUM + name] = list_array(world.item_num[name][req.items])
+    for k, b in enumerate(spec.behaviours):
+        columns[FEEDBACK + b] = list_array(feedback[..., k])
+    return columns, lists, req, probabilities
+
+
+def _oracle_chunk(world: World, req: Requests, lists: np.ndarray, probabilities: np.ndarray,
+                  request_ids: np.ndarray, totals: _Totals) -> tuple[pa.Table, str]:
+    terms = world.candidate_terms(req.users, req.items)
+    m = world.config.list_length
+    weights = world.weights
+    logging_utility = probabilities.sum(axis=1) @ weights                   # (R,)
+    best, best_utility, method = oracle(world, terms, m)
+    top = itemwise_top(world, terms, m)
+    best_feedback = world.list_feedback(terms, best[:, None, :])[:, 0].sum(axis=1)  # (R, K)
+    top_feedback = world.list_feedback(terms, top[:, None, :])[:, 0].sum(axis=1)
+    top_utility = top_feedback @ weights
+    # Guard the oracle: it must never do worse than the lists it is compared with.
+    fallback = np.maximum(logging_utility, top_utility) > best_utility
+    if fallback.any():
+        use_top = fallback & (top_utility >= logging_utility)
+        use_log = fallback & ~use_top
+        best = np.where(use_top[:, None], top, np.where(use_log[:, None], lists, best))
+        best_utility = list_utility(world, terms, best[:, None, :])[:, 0]
+        best_feedback = world.list_feedback(terms, best[:, None, :])[:, 0].sum(axis=1)
+    totals.requests += len(lists)
+    totals.add("logging", logging_utility, probabilities.sum(axis=1))
+    totals.add("oracle", best_utility, best_feedback)
+    totals.add("itemwise_top", top_utility, top_feedback)
+    table = pa.table({
+        REQUEST_ID: pa.array(request_ids, pa.int64()),
+        "oracle_list": list_array(best.astype(np.int32)),
+        "oracle_utility": pa.array(best_utility, pa.float64()),
+        "logging_utility": pa.array(logging_utility, pa.float64()),
+        "itemwise_top_utility": pa.array(top_utility, pa.float64()),
+    })
+    return table, method

@@ -1,0 +1,118 @@
+"""Request logs -> padded, masked batches, streamed by row group and split across ranks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from helpers import simulate_small
+from nar4rec.data.format import FormatSpec, RequestLogWriter, list_array
+from nar4rec.data.loader import PAD, UNKNOWN, FeatureSpace, RequestLoader
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "data"
+    simulate_small(out, requests=2500)
+    return out
+
+
+def ragged_file(path) -> pa.Table:
+    """Requests with different n and m, string ids and a null category."""
+    spec = FormatSpec(behaviours=("click",), utility_weights={"click": 1.0},
+                      user_cat=("city",), cand_cat=("genre",), cand_num=("price",))
+    n = np.array([3, 5, 2])
+    m = np.array([2, 3, 1])
+    items = np.array([["a", "b", "c", "", ""], ["d", "e", "a", "f", "g"], ["x", "b", "", "", ""]])
+    columns = {
+        "request_id": pa.array(["r1", "r2", "r3"]),
+        "user_id": pa.array(["u1", "u2", "u1"]),
+        "timestamp": pa.array([1, 2, 3], pa.timestamp("ms", tz="UTC")),
+        "user_cat_city": pa.array(["paris", None, "rome"]),
+        "item_id": list_array(items, n, pa.string()),
+        "cand_cat_genre": list_array(np.array([["g1", "g2", "g1", "", ""],
+                                               ["g2", "g2", "g1", "g3", "g1"],
+                                               ["g9", "g1", "", "", ""]]), n, pa.string()),
+        "cand_num_price": list_array(np.arange(15, dtype=np.float32).reshape(3, 5), n),
+        "upstream_score": list_array(np.ones((3, 5), dtype=np.float32), n),
+        "exposed": list_array(np.array([[2, 0, 0], [4, 1, 3], [1, 0, 0]], dtype=np.int32), m),
+        "feedback_click": list_array(np.array([[1, 0, 0], [0, 0, 1], [1, 0, 0]],
+                                              dtype=np.float32), m),
+    }
+    with RequestLogWriter(path, spec, id_type=pa.string()) as writer:
+        writer.write(columns)
+    return pq.read_table(path)
+
+
+def test_padding_masks_and_vocabularies(tmp_path):
+    path = tmp_path / "ragged.parquet"
+    ragged_file(path)
+    space = FeatureSpace.fit([path])
+    batch = next(iter(RequestLoader([path], space, batch_size=8)))
+    assert batch.cand_mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5,
+                                        [True] * 2 + [False] * 3]
+    assert batch.exposed_mask.sum(1).tolist() == [2, 3, 1]
+    assert batch.exposed[1].tolist() == [4, 1, 3]
+    assert batch.feedback[:, :, 0].tolist() == [[1, 0, 0], [0, 0, 1], [1, 0, 0]]
+    items = batch.cand_cat[..., 0]
+    assert torch.all(items[~batch.cand_mask] == PAD)
+    assert items[0, 0] == items[1, 2]           # "a" twice, one index
+    assert items[0, 1] == items[2, 1]           # "b" twice
+    assert batch.user_cat[1, 1] == UNKNOWN      # a null city
+    assert batch.item_id[1].tolist() == ["d", "e", "a", "f", "g"]
+    # Numbers are standardised with the training mean and deviation; padding stays 0.
+    prices = batch.cand_num[..., 0][batch.cand_mask]
+    assert abs(float(prices.mean())) < 1e-5
+    assert torch.all(batch.cand_num[~batch.cand_mask] == 0)
+    unseen = space.cand_cat["genre"].encode(pa.array(["g1", "never-seen", None]))
+    assert unseen[1] == UNKNOWN and unseen[2] == UNKNOWN and unseen[0] >= 2
+    restored = FeatureSpace.from_dict(space.to_dict())
+    again = restored.encode(pq.read_table(path))
+    assert torch.equal(again.cand_cat, batch.cand_cat)
+    assert torch.equal(again.user_num, batch.user_num)
+
+
+def test_every_row_once_per_epoch_across_ranks(data):
+    path = data / "train.parquet"
+    space = FeatureSpace.fit([path])
+    table = pq.read_table(path, columns=["request_id", "exposed"])
+    seen = []
+    for rank in range(2):
+        loader = RequestLoader([path], space, batch_size=64, shuffle=True, seed=3, rank=rank,
+                               world_size=2, buffer_row_groups=1)
+        ids = np.concatenate([b.request_id for b in loader])
+        seen.append(ids)
+        assert len(ids) == loader.num_rows
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(np.concatenate(seen)) == sorted(table.column("request_id").to_pylist())
+
+
+def test_shuffle_changes_with_epoch_and_batches_match_the_file(data):
+    path = data / "valid.parquet"
+    space = FeatureSpace.fit([data / "train.parquet"])
+    loader = RequestLoader([path], space, batch_size=50, shuffle=True, seed=0)
+    first = np.concatenate([b.request_id for b in loader])
+    loader.set_epoch(1)
+    second = np.concatenate([b.request_id for b in loader])
+    assert sorted(first) == sorted(second) and not np.array_equal(first, second)
+    table = pq.read_table(path)
+    rows = {r: i for i, r in enumerate(table.column("request_id").to_pylist())}
+    for batch in RequestLoader([path], space, batch_size=40):
+        for j, request in enumerate(batch.request_id[:5]):
+            i = rows[request]
+            assert batch.exposed[j].tolist() == table.column("exposed")[i].as_py()
+            assert batch.feedback[j, :, 1].tolist() == table.column("feedback_like")[i].as_py()
+            assert batch.item_id[j].tolist() == table.column("item_id")[i].as_py()
+        break
+
+
+def test_incompatible_file_is_refused(tmp_path, data):
+    path = tmp_path / "ragged.parquet"
+    ragged_file(path)
+    space = FeatureSpace.fit([data / "train.parquet"])
+    from nar4rec.errors import DataError
+    with pytest.raises(DataError, match="behaviours"):
+        RequestLoader([path], space)

@@ -1,0 +1,202 @@
+"""The ground-truth user model: exact utilities, sampling, logging policy and oracle."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import simulate_small, small_config
+from nar4rec.data.validate import validate_file
+from nar4rec.sim.oracle import beam_search, exhaustive, itemwise_top, list_utility, oracle
+from nar4rec.sim.policy import plackett_luce, plackett_luce_log_prob, sample_feedback, \
+    sample_requests
+from nar4rec.sim.simulate import build_world
+from nar4rec.sim.world import World, sigmoid
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return build_world(small_config("kuaishou"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def requests(world):
+    return sample_requests(world, 64, np.random.default_rng(1))
+
+
+def reference_feedback(world: World, user: int, items: list[int]) -> np.ndarray:
+    """The user model of SimConfig's docstring, written position by position: (m, K)."""
+    c = world.config
+    z = [c.affinity_scale * (world.user_latent[user] @ world.item_latent[i]
+                             + world.item_bias[i] + world.user_bias[user]) + c.affinity_bias
+         for i in items]
+    out = np.zeros((len(items), len(c.behaviours)))
+    for k, item in enumerate(items):
+        fatigue = max([max(0.0, float(world.item_embedding[item] @ world.item_embedding[j]))
+                       for j in items[:k]], default=0.0)
+        carry = sum(c.carryover_decay ** (k - 1 - j) * (sigmoid(z[j]) - c.carryover_baseline)
+                    for j in range(k))
+        exam = (1.0 + k) ** -c.position_decay
+        first = None
+        for b_index, b in enumerate(c.behaviours):
+            logit = (c.behaviour_bias[b] + c.behaviour_slope[b] * z[k]
+                     + world.item_attr[item, b_index] - c.fatigue[b] * fatigue
+                     + c.carryover * carry)
+            if first is None:
+                first = exam * sigmoid(logit)
+                out[k, b_index] = first
+            else:
+                out[k, b_index] = first * sigmoid(logit)
+    return out
+
+
+def test_closed_form_matches_position_by_position_reference(world, requests):
+    rng = np.random.default_rng(0)
+    terms = world.candidate_terms(requests.users, requests.items)
+    lists = np.stack([rng.choice(60, size=6, replace=False) for _ in range(len(requests.users))])
+    batched = world.list_feedback(terms, lists[:, None, :])[:, 0]
+    for r in range(8):
+        expected = reference_feedback(world, int(requests.users[r]),
+                                      [int(i) for i in requests.items[r, lists[r]]])
+        np.testing.assert_allclose(batched[r], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_sampled_feedback_has_the_closed_form_means(world, requests):
+    terms = world.candidate_terms(requests.users[:4], requests.items[:4])
+    lists = np.tile(np.arange(6), (4, 1))
+    probabilities = world.list_feedback(terms, lists[:, None, :])[:, 0]      # (4, 6, K)
+    draws = 20000
+    rng = np.random.default_rng(5)
+    repeated = np.repeat(probabilities, draws, axis=0)
+    sampled = sample_feedback(world, repeated, rng).reshape(4, draws, 6, -1).mean(axis=1)
+    error = np.sqrt(probabilities * (1 - probabilities) / draws)
+    assert np.all(np.abs(sampled - probabilities) <= 5 * error + 1e-4)
+    # Every other behaviour happens only with the first (a like needs a view).
+    one = sample_feedback(world, repeated[:1000], rng)
+    assert np.all(one[..., 1:] <= one[..., :1])
+
+
+def test_list_effects_make_order_and_diversity_matter(world, requests):
+    terms = world.candidate_terms(requests.users, requests.items)
+    best, best_utility, _ = oracle(world, terms, 6)
+    top = itemwise_top(world, terms, 6)
+    top_utility = list_utility(world, terms, top[:, None, :])[:, 0]
+    assert np.all(best_utility >= top_utility - 1e-6)
+    differs = np.mean(np.any(np.sort(best, 1) != np.sort(top, 1), axis=1) | np.any(best != top, 1))
+    assert differs > 0.2, "the best list should often not be the item-wise top m"
+    # Reversing a list changes its utility: order matters, not only the set.
+    reversed_utility = list_utility(world, terms, best[:, None, ::-1].copy())[:, 0]
+    assert np.mean(reversed_utility < best_utility - 1e-6) > 0.9
+
+
+def test_beam_scores_equal_full_evaluation(world, requests):
+    terms = world.candidate_terms(requests.users, requests.items)
+    lists, scores = beam_search(world, terms, 6, beam=4)
+    assert np.all(np.sort(lists, axis=1)[:, 1:] != np.sort(lists, axis=1)[:, :-1])
+    np.testing.assert_allclose(scores, list_utility(world, terms, lists[:, None, :])[:, 0],
+                               rtol=1e-4)
+
+
+def test_exhaustive_equals_brute_force_and_search_comes_close(world, requests):
+    small = dataclasses.replace(world, config=dataclasses.replace(world.config, n_candidates=6,
+                                                                    list_length=4))
+    terms = small.candidate_terms(requests.users[:12], requests.items[:12, :6])
+    best_list, best_utility = exhaustive(small, terms, 4)
+    for r in range(12):
+        utilities = {p: list_utility(small, terms.take(slice(r, r + 1)),
+                                     np.array(p)[None, None, :])[0, 0]
+                     for p in itertools.permutations(range(6), 4)}
+        assert best_utility[r] == pytest.approx(max(utilities.values()), rel=1e-6)
+        assert utilities[tuple(best_list[r])] == pytest.approx(best_utility[r], rel=1e-6)
+    forced = dataclasses.replace(small, config=dataclasses.replace(small.config,
+                                                                  exhaustive_limit=0))
+    terms = small.candidate_terms(requests.users, requests.items[:, :6])
+    _, searched, method = oracle(forced, terms, 4)
+    _, exact = exhaustive(small, terms, 4)
+    assert method.startswith("beam")
+    assert np.all(searched <= exact + 1e-6)
+    assert np.mean(searched / exact) > 0.995
+
+
+def test_plackett_luce_propensities_are_exact(world):
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(1, 4))
+    perms = np.array(list(itertools.permutations(range(4), 3)))
+    log_p = plackett_luce_log_prob(np.repeat(scores, len(perms), 0), perms)
+    assert np.exp(log_p).sum() == pytest.approx(1.0, abs=1e-9)
+    lists, sampled_log_p = plackett_luce(np.repeat(scores, 40000, 0), 3, 1.0, rng)
+    codes = lists @ np.array([16, 4, 1])
+    frequency = {int(c): n / len(codes) for c, n in zip(*np.unique(codes, return_counts=True),
+                                                         strict=True)}
+    for p, lp in zip(perms, log_p, strict=True):
+        assert frequency.get(int(p @ np.array([16, 4, 1])), 0.0) == pytest.approx(
+            np.exp(lp), abs=0.01)
+    np.testing.assert_allclose(sampled_log_p,
+                               plackett_luce_log_prob(np.repeat(scores, 40000, 0), lists))
+
+
+@pytest.mark.parametrize("preset", ["kuaishou", "avito"])
+def test_simulate_writes_valid_logs_and_the_oracle_beats_logging(tmp_path, preset):
+    summary = simulate_small(tmp_path / "data", preset=preset)
+    for split in ("train", "valid", "test"):
+        assert validate_file(tmp_path / "data" / f"{split}.parquet") == []
+    assert summary["requests"] == {"train": 2400, "valid": 300, "test": 300}
+    assert summary["oracle_utility"] > 1.08 * summary["logging_utility"]
+    assert summary["oracle_utility"] >= summary["itemwise_top_utility"]
+    on_disk = json.loads((tmp_path / "data" / "summary.json").read_text())
+    assert on_disk["oracle_utility"] == summary["oracle_utility"]
+    oracle_table = pq.read_table(tmp_path / "data" / "truth" / "oracle_test.parquet")
+    test = pq.read_table(tmp_path / "data" / "test.parquet")
+    assert oracle_table.column("request_id").to_pylist() == test.column("request_id").to_pylist()
+    assert np.mean(oracle_table.column("oracle_utility").to_numpy()) == pytest.approx(
+        summary["oracle_utility"])
+    # The logged feedback agrees with the ground truth's expectation of the logged lists.
+    world = World.load(tmp_path / "data")
+    users = np.concatenate([test.column("user_id").to_numpy()])
+    items = np.stack(test.column("item_id").to_numpy(zero_copy_only=False))
+    exposed = np.stack(test.column("exposed").to_numpy(zero_copy_only=False)).astype(np.int64)
+    expected = world.utility(users, items, exposed[:, None, :])[:, 0]
+    np.testing.assert_allclose(expected, oracle_table.column("logging_utility").to_numpy(),
+                               rtol=1e-4)
+
+
+def test_timestamps_split_by_time_and_runs_repeat(tmp_path):
+    simulate_small(tmp_path / "a", requests=1500, seed=7)
+    simulate_small(tmp_path / "b", requests=1500, seed=7)
+    simulate_small(tmp_path / "c", requests=1500, seed=8)
+    last = None
+    for split in ("train", "valid", "test"):
+        times = pq.read_table(tmp_path / "a" / f"{split}.parquet").column("timestamp")
+        values = times.cast("int64").to_numpy()
+        assert np.all(np.diff(values) >= 0)
+        if last is not None:
+            assert values[0] >= last
+        last = values[-1]
+    a = pq.read_table(tmp_path / "a" / "train.parquet")
+    assert a.equals(pq.read_table(tmp_path / "b" / "train.parquet"))
+    assert not a.equals(pq.read_table(tmp_path / "c" / "train.parquet"))
+
+
+def test_logging_policy_shows_many_different_lists(tmp_path):
+    simulate_small(tmp_path / "d", requests=2000)
+    table = pq.read_table(tmp_path / "d" / "train.parquet", columns=["exposed"])
+    lists = {tuple(x) for x in table.column("exposed").to_pylist()}
+    assert len(lists) > 0.9 * table.num_rows
+
+
+def test_movielens_preset_uses_the_real_ratings(tmp_path, shared_data):
+    summary = simulate_small(tmp_path / "ml", preset="movielens", requests=2000,
+                             movielens_dir=str(shared_data / "ml-100k"))
+    assert summary["users"] == 943 and summary["items"] == 1682
+    assert summary["oracle_utility"] > 1.08 * summary["logging_utility"]
+    world = World.load(tmp_path / "ml")
+    ratings = np.loadtxt(shared_data / "ml-100k" / "u.data", dtype=np.int64)[:, :3]
+    affinity = world.affinity(ratings[:, 0] - 1, (ratings[:, 1] - 1)[:, None])[:, 0]
+    # The fitted affinity ranks a user's 5-star movies above their 1-star ones.
+    assert affinity[ratings[:, 2] == 5].mean() > affinity[ratings[:, 2] == 1].mean() + 1.0
+    assert np.corrcoef(affinity, ratings[:, 2])[0, 1] > 0.5

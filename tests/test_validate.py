@@ -1,0 +1,182 @@
+"""The format's invariants: every kind of bad row is reported with its row and field."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import simulate_small
+from nar4rec.cli import main
+from nar4rec.data.format import METADATA_KEY, read_spec
+from nar4rec.data.validate import check_file, validate_file
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "data"
+    simulate_small(out, requests=600)
+    return out
+
+
+def rewrite(table: pa.Table, path, column: str, values: list) -> None:
+    """Write `table` with one column replaced, keeping the schema and its metadata."""
+    index = table.schema.get_field_index(column)
+    field = table.schema.field(index)
+    table = table.set_column(index, field, pa.array(values, type=field.type))
+    pq.write_table(table, path)
+
+
+def problems_of(path) -> set[tuple[int | None, str | None]]:
+    return {(p.row, p.field) for p in validate_file(path)}
+
+
+def test_simulated_file_is_valid_and_summary_counts_are_independent(data, tmp_path):
+    path = data / "valid.parquet"
+    report = check_file(path)
+    assert report.ok
+    table = pq.read_table(path)
+    assert report.counts.requests == table.num_rows
+    assert report.counts.exposures == sum(len(x) for x in table.column("exposed").to_pylist())
+    for behaviour, count in report.counts.positives.items():
+        values = table.column(f"feedback_{behaviour}").to_pylist()
+        assert count == sum(v != 0 for row in values for v in row)
+    assert main(["validate", str(path), "--json", str(tmp_path / "s.json")]) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["requests"] == report.counts.requests
+    assert summary["positives"] == report.counts.positives
+
+
+@pytest.mark.parametrize("row", [0, 17])
+def test_bad_exposed_lists_are_located(data, tmp_path, row):
+    table = pq.read_table(data / "valid.parquet")
+    exposed = table.column("exposed").to_pylist()
+    bad = tmp_path / "bad.parquet"
+
+    exposed_range = [list(x) for x in exposed]
+    exposed_range[row][2] = 60
+    rewrite(table, bad, "exposed", exposed_range)
+    assert problems_of(bad) == {(row, "exposed")}
+
+    repeated = [list(x) for x in exposed]
+    repeated[row][3] = repeated[row][1]
+    rewrite(table, bad, "exposed", repeated)
+    assert problems_of(bad) == {(row, "exposed")}
+
+    negative = [list(x) for x in exposed]
+    negative[row][0] = -1
+    rewrite(table, bad, "exposed", negative)
+    assert problems_of(bad) == {(row, "exposed")}
+
+
+def test_lengths_numbers_and_m_greater_than_n(data, tmp_path):
+    table = pq.read_table(data / "valid.parquet")
+    bad = tmp_path / "bad.parquet"
+
+    likes = table.column("feedback_like").to_pylist()
+    likes[5] = likes[5] + [0.0]
+    rewrite(table, bad, "feedback_like", likes)
+    assert problems_of(bad) == {(5, "feedback_like")}
+
+    views = table.column("feedback_view").to_pylist()
+    views[9][0] = float("nan")
+    views[11][1] = float("inf")
+    rewrite(table, bad, "feedback_view", views)
+    assert problems_of(bad) == {(9, "feedback_view"), (11, "feedback_view")}
+
+    numbers = table.column("user_num_log_activity").to_pylist()
+    numbers[3] = float("nan")
+    rewrite(table, bad, "user_num_log_activity", numbers)
+    assert problems_of(bad) == {(3, "user_num_log_activity")}
+
+    # Row 4 keeps 3 candidates but still shows 6: m > n (and its candidate lists are short).
+    short = {}
+    for name in table.column_names:
+        if pa.types.is_list(table.schema.field(name).type) and name != "exposed" \
+                and not name.startswith("feedback_"):
+            values = table.column(name).to_pylist()
+            values[4] = values[4][:3]
+            short[name] = values
+    for name, values in short.items():
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, table.schema.field(index),
+                                 pa.array(values, type=table.schema.field(index).type))
+    pq.write_table(table, bad)
+    messages = [p for p in validate_file(bad) if p.row == 4 and p.field == "exposed"]
+    assert any("m > n" in p.message for p in messages)
+    assert all(p.row == 4 for p in validate_file(bad))
+
+
+def test_schema_problems(data, tmp_path):
+    table = pq.read_table(data / "valid.parquet")
+    missing = tmp_path / "missing.parquet"
+    pq.write_table(table.drop_columns(["exposed"]), missing)
+    assert problems_of(missing) == {(None, "exposed")}
+
+    wrong = tmp_path / "wrong.parquet"
+    index = table.schema.get_field_index("user_num_log_activity")
+    as_text = table.set_column(index, pa.field("user_num_log_activity", pa.string()),
+                               pa.array(["x"] * table.num_rows))
+    pq.write_table(as_text, wrong)
+    assert problems_of(wrong) == {(None, "user_num_log_activity")}
+
+    unknown = tmp_path / "unknown.parquet"
+    pq.write_table(table.append_column("feedback_share", table.column("feedback_like")), unknown)
+    assert problems_of(unknown) == {(None, "feedback_share")}
+
+    no_meta = tmp_path / "no_meta.parquet"
+    pq.write_table(table.replace_schema_metadata({}), no_meta)
+    assert [p.field for p in validate_file(no_meta)] == [None]
+
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(table.slice(0, 0), empty)
+    assert "no requests" in validate_file(empty)[0].message
+
+    meta = json.loads(table.schema.metadata[METADATA_KEY])
+    meta["utility_weights"]["like"] = "a lot"
+    bad_weight = tmp_path / "bad_weight.parquet"
+    pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)}), bad_weight)
+    assert problems_of(bad_weight) == {(None, "nar4rec.utility_weights")}
+
+
+def test_repeated_request_ids(data, tmp_path):
+    table = pq.read_table(data / "valid.parquet")
+    ids = table.column("request_id").to_pylist()
+    ids[7] = ids[2]
+    bad = tmp_path / "bad.parquet"
+    rewrite(table, bad, "request_id", ids)
+    assert problems_of(bad) == {(2, "request_id"), (7, "request_id")}
+
+
+def test_truncated_and_missing_files_fail_cleanly(data, tmp_path):
+    truncated = tmp_path / "truncated.parquet"
+    raw = (data / "valid.parquet").read_bytes()
+    truncated.write_bytes(raw[: len(raw) // 2])
+    assert len(validate_file(truncated)) == 1
+    for path in (truncated, tmp_path / "nothing.parquet"):
+        done = subprocess.run([sys.executable, "-m", "nar4rec", "validate", str(path)],
+                              capture_output=True, text=True)
+        assert done.returncode != 0
+        assert str(path) in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_cli_reports_every_problem_and_exits_1(data, tmp_path):
+    table = pq.read_table(data / "valid.parquet")
+    exposed = [list(x) for x in table.column("exposed").to_pylist()]
+    for row in (1, 4, 9):
+        exposed[row][0] = 99
+    bad = tmp_path / "bad.parquet"
+    rewrite(table, bad, "exposed", exposed)
+    done = subprocess.run([sys.executable, "-m", "nar4rec", "validate", str(bad)],
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    for row in (1, 4, 9):
+        assert f"{bad}: row {row}: field 'exposed'" in done.stderr
+    assert read_spec(bad).behaviours == ("view", "like", "follow", "long_view", "complete_view")
+    assert np.isfinite(read_spec(bad).weights).all()
