@@ -13,8 +13,12 @@ import pytest
 from helpers import simulate_small, small_config
 from nar4rec.data.validate import validate_file
 from nar4rec.sim.oracle import beam_search, exhaustive, itemwise_top, list_utility, oracle
-from nar4rec.sim.policy import plackett_luce, plackett_luce_log_prob, sample_feedback, \
-    sample_requests
+from nar4rec.sim.policy import (
+    plackett_luce,
+    plackett_luce_log_prob,
+    sample_feedback,
+    sample_requests,
+)
 from nar4rec.sim.simulate import build_world
 from nar4rec.sim.world import World, sigmoid
 

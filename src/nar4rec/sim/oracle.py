@@ -49,7 +49,7 @@ def exhaustive(world: World, terms: CandidateTerms, m: int) -> tuple[np.ndarray,
 
 def list_utility(world: World, terms: CandidateTerms, lists: np.ndarray) -> np.ndarray:
     """Expected utility of lists (R, L, m): (R, L)."""
-    return world.list_feedback(terms, lists).sum(axis=2) @ world.weights
+    return world.list_utility(terms, lists)
 
 
 def beam_search(world: World, terms: CandidateTerms, m: int,

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing as mp
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -40,12 +41,11 @@ from nar4rec.data.format import (
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_dir
 from nar4rec.sim.movielens import build_movielens_world
-from nar4rec.sim.oracle import itemwise_top, list_utility, oracle
-from nar4rec.sim.policy import Requests, plackett_luce, sample_feedback, sample_requests
+from nar4rec.sim.oracle import itemwise_top, oracle
+from nar4rec.sim.policy import plackett_luce, sample_feedback, sample_requests
 from nar4rec.sim.presets import SimConfig
 from nar4rec.sim.world import TRUTH_DIR, WORLD_FILE, World, build_synthetic_world
 
-SPLITS = ("train", "valid", "test")
 ORACLE_FILE = "oracle_test.parquet"
 SUMMARY_FILE = "summary.json"
 
@@ -117,16 +117,19 @@ def simulate(config: SimConfig, requests: int, seed: int, out_dir: str | Path, *
                    * 1000)
     span_ms = config.days * 86_400_000
 
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp, _oracle_executor(world) as oracles:
         (tmp / TRUTH_DIR).mkdir()
         bar = tqdm(total=requests, unit="req", desc="simulate",
                    disable=None if progress is None else not progress)
-        first = 0
-        oracle_writer = None
+        starts = {"train": 0, "valid": sizes["train"], "test": sizes["train"] + sizes["valid"]}
+        oracle_jobs: list[tuple[np.ndarray, Future]] = []
         # Writing Parquet (in a thread, which releases the GIL) overlaps simulating the next
-        # chunk; at most two chunks wait, so memory stays bounded.
+        # chunk; at most two chunks wait, so memory stays bounded. The test split is simulated
+        # first (each chunk has its own seed, so the order changes nothing) and its oracle
+        # searches run in a second process while train and valid are simulated.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            for split in SPLITS:
+            for split in ("test", "train", "valid"):
+                first = starts[split]
                 with RequestLogWriter(tmp / f"{split}.parquet", spec) as writer:
                     pending: deque[Future] = deque()
                     for chunk_start in range(first, first + sizes[split], config.chunk_size):
@@ -138,20 +141,22 @@ def simulate(config: SimConfig, requests: int, seed: int, out_dir: str | Path, *
                         while len(pending) > 1:
                             pending.popleft().result()
                         if split == "test":
-                            table, oracle_method = _oracle_chunk(
-                                world, req, lists, probabilities, columns[REQUEST_ID],
-                                totals)
-                            if oracle_writer is None:
-                                oracle_writer = pq.ParquetWriter(tmp / TRUTH_DIR / ORACLE_FILE,
-                                                                 table.schema)
-                            oracle_writer.write_table(table)
+                            oracle_jobs.append((columns[REQUEST_ID], oracles.submit(
+                                _oracle_job, req.users, req.items, lists, probabilities)))
                         bar.update(size)
                     while pending:
                         pending.popleft().result()
-                first += sizes[split]
+        bar.close()
+        oracle_writer = None
+        for request_ids, job in oracle_jobs:
+            result = job.result()
+            oracle_method = result.pop("method")
+            table = _add_oracle_result(request_ids, result, totals)
+            if oracle_writer is None:
+                oracle_writer = pq.ParquetWriter(tmp / TRUTH_DIR / ORACLE_FILE, table.schema)
+            oracle_writer.write_table(table)
         if oracle_writer is not None:
             oracle_writer.close()
-        bar.close()
         world.save(tmp / TRUTH_DIR / WORLD_FILE)
         utility, per_behaviour = totals.means(config.behaviours)
         summary = {
@@ -212,34 +217,59 @@ def _simulate_chunk(world: World, spec: FormatSpec, start: int, size: int, total
     return columns, lists, req, probabilities
 
 
-def _oracle_chunk(world: World, req: Requests, lists: np.ndarray, probabilities: np.ndarray,
-                  request_ids: np.ndarray, totals: _Totals) -> tuple[pa.Table, str]:
-    terms = world.candidate_terms(req.users, req.items)
+_WORLD: World | None = None
+
+
+def _set_world(world: World) -> None:
+    global _WORLD
+    _WORLD = world
+
+
+def _oracle_executor(world: World):
+    """One worker process for oracle searches (forked: the world is shared, not copied);
+    a thread where fork is unavailable."""
+    if "fork" in mp.get_all_start_methods():
+        executor = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("fork"),
+                                       initializer=_set_world, initargs=(world,))
+        executor.submit(int).result()   # fork now, before any other thread exists
+        return executor
+    return ThreadPoolExecutor(max_workers=1, initializer=_set_world, initargs=(world,))
+
+
+def _oracle_job(users: np.ndarray, items: np.ndarray, lists: np.ndarray,
+                probabilities: np.ndarray) -> dict[str, np.ndarray | str]:
+    """Oracle, item-wise top m and logged lists of one chunk, with their expected feedback."""
+    world = _WORLD
+    terms = world.candidate_terms(users, items)
     m = world.config.list_length
     weights = world.weights
-    logging_utility = probabilities.sum(axis=1) @ weights                   # (R,)
+    logging_feedback = probabilities.sum(axis=1)                              # (R, K)
+    logging_utility = logging_feedback @ weights
     best, best_utility, method = oracle(world, terms, m)
     top = itemwise_top(world, terms, m)
-    best_feedback = world.list_feedback(terms, best[:, None, :])[:, 0].sum(axis=1)  # (R, K)
-    top_feedback = world.list_feedback(terms, top[:, None, :])[:, 0].sum(axis=1)
+    top_feedback = world.list_feedback(terms, top[:, None, :])[:, 0].sum(axis=1)  # (R, K)
     top_utility = top_feedback @ weights
     # Guard the oracle: it must never do worse than the lists it is compared with.
     fallback = np.maximum(logging_utility, top_utility) > best_utility
     if fallback.any():
         use_top = fallback & (top_utility >= logging_utility)
-        use_log = fallback & ~use_top
-        best = np.where(use_top[:, None], top, np.where(use_log[:, None], lists, best))
-        best_utility = list_utility(world, terms, best[:, None, :])[:, 0]
-        best_feedback = world.list_feedback(terms, best[:, None, :])[:, 0].sum(axis=1)
-    totals.requests += len(lists)
-    totals.add("logging", logging_utility, probabilities.sum(axis=1))
-    totals.add("oracle", best_utility, best_feedback)
-    totals.add("itemwise_top", top_utility, top_feedback)
-    table = pa.table({
+        best = np.where(use_top[:, None], top, np.where((fallback & ~use_top)[:, None], lists,
+                                                        best))
+    best_feedback = world.list_feedback(terms, best[:, None, :])[:, 0].sum(axis=1)
+    return {"method": method, "oracle_list": best, "oracle_feedback": best_feedback,
+            "oracle_utility": best_feedback @ weights, "logging_feedback": logging_feedback,
+            "logging_utility": logging_utility, "itemwise_top_feedback": top_feedback,
+            "itemwise_top_utility": top_utility}
+
+
+def _add_oracle_result(request_ids: np.ndarray, result: dict, totals: _Totals) -> pa.Table:
+    totals.requests += len(request_ids)
+    for name in ("logging", "oracle", "itemwise_top"):
+        totals.add(name, result[f"{name}_utility"], result[f"{name}_feedback"])
+    return pa.table({
         REQUEST_ID: pa.array(request_ids, pa.int64()),
-        "oracle_list": list_array(best.astype(np.int32)),
-        "oracle_utility": pa.array(best_utility, pa.float64()),
-        "logging_utility": pa.array(logging_utility, pa.float64()),
-        "itemwise_top_utility": pa.array(top_utility, pa.float64()),
+        "oracle_list": list_array(result["oracle_list"].astype(np.int32)),
+        "oracle_utility": pa.array(result["oracle_utility"], pa.float64()),
+        "logging_utility": pa.array(result["logging_utility"], pa.float64()),
+        "itemwise_top_utility": pa.array(result["itemwise_top_utility"], pa.float64()),
     })
-    return table, method

@@ -104,6 +104,16 @@ class World:
         Returns:
             (R, L, m, K) marginal probability of each behaviour at each position.
         """
+        return self._probabilities(self._list_logits(terms, lists), self.examination(
+            lists.shape[-1]))
+
+    def list_utility(self, terms: CandidateTerms, lists: np.ndarray) -> np.ndarray:
+        """Exact expected utility R(u, Y) of lists (R, L, m): (R, L)."""
+        gains = self._utility(self._list_logits(terms, lists), self.examination(lists.shape[-1]))
+        return gains.sum(axis=-1)
+
+    def _list_logits(self, terms: CandidateTerms, lists: np.ndarray) -> np.ndarray:
+        """Every behaviour's logit at every position of lists (R, L, m): (R, L, m, K)."""
         c = self.config
         rows = np.arange(lists.shape[0])[:, None, None]                     # (R, 1, 1)
         m = lists.shape[-1]
@@ -113,9 +123,14 @@ class World:
         above = np.tril(np.ones((m, m), dtype=bool), k=-1)                   # (m, m) j < k
         fatigue = np.where(above, sim, 0.0).max(axis=-1)                     # (R, L, m)
         carry = (appeal - c.carryover_baseline) @ self.carryover_matrix(m).T  # (R, L, m)
-        logits = (base - self._per_behaviour("fatigue") * fatigue[..., None]
-                  + c.carryover * carry[..., None])
-        return self._probabilities(logits, self.examination(m))
+        return (base - self._per_behaviour("fatigue") * fatigue[..., None]
+                + c.carryover * carry[..., None])
+
+    def _utility(self, logits: np.ndarray, exam: np.ndarray) -> np.ndarray:
+        """(..., m, K) logits and (m,) examination -> (..., m) expected utility per position."""
+        p = sigmoid(logits)
+        weights = self.weights.astype(np.float32)
+        return exam * p[..., 0] * (weights[0] + p[..., 1:] @ weights[1:])
 
     def _probabilities(self, logits: np.ndarray, exam: np.ndarray) -> np.ndarray:
         """(..., m, K) logits and (m,) examination -> (..., m, K) marginal probabilities."""
@@ -137,9 +152,8 @@ class World:
         logits = (terms.base_logit[:, None]
                   - self._per_behaviour("fatigue") * max_similarity[..., None]
                   + c.carryover * carry[..., None, None])                     # (R, B, n, K)
-        exam = np.array([(1.0 + position) ** -c.position_decay], dtype=np.float32)
-        p = self._probabilities(logits[..., None, :], exam)[..., 0, :]       # (R, B, n, K)
-        return p @ self.weights.astype(np.float32)
+        exam = np.float32((1.0 + position) ** -c.position_decay)
+        return self._utility(logits, exam)
 
     def examination(self, m: int) -> np.ndarray:
         return ((1.0 + np.arange(m)) ** -self.config.position_decay).astype(np.float32)
@@ -152,8 +166,7 @@ class World:
 
     def utility(self, users: np.ndarray, items: np.ndarray, lists: np.ndarray) -> np.ndarray:
         """Expected utility R(u, Y) of lists (R, L, m) over candidates items (R, n): (R, L)."""
-        feedback = self.list_feedback(self.candidate_terms(users, items), lists)
-        return feedback.sum(axis=2) @ self.weights
+        return self.list_utility(self.candidate_terms(users, items), lists)
 
     def save(self, path: str | os.PathLike) -> None:
         arrays = {k: v for k, v in dataclasses.asdict(self).items()
