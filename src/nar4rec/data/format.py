@@ -205,15 +205,17 @@ def list_array(values: np.ndarray, lengths: np.ndarray | None = None,
     values = np.asarray(values)
     rows, width = values.shape
     if lengths is None:
-        flat = values.reshape(-1)
-        offsets = np.arange(0, rows * width + 1, width, dtype=np.int32)
-    else:
-        lengths = np.asarray(lengths, dtype=np.int64)
-        keep = np.arange(width)[None, :] < lengths[:, None]
-        flat = values[keep]
-        offsets = np.zeros(rows + 1, dtype=np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, type=type))
+        return lists_from_flat(np.full(rows, width), pa.array(values.reshape(-1), type=type))
+    lengths = np.asarray(lengths, dtype=np.int64)
+    keep = np.arange(width)[None, :] < lengths[:, None]
+    return lists_from_flat(lengths, pa.array(values[keep], type=type))
+
+
+def lists_from_flat(lengths: np.ndarray, flat: pa.Array) -> pa.ListArray:
+    """A list<...> column whose row r holds the next lengths[r] values of `flat`."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), flat)
 
 
 class RequestLogWriter:

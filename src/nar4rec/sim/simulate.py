@@ -7,6 +7,7 @@ request (oracle.parquet), so that any method's lists can be compared with it lat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing as mp
@@ -122,39 +123,58 @@ def simulate(config: SimConfig, requests: int, seed: int, out_dir: str | Path, *
         bar = tqdm(total=requests, unit="req", desc="simulate",
                    disable=None if progress is None else not progress)
         starts = {"train": 0, "valid": sizes["train"], "test": sizes["train"] + sizes["valid"]}
-        oracle_jobs: list[tuple[np.ndarray, Future]] = []
-        # Writing Parquet (in a thread, which releases the GIL) overlaps simulating the next
-        # chunk; at most two chunks wait, so memory stays bounded. The test split is simulated
-        # first (each chunk has its own seed, so the order changes nothing) and its oracle
-        # searches run in a second process while train and valid are simulated.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            for split in ("test", "train", "valid"):
-                first = starts[split]
-                with RequestLogWriter(tmp / f"{split}.parquet", spec) as writer:
-                    pending: deque[Future] = deque()
-                    for chunk_start in range(first, first + sizes[split], config.chunk_size):
-                        size = min(config.chunk_size, first + sizes[split] - chunk_start)
-                        rng = np.random.default_rng([seed, 1, chunk_start])
-                        columns, lists, req, probabilities = _simulate_chunk(
-                            world, spec, chunk_start, size, requests, start_ms, span_ms, rng)
-                        pending.append(pool.submit(writer.write, columns))
-                        while len(pending) > 1:
-                            pending.popleft().result()
-                        if split == "test":
-                            oracle_jobs.append((columns[REQUEST_ID], oracles.submit(
-                                _oracle_job, req.users, req.items, lists, probabilities)))
-                        bar.update(size)
-                    while pending:
-                        pending.popleft().result()
-        bar.close()
+        chunks = {split: deque(range(starts[split], starts[split] + sizes[split],
+                                     config.chunk_size)) for split in starts}
+        searches: deque[tuple[np.ndarray, Future]] = deque()
         oracle_writer = None
-        for request_ids, job in oracle_jobs:
-            result = job.result()
-            oracle_method = result.pop("method")
-            table = _add_oracle_result(request_ids, result, totals)
-            if oracle_writer is None:
-                oracle_writer = pq.ParquetWriter(tmp / TRUTH_DIR / ORACLE_FILE, table.schema)
-            oracle_writer.write_table(table)
+
+        def harvest(block: bool) -> None:
+            """Write finished oracle results, in order; wait for the oldest if `block`."""
+            nonlocal oracle_writer, oracle_method
+            while searches and (block or searches[0][1].done()):
+                request_ids, job = searches.popleft()
+                result = job.result()
+                oracle_method = result.pop("method")
+                table = _add_oracle_result(request_ids, result, totals)
+                if oracle_writer is None:
+                    oracle_writer = pq.ParquetWriter(tmp / TRUTH_DIR / ORACLE_FILE, table.schema)
+                oracle_writer.write_table(table)
+                block = False
+
+        # Writing Parquet (in a thread, which releases the GIL) overlaps simulating the next
+        # chunk, and the test split's oracle searches run in a second process while train
+        # and valid chunks are simulated. Each chunk has its own seed, so the interleaving
+        # changes nothing; at most two writes and two searches wait, so memory stays bounded.
+        with ThreadPoolExecutor(max_workers=1) as pool, contextlib.ExitStack() as files:
+            writers = {split: files.enter_context(
+                RequestLogWriter(tmp / f"{split}.parquet", spec)) for split in starts}
+            writes: deque[Future] = deque()
+            while any(chunks.values()):
+                harvest(block=False)
+                if chunks["test"] and len(searches) < 2:
+                    split = "test"
+                elif chunks["train"] or chunks["valid"]:
+                    split = "train" if chunks["train"] else "valid"
+                else:
+                    harvest(block=True)
+                    continue
+                chunk_start = chunks[split].popleft()
+                size = min(config.chunk_size, starts[split] + sizes[split] - chunk_start)
+                rng = np.random.default_rng([seed, 1, chunk_start])
+                columns, lists, req, probabilities = _simulate_chunk(
+                    world, spec, chunk_start, size, requests, start_ms, span_ms, rng)
+                writes.append(pool.submit(writers[split].write, columns))
+                while len(writes) > 2:
+                    writes.popleft().result()
+                if split == "test":
+                    searches.append((columns[REQUEST_ID], oracles.submit(
+                        _oracle_job, req.users, req.items, lists, probabilities)))
+                bar.update(size)
+            while writes:
+                writes.popleft().result()
+        while searches:
+            harvest(block=True)
+        bar.close()
         if oracle_writer is not None:
             oracle_writer.close()
         world.save(tmp / TRUTH_DIR / WORLD_FILE)
