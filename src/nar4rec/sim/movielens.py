@@ -68,12 +68,17 @@ def fit_factorisation(ratings: np.ndarray, n_users: int, n_items: int, dim: int,
     b_item = np.zeros(n_items)
 
     def solve(index, other_index, other, other_bias, target, size):
-        # Each row solves [other 1]^T [other 1] + reg I for its latent vector and bias.
-        features = np.concatenate([other[other_index], np.ones((len(target), 1))], axis=1)
+        # Each row solves ([other 1]^T [other 1] + reg I) x = [other 1]^T (r - mu - b_other)
+        # for its latent vector and bias; the sums run over its ratings, grouped by sorting.
+        order = np.argsort(index, kind="stable")
+        rows, starts = np.unique(index[order], return_index=True)
+        features = np.concatenate([other[other_index[order]],
+                                   np.ones((len(order), 1))], axis=1)        # (N, d + 1)
+        residual = (target - other_bias[other_index])[order]
         gram = np.zeros((size, dim + 1, dim + 1))
-        np.add.at(gram, index, features[:, :, None] * features[:, None, :])
+        gram[rows] = np.add.reduceat(features[:, :, None] * features[:, None, :], starts)
         rhs = np.zeros((size, dim + 1))
-        np.add.at(rhs, index, features * (target - other_bias[other_index])[:, None])
+        rhs[rows] = np.add.reduceat(features * residual[:, None], starts)
         gram += regularisation * np.eye(dim + 1)
         solution = np.linalg.solve(gram, rhs[..., None])[..., 0]
         return solution[:, :dim], solution[:, dim]
