@@ -67,25 +67,32 @@ def fit_factorisation(ratings: np.ndarray, n_users: int, n_items: int, dim: int,
     b_user = np.zeros(n_users)
     b_item = np.zeros(n_items)
 
-    def solve(index, other_index, other, other_bias, target, size):
-        # Each row solves ([other 1]^T [other 1] + reg I) x = [other 1]^T (r - mu - b_other)
-        # for its latent vector and bias; the sums run over its ratings, grouped by sorting.
+    def groups(index: np.ndarray, size: int) -> tuple[np.ndarray, int]:
+        """Each rating's (row, slot) in a (size, most ratings per row) padded layout."""
         order = np.argsort(index, kind="stable")
-        rows, starts = np.unique(index[order], return_index=True)
-        features = np.concatenate([other[other_index[order]],
-                                   np.ones((len(order), 1))], axis=1)        # (N, d + 1)
-        residual = (target - other_bias[other_index])[order]
-        gram = np.zeros((size, dim + 1, dim + 1))
-        gram[rows] = np.add.reduceat(features[:, :, None] * features[:, None, :], starts)
-        rhs = np.zeros((size, dim + 1))
-        rhs[rows] = np.add.reduceat(features * residual[:, None], starts)
-        gram += regularisation * np.eye(dim + 1)
+        counts = np.bincount(index, minlength=size)
+        slot = np.empty(len(index), dtype=np.int64)
+        slot[order] = np.arange(len(index)) - np.repeat(np.cumsum(counts) - counts, counts)
+        return slot, int(counts.max())
+
+    def solve(index, slot, width, other_index, other, other_bias, size):
+        # Each row solves ([other 1]^T [other 1] + reg I) x = [other 1]^T (r - mu - b_other)
+        # for its latent vector and bias, over its ratings laid out in a padded batch.
+        padded = np.zeros((size, width, dim + 1))
+        padded[index, slot, :dim] = other[other_index]
+        padded[index, slot, dim] = 1.0
+        target = np.zeros((size, width))
+        target[index, slot] = values - mu - other_bias[other_index]
+        gram = padded.transpose(0, 2, 1) @ padded + regularisation * np.eye(dim + 1)
+        rhs = (padded.transpose(0, 2, 1) @ target[..., None])[..., 0]
         solution = np.linalg.solve(gram, rhs[..., None])[..., 0]
         return solution[:, :dim], solution[:, dim]
 
+    user_slot, user_width = groups(users, n_users)
+    item_slot, item_width = groups(items, n_items)
     for _ in range(iterations):
-        p, b_user = solve(users, items, q, b_item, values - mu, n_users)
-        q, b_item = solve(items, users, p, b_user, values - mu, n_items)
+        p, b_user = solve(users, user_slot, user_width, items, q, b_item, n_users)
+        q, b_item = solve(items, item_slot, item_width, users, p, b_user, n_items)
     predicted = mu + b_user[users] + b_item[items] + np.einsum("nd,nd->n", p[users], q[items])
     rmse = float(np.sqrt(np.mean((predicted - values) ** 2)))
     return {"p": p, "q": q, "b_user": b_user, "b_item": b_item, "mu": np.array(mu),
