@@ -1,0 +1,297 @@
+"""Probability matrix -> lists: the decoders of the paper's Table 7, batched over requests.
+
+Every decoder reads the generator's probability matrix `probs` (B, n, m), whose column j is a
+distribution over the n candidates for position j (eq. 12) and is zero on padded candidates,
+and returns `lists` (B, m): candidate indices, position by position. A list never holds a
+candidate twice and never a padded one. A request with fewer than m real candidates gets all of
+them, then `NO_ITEM` (-1) in the remaining positions; -1 indexes the last element in torch and
+numpy, so mask it (`lists >= 0`) before gathering with it.
+
+Decoders loop over the m positions (or decoding steps), never over requests. They take no
+gradient and do not change their inputs. `DECODERS` maps a name to each decoder behind one
+signature, `(probs, item_repr, cand_mask, **options)`, and `decode` calls one by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from nar4rec.errors import Nar4recError
+
+NO_ITEM = -1
+SIMILARITIES = ("cosine", "dot")
+
+Decoder = Callable[..., torch.Tensor]
+
+
+@torch.no_grad()
+def greedy(probs: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+    """At each position, the most probable candidate not yet placed (Table 7, "Greedy").
+
+    Args:
+        probs: (B, n, m) probability matrix, column j = p(candidate | position j) (eq. 12).
+        cand_mask: (B, n) True on real candidates.
+    Returns:
+        (B, m) candidate indices, NO_ITEM where a request has run out of candidates. Ties go to
+        the lowest candidate index.
+    """
+    batch, _, m = _check(probs, cand_mask)
+    available = cand_mask.clone()                                            # (B, n)
+    lists = torch.full((batch, m), NO_ITEM, dtype=torch.long, device=probs.device)
+    for position in range(m):
+        lists[:, position] = _take_best(probs[:, :, position], available)
+    return lists
+
+
+@torch.no_grad()
+def contrastive(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tensor, *,
+                alpha: float = 0.6, similarity: str = "cosine") -> torch.Tensor:
+    """NAR4Rec's contrastive decoding (section 4.3, eq. 16-17).
+
+    y_t = argmax_x (1 - alpha) * p(x | position t) - alpha * max_{j < t} s(x, y_j), over the
+    candidates not yet placed; the penalty is 0 at t = 0.
+
+    Args:
+        probs: (B, n, m) probability matrix (eq. 12).
+        item_repr: (B, n, d) candidate representations (the candidates encoder's output).
+        cand_mask: (B, n) True on real candidates.
+        alpha: weight of the similarity penalty, in [0, 1]; the paper's best NDCG is near 0.6
+            (Fig. 4). alpha = 0 is greedy decoding.
+        similarity: "cosine" (the paper, eq. 17) or "dot" (the authors' deployment, per their
+            later writing). A dot product is not bounded, so the useful alpha depends on the
+            scale of the representations.
+    Returns:
+        (B, m) candidate indices, NO_ITEM where a request has run out of candidates.
+    """
+    batch, n, m = _check(probs, cand_mask, item_repr)
+    if not 0.0 <= alpha <= 1.0:
+        raise Nar4recError(f"contrastive decoding: alpha must be in [0, 1], got {alpha}")
+    if similarity not in SIMILARITIES:
+        raise Nar4recError(f"contrastive decoding: similarity must be one of {SIMILARITIES}, "
+                           f"got {similarity!r}")
+    vectors = F.normalize(item_repr, dim=-1) if similarity == "cosine" else item_repr
+    rows = torch.arange(batch, device=probs.device)
+    available = cand_mask.clone()
+    lists = torch.full((batch, m), NO_ITEM, dtype=torch.long, device=probs.device)
+    penalty = torch.zeros(batch, n, dtype=vectors.dtype, device=probs.device)  # (B, n)
+    for position in range(m):
+        scores = (1.0 - alpha) * probs[:, :, position] - alpha * penalty     # (B, n)
+        picked = _take_best(scores, available)                               # (B,)
+        lists[:, position] = picked
+        chosen = vectors[rows, picked.clamp_min(0)]                          # (B, d)
+        to_chosen = torch.einsum("bnd,bd->bn", vectors, chosen)              # (B, n)
+        penalty = to_chosen if position == 0 else torch.maximum(penalty, to_chosen)
+    return lists
+
+
+@torch.no_grad()
+def beam_search(probs: torch.Tensor, cand_mask: torch.Tensor, *, width: int = 4) -> torch.Tensor:
+    """The list maximising sum_j log p(y_j | position j) among `width` beams (Table 7).
+
+    All B * width beams advance together: at each position every beam is extended by every
+    candidate it has not used, and the `width` best extensions of each request survive.
+    Zero probabilities count as the smallest positive float, so that a real candidate stays
+    distinguishable from a used or padded one (which scores -inf).
+
+    Args:
+        probs: (B, n, m) probability matrix (eq. 12).
+        cand_mask: (B, n) True on real candidates.
+        width: beams kept per request; 1 is greedy decoding.
+    Returns:
+        (B, m) candidate indices of each request's best beam, NO_ITEM where a request has run
+        out of candidates.
+    """
+    batch, n, m = _check(probs, cand_mask)
+    if width < 1:
+        raise Nar4recError(f"beam search: width must be at least 1, got {width}")
+    device = probs.device
+    lists = torch.full((batch, m), NO_ITEM, dtype=torch.long, device=device)
+    if n == 0:
+        return lists
+    log_probs = probs.float().clamp_min(torch.finfo(torch.float32).tiny).log()  # (B, n, m)
+    real = cand_mask.sum(dim=1)                                              # (B,)
+    beams = torch.arange(width, device=device).expand(batch, width)          # (B, W)
+    score = torch.full((batch, width), -torch.inf, device=device)            # (B, W)
+    score[:, 0] = 0.0   # one live beam at the start, so that no two beams are the same list
+    used = (~cand_mask)[:, None, :].expand(batch, width, n).clone()          # (B, W, n)
+    prefixes = torch.zeros((batch, width, 0), dtype=torch.long, device=device)
+    for position in range(m):
+        extended = score[:, :, None] + log_probs[:, None, :, position]       # (B, W, n)
+        extended = extended.masked_fill(used, -torch.inf).reshape(batch, width * n)
+        best, flat = extended.topk(width, dim=1)             # (B, W)
+        parent, item = flat // n, flat % n
+        active = (position < real)[:, None]                                  # (B, 1)
+        parent = torch.where(active, parent, beams)
+        item = torch.where(active, item, NO_ITEM)
+        score = torch.where(active, best, score)
+        prefixes = torch.cat([prefixes.gather(1, parent[..., None].expand(-1, -1, position)),
+                              item[..., None]], dim=2)                       # (B, W, t + 1)
+        used = used.gather(1, parent[..., None].expand(-1, -1, n))
+        used.scatter_(2, item.clamp_min(0)[..., None], True)
+    winner = score.argmax(dim=1)                                             # (B,)
+    return prefixes[torch.arange(batch, device=device), winner]
+
+
+@torch.no_grad()
+def top_k_sampling(probs: torch.Tensor, cand_mask: torch.Tensor, *, k: int = 5,
+                   generator: torch.Generator | None = None,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """At each position, sample among the k most probable candidates not yet placed (Table 7).
+
+    Within the k, a candidate is drawn with probability proportional to p ** (1 / temperature);
+    if all k have probability 0 the draw is uniform among them.
+
+    Args:
+        probs: (B, n, m) probability matrix (eq. 12).
+        cand_mask: (B, n) True on real candidates.
+        k: how many of the most probable unused candidates each position samples from.
+        generator: a seeded torch.Generator on probs' device, for reproducible lists.
+        temperature: > 0; below 1 sharpens the draw towards greedy decoding.
+    Returns:
+        (B, m) candidate indices, NO_ITEM where a request has run out of candidates.
+    """
+    batch, n, m = _check(probs, cand_mask)
+    if k < 1:
+        raise Nar4recError(f"top-k sampling: k must be at least 1, got {k}")
+    if not temperature > 0:
+        raise Nar4recError(f"top-k sampling: temperature must be > 0, got {temperature}")
+    device = probs.device
+    rows = torch.arange(batch, device=device)
+    available = cand_mask.clone()
+    lists = torch.full((batch, m), NO_ITEM, dtype=torch.long, device=device)
+    if n == 0:
+        return lists
+    for position in range(m):
+        column = probs[:, :, position].float().masked_fill(~available, -1.0)  # (B, n)
+        top_p, top_index = column.topk(min(k, n), dim=1)                     # (B, k)
+        allowed = top_p >= 0.0                                               # (B, k) real, unused
+        has_any = allowed.any(dim=1)                                         # (B,)
+        logits = top_p.clamp_min(0.0).log() / temperature                    # (B, k)
+        all_zero = ~(torch.isfinite(logits) & allowed).any(dim=1, keepdim=True)
+        logits = torch.where(all_zero, 0.0, logits)   # uniform over the k when all have p = 0
+        logits = logits.masked_fill(~allowed, -torch.inf)
+        logits[:, 0] = torch.where(has_any, logits[:, 0], 0.0)  # any draw; replaced by NO_ITEM
+        draw = torch.multinomial(logits.softmax(dim=1), 1, generator=generator)  # (B, 1)
+        picked = torch.where(has_any, top_index.gather(1, draw).squeeze(1), NO_ITEM)  # (B,)
+        available[rows, picked.clamp_min(0)] = False
+        lists[:, position] = picked
+    return lists
+
+
+@torch.no_grad()
+def dpp(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tensor, *,
+        theta: float = 0.7, jitter: float = 1e-6) -> torch.Tensor:
+    """Deep DPP decoding (Table 7): greedy MAP inference of a determinantal point process.
+
+    The kernel is L = diag(q) (S + jitter I) diag(q), S the cosine similarity of item_repr (a
+    Gram matrix of unit vectors, so positive semi-definite; the jitter keeps L positive
+    definite so that a full list can always be picked). The quality is q = exp(a * r) with
+    r = sum_j p(x | position j), a candidate's expected number of positions (the row sum of
+    probs), and a = theta / (2 (1 - theta)): Chen, Zhang, Zhou, "Fast Greedy MAP Inference for
+    Determinantal Point Process", NeurIPS 2018, section 4, where log det L = (theta / (1 -
+    theta)) sum r + log det S, so theta trades relevance (theta -> 1) against diversity (theta =
+    0). The greedy steps use the paper's incremental Cholesky updates (Algorithm 1), batched,
+    in float64. Items are placed in the order they were selected.
+
+    Args:
+        probs: (B, n, m) probability matrix (eq. 12).
+        item_repr: (B, n, d) candidate representations.
+        cand_mask: (B, n) True on real candidates.
+        theta: relevance-diversity trade-off in [0, 1).
+        jitter: added to the diagonal of S.
+    Returns:
+        (B, m) candidate indices, NO_ITEM where a request has run out of candidates.
+    """
+    batch, n, m = _check(probs, cand_mask, item_repr)
+    if not 0.0 <= theta < 1.0:
+        raise Nar4recError(f"DPP decoding: theta must be in [0, 1), got {theta}")
+    if not jitter >= 0.0:
+        raise Nar4recError(f"DPP decoding: jitter must be >= 0, got {jitter}")
+    device = probs.device
+    if n == 0:
+        return torch.full((batch, m), NO_ITEM, dtype=torch.long, device=device)
+    rows = torch.arange(batch, device=device)
+    relevance = probs.double().sum(dim=2).masked_fill(~cand_mask, -torch.inf)  # (B, n)
+    # Dividing q by a per-request constant leaves the selection unchanged and avoids overflow.
+    top = relevance.amax(dim=1, keepdim=True).clamp_min(0.0)
+    quality = torch.exp(theta / (2.0 * (1.0 - theta)) * (relevance - top))   # (B, n)
+    vectors = F.normalize(item_repr.double(), dim=-1)                        # (B, n, d)
+    residual = quality ** 2 * ((vectors * vectors).sum(dim=-1) + jitter)     # (B, n) d_i^2
+    cholesky = torch.zeros((batch, m, n), dtype=torch.float64, device=device)  # rows c_i
+    available = cand_mask.clone()
+    lists = torch.full((batch, m), NO_ITEM, dtype=torch.long, device=device)
+    for step in range(m):
+        picked = _take_best(residual, available)                             # (B,)
+        lists[:, step] = picked
+        chosen = picked.clamp_min(0)
+        kernel_row = quality[rows, chosen, None] * quality * (
+            torch.einsum("bnd,bd->bn", vectors, vectors[rows, chosen])
+            + jitter * F.one_hot(chosen, n).double())                        # (B, n) L[j, :]
+        explained = torch.einsum("bt,btn->bn", cholesky[rows, :step, chosen],
+                                 cholesky[:, :step])                         # (B, n)
+        scale = residual[rows, chosen].clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+        update = (kernel_row - explained) / scale[:, None]                   # (B, n)
+        cholesky[:, step] = update
+        residual = residual - update ** 2
+    return lists
+
+
+def _without_repr(decoder: Callable[..., torch.Tensor]) -> Decoder:
+    """Adapt a decoder that needs no representations to the registry's signature."""
+    def adapted(probs: torch.Tensor, item_repr: torch.Tensor | None, cand_mask: torch.Tensor,
+                **options) -> torch.Tensor:
+        return decoder(probs, cand_mask, **options)
+    adapted.__name__ = decoder.__name__
+    adapted.__doc__ = decoder.__doc__
+    return adapted
+
+
+DECODERS: dict[str, Decoder] = {
+    "contrastive": contrastive,
+    "greedy": _without_repr(greedy),
+    "beam_search": _without_repr(beam_search),
+    "top_k_sampling": _without_repr(top_k_sampling),
+    "dpp": dpp,
+}
+
+
+def decode(name: str, probs: torch.Tensor, item_repr: torch.Tensor | None,
+           cand_mask: torch.Tensor, **options) -> torch.Tensor:
+    """Decode with the decoder registered as `name`: (B, n, m) probs -> (B, m) lists."""
+    if name not in DECODERS:
+        raise Nar4recError(f"unknown decoder {name!r}; choose from {sorted(DECODERS)}")
+    return DECODERS[name](probs, item_repr, cand_mask, **options)
+
+
+def _check(probs: torch.Tensor, cand_mask: torch.Tensor,
+           item_repr: torch.Tensor | None = None) -> tuple[int, int, int]:
+    """Shapes (B, n, m), (B, n) and (B, n, d); returns B, n, m."""
+    if probs.dim() != 3:
+        raise ValueError(f"probs must be (B, n, m), got shape {tuple(probs.shape)}")
+    batch, n, m = probs.shape
+    if tuple(cand_mask.shape) != (batch, n) or cand_mask.dtype != torch.bool:
+        raise ValueError(f"cand_mask must be a bool (B, n) = ({batch}, {n}) tensor, got "
+                         f"{cand_mask.dtype} {tuple(cand_mask.shape)}")
+    if item_repr is not None and (item_repr.dim() != 3 or item_repr.shape[:2] != (batch, n)):
+        raise ValueError(f"item_repr must be (B, n, d) with B, n = {batch}, {n}, got "
+                         f"{tuple(item_repr.shape)}")
+    return batch, n, m
+
+
+def _take_best(scores: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+    """Argmax of scores (B, n) over available candidates, which it marks used: (B,).
+
+    NO_ITEM where a request has none left; ties go to the lowest index.
+    """
+    rows = torch.arange(len(scores), device=scores.device)
+    if scores.shape[1] == 0:
+        return torch.full((len(scores),), NO_ITEM, dtype=torch.long, device=scores.device)
+    picked = scores.masked_fill(~available, -torch.inf).argmax(dim=1)        # (B,)
+    # An available candidate scored -inf ties with the used ones: take the first available.
+    picked = torch.where(available[rows, picked], picked, available.byte().argmax(dim=1))
+    has_any = available.any(dim=1)
+    available[rows, picked] = False
+    return torch.where(has_any, picked, NO_ITEM)

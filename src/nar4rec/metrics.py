@@ -1,0 +1,295 @@
+"""The paper's offline metrics (section 5) and the simulator's ground-truth utility of lists.
+
+Offline metrics take numpy arrays or torch tensors, padded per request as in a RequestBatch
+(scores and labels (B, N) with a (B, N) mask of real entries), and return one float:
+- Avito protocol (n = m = 5): `auc` and `logloss` of item-wise click predictions, and `ndcg`
+  of the ranking of each request's candidates by score.
+- Kuaishou protocol (n = 60, m = 6): `recall_at_k`, the share of the exposed items that are
+  among the model's top k candidates, and `exposure_logloss` of the "is this candidate
+  exposed" prediction (Recall@6, Recall@10 and LogLoss of the paper's Table 3).
+
+Simulator metrics score lists (B, m) of candidate indices with the World's exact expected
+feedback: `list_utility`, `behaviour_means`, and `captured_lift`, the share of the oracle's
+gain over the logging policy that a method captures. Everything is vectorised over requests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from nar4rec.data.loader import RequestBatch
+from nar4rec.errors import Nar4recError
+from nar4rec.sim.world import World
+
+Array = np.ndarray | torch.Tensor
+
+# Requests scored by the simulator at once: bounds the (R, N, N) similarity of the candidates.
+_SIM_CHUNK = 4096
+
+
+def auc(scores: Array, labels: Array, mask: Array | None = None) -> float:
+    """Global ROC AUC over all masked-in items (not a per-request average).
+
+    Computed from the ranks of the scores, tied scores getting their average rank: the
+    Mann-Whitney statistic, equal to scikit-learn's `roc_auc_score`.
+
+    Args:
+        scores: (...) predicted scores or probabilities.
+        labels: (...) labels; > 0 is positive (a click count of 2 is a click).
+        mask: (...) True on items to count; None counts all.
+    Returns:
+        The AUC, or nan when the masked-in items are all positive or all negative.
+    """
+    values = _masked(scores, mask)
+    positive = _masked(labels, mask) > 0
+    positives = int(positive.sum())
+    negatives = positive.size - positives
+    if positives == 0 or negatives == 0:
+        return math.nan
+    ranks = _average_ranks(values)
+    return float((ranks[positive].sum() - positives * (positives + 1) / 2)
+                 / (positives * negatives))
+
+
+def logloss(probs: Array, labels: Array, mask: Array | None = None, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy over masked-in items, probabilities clipped to [eps, 1 - eps].
+
+    Args:
+        probs: (...) predicted probabilities.
+        labels: (...) labels in [0, 1].
+        mask: (...) True on items to count; None counts all.
+    Returns:
+        The mean log loss, or nan when no item is masked in.
+    """
+    p = np.clip(_masked(probs, mask), eps, 1.0 - eps)
+    y = _masked(labels, mask)
+    if y.size == 0:
+        return math.nan
+    return float(-(y * np.log(p) + (1.0 - y) * np.log1p(-p)).mean())
+
+
+def ndcg(scores: Array, labels: Array, mask: Array | None = None,
+         k: int | None = None) -> float:
+    """Mean over requests of the NDCG of the ranking of each request's items by score.
+
+    Follows scikit-learn's `ndcg_score`: linear gains (the labels, graded), discount
+    1 / log2(rank + 1), tied scores share the average gain of their group (McSherry and Najork
+    2008), only the first k ranks count if k is given, and a request whose labels are all 0
+    scores 0 (it still counts in the mean). Requests with no real item are left out.
+
+    Args:
+        scores: (B, N) predicted scores.
+        labels: (B, N) graded relevance, >= 0.
+        mask: (B, N) True on real items; None counts all.
+        k: cut-off rank, or None for the whole list.
+    Returns:
+        The mean NDCG, or nan when no request has a real item.
+    """
+    score = _numpy(scores).astype(np.float64)
+    batch, width = score.shape
+    real = np.ones((batch, width), dtype=bool) if mask is None else _numpy(mask).astype(bool)
+    gain = np.where(real, _numpy(labels).astype(np.float64), 0.0)             # (B, N)
+    if (gain < 0).any():
+        raise ValueError("ndcg needs labels >= 0")
+    if k is not None and k < 1:
+        raise ValueError(f"ndcg: k must be at least 1, got {k}")
+    discount = 1.0 / np.log2(np.arange(width) + 2.0)                          # (N,)
+    if k is not None:
+        discount[k:] = 0.0
+    # Real items first, each request's by descending score; padding after, in its own groups.
+    order = np.lexsort((-score, ~real), axis=1)                               # (B, N)
+    ranked_score = np.take_along_axis(score, order, axis=1)
+    ranked_gain = np.take_along_axis(gain, order, axis=1)
+    ranked_real = np.take_along_axis(real, order, axis=1)
+    starts_group = np.ones((batch, width), dtype=bool)
+    starts_group[:, 1:] = ((ranked_score[:, 1:] != ranked_score[:, :-1])
+                           | (ranked_real[:, 1:] != ranked_real[:, :-1]))
+    group = np.cumsum(starts_group.ravel()) - 1                               # (B * N,)
+    group_size = np.bincount(group)
+    group_gain = np.bincount(group, weights=ranked_gain.ravel()) / group_size
+    group_discount = np.bincount(group, weights=(discount * ranked_real).ravel())
+    group_row = np.repeat(np.arange(batch), width)[starts_group.ravel()]
+    dcg = np.bincount(group_row, weights=group_gain * group_discount, minlength=batch)  # (B,)
+    ideal = (-np.sort(-gain, axis=1)) @ discount                              # (B,)
+    per_request = np.divide(dcg, ideal, out=np.zeros(batch), where=ideal > 0)
+    counted = real.any(axis=1)
+    return float(per_request[counted].mean()) if counted.any() else math.nan
+
+
+def recall_at_k(scores: Array, exposed: Array, exposed_mask: Array, cand_mask: Array,
+                k: int) -> float:
+    """Mean over requests of the share of exposed items among the top k candidates by score.
+
+    The Kuaishou protocol of the paper (Recall@6, Recall@10). Ties in score go to the lower
+    candidate index; a request with at most k real candidates has them all in its top k.
+    Requests with no exposed item are left out.
+
+    Args:
+        scores: (B, N) the model's score of each candidate.
+        exposed: (B, M) candidate indices of the logged list.
+        exposed_mask: (B, M) True on real positions of the logged list.
+        cand_mask: (B, N) True on real candidates.
+        k: how many top candidates count.
+    Returns:
+        The mean recall, or nan when no request has an exposed item.
+    """
+    if k < 1:
+        raise ValueError(f"recall_at_k: k must be at least 1, got {k}")
+    score = _numpy(scores).astype(np.float64)
+    real = _numpy(cand_mask).astype(bool)
+    shown = _numpy(exposed_mask).astype(bool)
+    positions = np.where(shown, _numpy(exposed).astype(np.int64), 0)          # (B, M)
+    order = np.lexsort((-score, ~real), axis=1)                               # (B, N)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(score.shape[1])[None, :], axis=1)
+    in_top = (rank < k) & real                                                # (B, N)
+    hits = (np.take_along_axis(in_top, positions, axis=1) & shown).sum(axis=1)  # (B,)
+    count = shown.sum(axis=1)
+    counted = count > 0
+    if not counted.any():
+        return math.nan
+    return float((hits[counted] / count[counted]).mean())
+
+
+def exposure_logloss(probs: Array, exposed: Array, exposed_mask: Array, cand_mask: Array,
+                     eps: float = 1e-7) -> float:
+    """Log loss of the prediction "this candidate is exposed", over real candidates.
+
+    The Kuaishou protocol's LogLoss (Table 3). For a probability matrix, the natural
+    prediction is a candidate's row sum (clipped to 1): its expected number of positions.
+
+    Args:
+        probs: (B, N) predicted probability that each candidate is in the exposed list.
+        exposed: (B, M) candidate indices of the logged list.
+        exposed_mask: (B, M) True on real positions of the logged list.
+        cand_mask: (B, N) True on real candidates.
+    """
+    labels = _exposed_labels(exposed, exposed_mask, _numpy(cand_mask).shape)
+    return logloss(probs, labels, cand_mask, eps=eps)
+
+
+def list_utility(world: World, batch: RequestBatch, lists: Array) -> np.ndarray:
+    """Exact expected utility R(u, Y) of one list per request of a simulated batch.
+
+    Args:
+        world: the simulator's ground truth (`World.load` of the simulated directory).
+        batch: requests of simulated data: `user_id` (B,) and `item_id` (B, N) are indices
+            into the World's tables, item_id padded with -1.
+        lists: (B, m) candidate indices; a list may end early with NO_ITEM (-1) positions,
+            which add nothing (a position's feedback depends only on the items above it).
+    Returns:
+        (B,) expected utility: the weighted sum of the expected behaviour counts.
+    """
+    return behaviour_means(world, batch, lists) @ world.weights
+
+
+def behaviour_means(world: World, batch: RequestBatch, lists: Array) -> np.ndarray:
+    """Expected count of each behaviour over the positions of each list: (B, K).
+
+    Arguments as in `list_utility`; K follows `world.config.behaviours`.
+    """
+    users, items = _world_indices(world, batch)
+    lists = _numpy(lists).astype(np.int64)
+    if lists.ndim != 2 or len(lists) != len(users):
+        raise ValueError(f"lists must be (B, m) with B = {len(users)}, got {lists.shape}")
+    placed = lists >= 0                                                       # (B, m)
+    if (placed[:, 1:] & ~placed[:, :-1]).any():
+        raise Nar4recError("a list has an item after an empty (-1) position")
+    if (lists >= items.shape[1]).any():
+        raise Nar4recError(f"a list index is >= the number of candidates ({items.shape[1]})")
+    safe = np.where(placed, lists, 0)
+    if (placed & (np.take_along_axis(items, safe, axis=1) < 0)).any():
+        raise Nar4recError("a list places a padded candidate")
+    distinct = np.sort(np.where(placed, lists, -1 - np.arange(lists.shape[1])), axis=1)
+    if (distinct[:, 1:] == distinct[:, :-1]).any():
+        raise Nar4recError("a list places the same candidate twice")
+    items = np.where(items >= 0, items, 0)   # padded candidates are never looked up
+    means = np.zeros((len(users), len(world.config.behaviours)))
+    for start in range(0, len(users), _SIM_CHUNK):
+        part = slice(start, start + _SIM_CHUNK)
+        terms = world.candidate_terms(users[part], items[part])
+        feedback = world.list_feedback(terms, safe[part, None, :])[:, 0]    # (R, m, K)
+        means[part] = (feedback * placed[part, :, None]).sum(axis=1)
+    return means
+
+
+def captured_lift(method: Array | float, logging: Array | float,
+                  oracle: Array | float) -> float:
+    """Share of the oracle's gain over logging that a method captures.
+
+    (mean(method) - mean(logging)) / (mean(oracle) - mean(logging)): 0 for the logging policy,
+    1 for the oracle. nan when the oracle does not beat logging (denominator ~0).
+    """
+    method_mean, logging_mean, oracle_mean = (float(np.mean(_numpy(x)))
+                                              for x in (method, logging, oracle))
+    gap = oracle_mean - logging_mean
+    if abs(gap) <= 1e-9 * max(1.0, abs(oracle_mean), abs(logging_mean)):
+        return math.nan
+    return (method_mean - logging_mean) / gap
+
+
+def utility_report(method_utility: Array, logging_utility: Array,
+                   oracle_utility: Array) -> dict[str, float]:
+    """Mean true utility of a method's, the logging policy's and the oracle's lists, and the
+    captured lift, all over the same requests."""
+    return {
+        "utility": float(np.mean(_numpy(method_utility))),
+        "logging_utility": float(np.mean(_numpy(logging_utility))),
+        "oracle_utility": float(np.mean(_numpy(oracle_utility))),
+        "captured_lift": captured_lift(method_utility, logging_utility, oracle_utility),
+    }
+
+
+def _numpy(values: Array | float) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def _masked(values: Array, mask: Array | None) -> np.ndarray:
+    """The masked-in values, flattened, as float64."""
+    values = _numpy(values).astype(np.float64)
+    if mask is None:
+        return values.ravel()
+    return values[_numpy(mask).astype(bool)]
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of values (V,), tied values sharing their average rank."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])        # (G,)
+    sizes = np.diff(np.r_[starts, len(values)])
+    average = starts + (sizes + 1) / 2.0
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat(average, sizes)
+    return ranks
+
+
+def _exposed_labels(exposed: Array, exposed_mask: Array, shape: tuple[int, int]) -> np.ndarray:
+    """1 on the candidates of each logged list, 0 elsewhere: (B, N)."""
+    shown = _numpy(exposed_mask).astype(bool)
+    positions = _numpy(exposed).astype(np.int64)
+    labels = np.zeros(shape)
+    rows = np.broadcast_to(np.arange(shape[0])[:, None], positions.shape)
+    labels[rows[shown], positions[shown]] = 1.0
+    return labels
+
+
+def _world_indices(world: World, batch: RequestBatch) -> tuple[np.ndarray, np.ndarray]:
+    """batch.user_id (B,) and batch.item_id (B, N) as World indices, checked."""
+    users = np.asarray(batch.user_id)
+    items = np.asarray(batch.item_id)
+    if not (np.issubdtype(users.dtype, np.integer) and np.issubdtype(items.dtype, np.integer)):
+        raise Nar4recError("simulator metrics need simulated data: integer user and item ids "
+                           "that index the World's tables")
+    if len(users) and (users.min() < 0 or users.max() >= world.n_users):
+        raise Nar4recError(f"user ids outside the World's {world.n_users} users: is this "
+                           "batch from the data the World simulated?")
+    if (items >= world.n_items).any():
+        raise Nar4recError(f"item ids outside the World's {world.n_items} items: is this "
+                           "batch from the data the World simulated?")
+    return users.astype(np.int64), items.astype(np.int64)
