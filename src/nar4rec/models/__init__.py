@@ -1,0 +1,1 @@
+"""Rerankers, one per file, and the few layers they share (layers.py)."""

@@ -1,0 +1,192 @@
+"""The sequence evaluator of NAR4Rec's generator-evaluator framework (section 4.4, Fig. 2).
+
+A list of m candidates is embedded, given position embeddings and the user vector, encoded by
+self-attention + FFN layers (so each item's prediction sees the whole list: its context and
+its order), and one linear head per behaviour predicts each item's feedback. A list's utility
+is the weighted sum of the item-wise predictions (`list_utility`), mirroring R(u, Y) of
+section 3.1. The paper does not say how the evaluator is trained; `evaluator_loss` is the
+natural reading (NOTES.md): per-behaviour binary cross-entropy on the logged lists.
+
+Scoring L generated lists per request embeds the candidates once and runs the encoder on all
+B * L lists in one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nar4rec.data.loader import FeatureSpace, RequestBatch
+from nar4rec.models.layers import MLP, UPSTREAM_NORMS, FeatureEmbedding
+
+
+@dataclass
+class EvaluatorConfig:
+    """Every knob of the sequence evaluator (sizes are not given by the paper).
+
+    list_length: the longest list scored (rows of the position embedding table).
+    d_model, layers, heads, ff_mult, dropout: hidden size, number of self-attention + FFN
+        layers ("a self-attention and a feed-forward layer": 1 by default), heads, FFN width
+        d * ff_mult, dropout.
+    embedding_dim: width of every categorical feature table.
+    activation: FFN activation, "gelu", "relu" or "silu".
+    norm_first: pre-LayerNorm layers (False: post-LN).
+    personalised: add the user vector to every item of the list.
+    use_upstream_score, upstream_norm: the ranking stage's score as a candidate input
+        ("request": z-score within a request, "none": raw).
+    """
+
+    list_length: int = 6
+    d_model: int = 64
+    layers: int = 1
+    heads: int = 4
+    ff_mult: int = 4
+    dropout: float = 0.1
+    embedding_dim: int = 16
+    activation: str = "gelu"
+    norm_first: bool = True
+    personalised: bool = True
+    use_upstream_score: bool = True
+    upstream_norm: str = "request"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.list_length < 1:
+            problems.append(f"list_length must be >= 1, not {self.list_length}")
+        if self.d_model % self.heads:
+            problems.append(f"d_model ({self.d_model}) must be a multiple of heads "
+                            f"({self.heads})")
+        if self.layers < 1:
+            problems.append(f"layers must be >= 1, not {self.layers}")
+        if self.upstream_norm not in UPSTREAM_NORMS:
+            problems.append(f"upstream_norm must be one of {UPSTREAM_NORMS}, not "
+                            f"{self.upstream_norm!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+class EvaluatorLayer(nn.Module):
+    """Self-attention over the items of a list, then FFN (section 4.4)."""
+
+    def __init__(self, config: EvaluatorConfig):
+        super().__init__()
+        d = config.d_model
+        self.norm_first = config.norm_first
+        self.attention = nn.MultiheadAttention(d, config.heads, dropout=config.dropout,
+                                               batch_first=True)
+        self.ffn = MLP(d, [d * config.ff_mult], d, dropout=config.dropout,
+                       activation=config.activation)
+        self.attention_norm = nn.LayerNorm(d)
+        self.ffn_norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, h: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """h (S, m, d), padding (S, m) True where padded -> (S, m, d)."""
+        if self.norm_first:
+            normed = self.attention_norm(h)
+            h = h + self.dropout(self.attention(normed, normed, normed, key_padding_mask=padding,
+                                                need_weights=False)[0])
+            return h + self.dropout(self.ffn(self.ffn_norm(h)))
+        h = self.attention_norm(h + self.dropout(self.attention(
+            h, h, h, key_padding_mask=padding, need_weights=False)[0]))
+        return self.ffn_norm(h + self.dropout(self.ffn(h)))
+
+
+class Evaluator(nn.Module):
+    """Item-wise, list-aware feedback predictions for whole lists (section 4.4).
+
+    Args:
+        config: the architecture.
+        space: the feature space (vocabulary sizes, number of behaviours K).
+    """
+
+    def __init__(self, config: EvaluatorConfig, space: FeatureSpace):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.candidates = FeatureEmbedding.for_candidates(
+            space, d, embedding_dim=config.embedding_dim,
+            upstream_score=config.use_upstream_score, upstream_norm=config.upstream_norm,
+            dropout=config.dropout)
+        self.user = FeatureEmbedding.for_users(space, d, embedding_dim=config.embedding_dim,
+                                               dropout=config.dropout) \
+            if config.personalised else None
+        self.positions = nn.Embedding(config.list_length, d)
+        nn.init.normal_(self.positions.weight, std=0.1)
+        self.layers = nn.ModuleList(EvaluatorLayer(config) for _ in range(config.layers))
+        self.norm = nn.LayerNorm(d) if config.norm_first else nn.Identity()
+        self.heads = nn.Linear(d, len(space.behaviours))   # one linear head per behaviour
+
+    def forward(self, batch: RequestBatch, lists: torch.Tensor | None = None,
+                list_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Behaviour logits of every item of the logged or of the given lists.
+
+        Args:
+            batch: B requests.
+            lists: (B, L, m) candidate indices of L lists per request, or None to score the
+                logged list `batch.exposed`.
+            list_mask: (B, L, m) True for real entries (None: all real); ignored when
+                `lists` is None (then `batch.exposed_mask`).
+        Returns:
+            (B, L, m, K) logits, or (B, M, K) for the logged lists.
+        """
+        if lists is None:
+            return self.forward(batch, batch.exposed.unsqueeze(1),
+                                batch.exposed_mask.unsqueeze(1)).squeeze(1)
+        batch_size, count, length = lists.shape
+        if length > self.config.list_length:
+            raise ValueError(f"lists of length {length} exceed list_length "
+                             f"{self.config.list_length}")
+        if list_mask is None:
+            list_mask = torch.ones_like(lists, dtype=torch.bool)
+        candidates = self.candidates(batch)                            # (B, N, d)
+        d = candidates.shape[-1]
+        index = lists.clamp(0, candidates.shape[1] - 1).reshape(batch_size, count * length)
+        items = candidates.gather(1, index.unsqueeze(-1).expand(-1, -1, d))  # (B, L * m, d)
+        h = items.view(batch_size, count, length, d)                   # (B, L, m, d)
+        h = h + self.positions.weight[:length]                         # (B, L, m, d)
+        if self.user is not None:
+            h = h + self.user(batch)[:, None, None, :]                 # (B, L, m, d)
+        h = h.reshape(batch_size * count, length, d)                   # (B * L, m, d)
+        mask = list_mask.reshape(batch_size * count, length)           # (B * L, m)
+        padding = ~mask & mask.any(1, keepdim=True)   # an all-padding list attends to all
+        for layer in self.layers:
+            h = layer(h, padding)                                      # (B * L, m, d)
+        logits = self.heads(self.norm(h))                              # (B * L, m, K)
+        return logits.view(batch_size, count, length, -1)              # (B, L, m, K)
+
+
+def list_utility(logits: torch.Tensor, weights: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A list's estimated utility: sum over items of sum_b w_b * sigmoid(logit_b) (section 4.4).
+
+    Args:
+        logits: (..., m, K) the evaluator's output.
+        weights: (K,) utility weight of each behaviour.
+        mask: (..., m) True for real items, or None when all are real.
+    Returns:
+        (...) one utility per list.
+    """
+    item_utility = torch.sigmoid(logits) @ weights.to(logits)          # (..., m)
+    if mask is not None:
+        item_utility = item_utility * mask
+    return item_utility.sum(-1)                                        # (...)
+
+
+def evaluator_loss(logits: torch.Tensor, feedback: torch.Tensor,
+                   exposed_mask: torch.Tensor) -> torch.Tensor:
+    """Per-behaviour binary cross-entropy on the logged lists, averaged over real cells.
+
+    Feedback values are the targets and should lie in [0, 1] (binary behaviours, or rates).
+
+    Args:
+        logits: (B, M, K) the evaluator's output for the logged lists.
+        feedback: (B, M, K) the logged behaviours.
+        exposed_mask: (B, M) True for real positions.
+    """
+    cell = F.binary_cross_entropy_with_logits(logits, feedback, reduction="none")  # (B, M, K)
+    weight = exposed_mask.unsqueeze(-1).to(cell)                       # (B, M, 1)
+    return (cell * weight).sum() / (weight.sum() * cell.shape[-1]).clamp(min=1)

@@ -1,0 +1,144 @@
+"""The parts every reranker shares: feature embeddings and an MLP block.
+
+Everything else a model needs (attention layers, heads) lives in that model's own file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from nar4rec.data.loader import PAD, FeatureSpace, RequestBatch
+
+UPSTREAM_NORMS = ("request", "none")
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+
+
+class MLP(nn.Module):
+    """Linear -> activation -> dropout for each hidden size, then a linear output layer.
+
+    Args:
+        in_dim: input width.
+        hidden: widths of the hidden layers (may be empty: then a single linear layer).
+        out_dim: output width.
+        dropout: dropout after every hidden activation.
+        activation: "gelu", "relu" or "silu".
+    """
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, *,
+                 dropout: float = 0.0, activation: str = "gelu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, not "
+                             f"{activation!r}")
+        blocks: list[nn.Module] = []
+        width = in_dim
+        for size in hidden:
+            blocks += [nn.Linear(width, size), ACTIVATIONS[activation](), nn.Dropout(dropout)]
+            width = size
+        blocks.append(nn.Linear(width, out_dim))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_dim) -> (..., out_dim)."""
+        return self.net(x)
+
+
+class FeatureEmbedding(nn.Module):
+    """Categorical and numeric features of a user or of candidates -> one d-vector each.
+
+    Every categorical feature has its own table (rows from the FeatureSpace vocabulary, row 0
+    = padding, kept at zero); the numeric features are projected by one linear layer; the
+    pieces are concatenated and projected to `d_model`. Build it with `for_users` or
+    `for_candidates`; `forward(batch)` then returns (B, d) or (B, N, d).
+
+    Args:
+        side: "user" or "candidate" (which fields of a RequestBatch `forward` reads).
+        vocab_sizes: embedding rows of each categorical feature, in batch column order.
+        numeric: number of numeric inputs, the upstream score included when used.
+        d_model: output width d.
+        embedding_dim: width of every categorical table and of the numeric projection.
+        upstream_score: candidates only: append the ranking stage's score as a numeric input.
+        upstream_norm: "request" standardises the upstream score over each request's real
+            candidates (the score's scale differs between data sets and only its order
+            within a request is comparable); "none" feeds it raw.
+        dropout: dropout on the output.
+    """
+
+    def __init__(self, side: str, vocab_sizes: Sequence[int], numeric: int, d_model: int, *,
+                 embedding_dim: int = 16, upstream_score: bool = False,
+                 upstream_norm: str = "request", dropout: float = 0.0):
+        super().__init__()
+        if side not in ("user", "candidate"):
+            raise ValueError(f"side must be 'user' or 'candidate', not {side!r}")
+        if upstream_score and side != "candidate":
+            raise ValueError("only candidates have an upstream score")
+        if upstream_norm not in UPSTREAM_NORMS:
+            raise ValueError(f"upstream_norm must be one of {UPSTREAM_NORMS}, not "
+                             f"{upstream_norm!r}")
+        self.side = side
+        self.upstream_score = upstream_score
+        self.upstream_norm = upstream_norm
+        self.tables = nn.ModuleList(nn.Embedding(size, embedding_dim, padding_idx=PAD)
+                                    for size in vocab_sizes)
+        self.numeric = nn.Linear(numeric, embedding_dim) if numeric else None
+        width = embedding_dim * (len(vocab_sizes) + (1 if numeric else 0))
+        self.project = nn.Linear(width, d_model)
+        self.dropout = nn.Dropout(dropout)
+        for table in self.tables:
+            nn.init.normal_(table.weight, std=0.1)
+            with torch.no_grad():
+                table.weight[PAD].zero_()
+
+    @classmethod
+    def for_users(cls, space: FeatureSpace, d_model: int, *, embedding_dim: int = 16,
+                  dropout: float = 0.0) -> FeatureEmbedding:
+        """User features (user id first) -> (B, d)."""
+        return cls("user", [v.size for v in space.user_cat.values()], len(space.user_num),
+                   d_model, embedding_dim=embedding_dim, dropout=dropout)
+
+    @classmethod
+    def for_candidates(cls, space: FeatureSpace, d_model: int, *, embedding_dim: int = 16,
+                       upstream_score: bool = True, upstream_norm: str = "request",
+                       dropout: float = 0.0) -> FeatureEmbedding:
+        """Candidate features (item id first), optionally the upstream score -> (B, N, d)."""
+        return cls("candidate", [v.size for v in space.cand_cat.values()],
+                   len(space.cand_num) + (1 if upstream_score else 0), d_model,
+                   embedding_dim=embedding_dim, upstream_score=upstream_score,
+                   upstream_norm=upstream_norm, dropout=dropout)
+
+    def forward(self, batch: RequestBatch) -> torch.Tensor:
+        """The user (B, d) or candidate (B, N, d) vectors of a batch."""
+        if self.side == "user":
+            return self.embed(batch.user_cat, batch.user_num)
+        numeric = batch.cand_num                                       # (B, N, Gc)
+        if self.upstream_score:
+            score = batch.upstream_score                               # (B, N)
+            if self.upstream_norm == "request":
+                score = standardise(score, batch.cand_mask)
+            numeric = torch.cat([numeric, score.unsqueeze(-1)], dim=-1)  # (B, N, Gc + 1)
+        return self.embed(batch.cand_cat, numeric)
+
+    def embed(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+        """(..., F) long and (..., G) float -> (..., d)."""
+        parts = [table(categorical[..., f]) for f, table in enumerate(self.tables)]
+        if self.numeric is not None:
+            parts.append(self.numeric(numeric))
+        return self.dropout(self.project(torch.cat(parts, dim=-1)))
+
+
+def standardise(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance over the real entries of each row; padding becomes 0.
+
+    Args:
+        values: (B, N) float.
+        mask: (B, N) bool, True for real entries.
+    """
+    weight = mask.to(values.dtype)                                     # (B, N)
+    count = weight.sum(1, keepdim=True).clamp(min=1)                   # (B, 1)
+    mean = (values * weight).sum(1, keepdim=True) / count              # (B, 1)
+    variance = (((values - mean) * weight) ** 2).sum(1, keepdim=True) / count
+    scaled = (values - mean) / variance.sqrt().clamp(min=1e-6)         # (B, N)
+    return scaled * weight

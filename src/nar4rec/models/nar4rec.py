@@ -1,0 +1,472 @@
+"""NAR4Rec's generator (Ren et al., KDD '24, section 4.1) and its training losses (4.2, 4.3).
+
+The model is a matching model: a candidates encoder (Transformer layers over the n candidates)
+and a position encoder (Transformer layers over m learned position embeddings that, in every
+layer, cross-attend to the candidates encoder's hidden states of the same layer, Fig. 2). The
+probability of candidate i at position j is a softmax over candidates of x_i . t_j (eq. 12).
+
+The loss terms are plain functions beside the model: `likelihood_loss` (eq. 13),
+`unlikelihood_loss` (eq. 15), `contrastive_loss` (eqs. 18-19) and `generator_loss`, which
+combines them as L_ul + omega * (L_item + L_position). Turning the probability matrix into
+lists (contrastive decoding, eq. 16) is `nar4rec.decode`'s job.
+
+Where the paper is silent the choice is an option of `NAR4RecConfig`; see its docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nar4rec.data.loader import FeatureSpace, RequestBatch, RequestLoader
+from nar4rec.models.layers import MLP, UPSTREAM_NORMS, FeatureEmbedding
+
+USER_CONDITIONINGS = ("add", "token")
+CROSS_ATTENTION_SOURCES = ("self_attention", "layer_output")
+OBJECTIVES = ("unlikelihood", "likelihood")
+
+
+@dataclass
+class NAR4RecConfig:
+    """Every knob of the NAR4Rec generator and of its training objective.
+
+    Architecture (section 4.1; sizes are not given by the paper, Table 4's timings suggest a
+    small model):
+        list_length: m, the number of positions generated (6 on Kuaishou, 5 on Avito).
+        d_model, layers, heads, ff_mult, dropout: hidden size d, number L of Transformer layers
+            in each encoder, attention heads, FFN width d * ff_mult, dropout.
+        embedding_dim: width of every categorical feature table (FeatureEmbedding).
+        activation: the sigma of the FFN (eq. 10): "gelu", "relu" or "silu".
+        norm_first: pre-LayerNorm Transformer layers (stable to train; the paper does not say);
+            False gives the original post-LN layers of Vaswani et al.
+        personalised: condition on the user's features (section 3.1's request holds them; the
+            paper does not say how they enter the model).
+        user_conditioning: "add" adds the user vector to every candidate and every position
+            embedding before the first layer; "token" prepends it as one extra token to the
+            candidates encoder (positions then see it through cross-attention).
+        use_upstream_score: give the ranking stage's score to the candidate embedding as a
+            numeric input; upstream_norm: "request" (z-score within a request) or "none".
+        cross_attention_source: what the position encoder's layer l cross-attends to. Fig. 2
+            and section 4.1 say "the hidden representation from the self-attention blocks of
+            both encoders": "self_attention" (default) takes the candidates encoder's layer-l
+            state after its self-attention block; "layer_output" takes it after the FFN.
+        scaled_scores: divide x_i . t_j by sqrt(d) (a re-parametrisation of eq. 12 that keeps
+            the initial softmax from saturating; the final LayerNorm gains can undo it).
+
+    Objective (sections 4.2-4.3; NOTES.md):
+        objective: "unlikelihood" (eq. 15) or "likelihood" (the "vanilla training on all
+            exposed sequences" of Table 6: eq. 13 on every logged list).
+        tau: the utility threshold of eq. 15 (a list with R(u, Y) < tau is negative). None
+            means "not resolved yet": `resolve_tau` sets it to the `tau_quantile` quantile of
+            the training lists' utilities, so a checkpoint records the value used.
+        tau_quantile: that quantile (default the median: half the logged lists negative).
+        rho: margin of the contrastive losses (eqs. 18-19), in [-1, 1]; 0.5 as in Fig. 4.
+        omega: weight of L_item + L_position (NOTES.md: eq. 20 has none, section 5.2.3 varies
+            it); 0.01 as in Fig. 4.
+    """
+
+    list_length: int = 6
+    d_model: int = 64
+    layers: int = 2
+    heads: int = 4
+    ff_mult: int = 4
+    dropout: float = 0.1
+    embedding_dim: int = 16
+    activation: str = "gelu"
+    norm_first: bool = True
+    personalised: bool = True
+    user_conditioning: str = "add"
+    use_upstream_score: bool = True
+    upstream_norm: str = "request"
+    cross_attention_source: str = "self_attention"
+    scaled_scores: bool = True
+    objective: str = "unlikelihood"
+    tau: float | None = None
+    tau_quantile: float = 0.5
+    rho: float = 0.5
+    omega: float = 0.01
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tau, str):           # `--set tau=...` on a field whose default is None
+            self.tau = None if self.tau.lower() in ("", "none") else float(self.tau)
+        problems = []
+        if self.list_length < 1:
+            problems.append(f"list_length must be >= 1, not {self.list_length}")
+        if self.d_model % self.heads:
+            problems.append(f"d_model ({self.d_model}) must be a multiple of heads "
+                            f"({self.heads})")
+        if self.layers < 1:
+            problems.append(f"layers must be >= 1, not {self.layers}")
+        choices = (("user_conditioning", USER_CONDITIONINGS), ("upstream_norm", UPSTREAM_NORMS),
+                   ("cross_attention_source", CROSS_ATTENTION_SOURCES),
+                   ("objective", OBJECTIVES))
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+        if not 0.0 <= self.tau_quantile <= 1.0:
+            problems.append(f"tau_quantile must be in [0, 1], not {self.tau_quantile}")
+        if not -1.0 <= self.rho <= 1.0:
+            problems.append(f"rho must be in [-1, 1], not {self.rho}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass
+class GeneratorOutput:
+    """What NAR4Rec computes for a batch of B requests with n (padded) candidates.
+
+    logits: (B, n, m) x_i . t_j, the most negative float on padded candidates.
+    probs: (B, n, m) eq. 12, each column a distribution over the real candidates (padding 0).
+    item_repr: (B, n, d) the candidates encoder's output x_i (zero on padding).
+    position_repr: (B, m, d) the position encoder's output t_j.
+    cand_mask: (B, n) True for real candidates.
+    """
+
+    logits: torch.Tensor
+    probs: torch.Tensor
+    item_repr: torch.Tensor
+    position_repr: torch.Tensor
+    cand_mask: torch.Tensor
+
+
+class CandidateLayer(nn.Module):
+    """One candidates-encoder layer: bidirectional self-attention (eqs. 7-9), then FFN (eq. 10).
+
+    `forward` returns the state after the self-attention block (what the position encoder's
+    cross-attention reads, Fig. 2) and the layer's output.
+    """
+
+    def __init__(self, config: NAR4RecConfig):
+        super().__init__()
+        d = config.d_model
+        self.norm_first = config.norm_first
+        self.attention = nn.MultiheadAttention(d, config.heads, dropout=config.dropout,
+                                               batch_first=True)
+        self.ffn = MLP(d, [d * config.ff_mult], d, dropout=config.dropout,
+                       activation=config.activation)
+        self.attention_norm = nn.LayerNorm(d)
+        self.ffn_norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, n, d), padding (B, n) True where padded -> (attended, output), both (B, n, d)."""
+        if self.norm_first:
+            h = self.attention_norm(x)
+            attended = x + self.dropout(self.attention(h, h, h, key_padding_mask=padding,
+                                                       need_weights=False)[0])
+            output = attended + self.dropout(self.ffn(self.ffn_norm(attended)))
+        else:
+            attended = self.attention_norm(x + self.dropout(self.attention(
+                x, x, x, key_padding_mask=padding, need_weights=False)[0]))
+            output = self.ffn_norm(attended + self.dropout(self.ffn(attended)))
+        return attended, output
+
+
+class PositionLayer(nn.Module):
+    """One position-encoder layer: self-attention among positions, cross-attention from
+    positions to the candidates (eq. 11), then FFN (section 4.1, Fig. 2)."""
+
+    def __init__(self, config: NAR4RecConfig):
+        super().__init__()
+        d = config.d_model
+        self.norm_first = config.norm_first
+        self.self_attention = nn.MultiheadAttention(d, config.heads, dropout=config.dropout,
+                                                    batch_first=True)
+        self.cross_attention = nn.MultiheadAttention(d, config.heads, dropout=config.dropout,
+                                                     batch_first=True)
+        self.ffn = MLP(d, [d * config.ff_mult], d, dropout=config.dropout,
+                       activation=config.activation)
+        self.self_norm = nn.LayerNorm(d)
+        self.cross_norm = nn.LayerNorm(d)
+        self.memory_norm = nn.LayerNorm(d) if config.norm_first else nn.Identity()
+        self.ffn_norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, t: torch.Tensor, memory: torch.Tensor, memory_padding: torch.Tensor
+                ) -> torch.Tensor:
+        """t (B, m, d), memory (B, n, d), memory_padding (B, n) True where padded -> (B, m, d).
+
+        Q = T W^Q, K = X W^K, V = X W^V (eq. 11) with X = `memory`, the candidates encoder's
+        state at the same layer.
+        """
+        if self.norm_first:
+            h = self.self_norm(t)
+            t = t + self.dropout(self.self_attention(h, h, h, need_weights=False)[0])
+            keys = self.memory_norm(memory)
+            t = t + self.dropout(self.cross_attention(
+                self.cross_norm(t), keys, keys, key_padding_mask=memory_padding,
+                need_weights=False)[0])
+            return t + self.dropout(self.ffn(self.ffn_norm(t)))
+        t = self.self_norm(t + self.dropout(self.self_attention(t, t, t,
+                                                                need_weights=False)[0]))
+        t = self.cross_norm(t + self.dropout(self.cross_attention(
+            t, memory, memory, key_padding_mask=memory_padding, need_weights=False)[0]))
+        return self.ffn_norm(t + self.dropout(self.ffn(t)))
+
+
+class NAR4Rec(nn.Module):
+    """The non-autoregressive generator: candidates encoder, position encoder, probability
+    matrix (section 4.1, Fig. 2).
+
+    Args:
+        config: the architecture (the objective fields are read by `generator_loss`).
+        space: the feature space whose vocabularies size the embedding tables.
+    """
+
+    def __init__(self, config: NAR4RecConfig, space: FeatureSpace):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.candidates = FeatureEmbedding.for_candidates(
+            space, d, embedding_dim=config.embedding_dim,
+            upstream_score=config.use_upstream_score, upstream_norm=config.upstream_norm,
+            dropout=config.dropout)
+        self.user = FeatureEmbedding.for_users(space, d, embedding_dim=config.embedding_dim,
+                                               dropout=config.dropout) \
+            if config.personalised else None
+        self.positions = nn.Embedding(config.list_length, d)   # T, shared across requests
+        nn.init.normal_(self.positions.weight, std=0.1)
+        self.candidate_layers = nn.ModuleList(CandidateLayer(config)
+                                              for _ in range(config.layers))
+        self.position_layers = nn.ModuleList(PositionLayer(config)
+                                             for _ in range(config.layers))
+        self.candidate_norm = nn.LayerNorm(d) if config.norm_first else nn.Identity()
+        self.position_norm = nn.LayerNorm(d) if config.norm_first else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout)
+        self.score_scale = 1.0 / math.sqrt(d) if config.scaled_scores else 1.0
+
+    def forward(self, batch: RequestBatch) -> GeneratorOutput:
+        """The probability matrix and representations of a batch of requests."""
+        config = self.config
+        cand_mask = batch.cand_mask                                    # (B, n)
+        x = self.candidates(batch)                                     # (B, n, d)
+        batch_size = x.shape[0]
+        t = self.positions.weight.unsqueeze(0).expand(batch_size, -1, -1)  # (B, m, d)
+        padding = ~cand_mask                                           # (B, n)
+        if self.user is not None:
+            user = self.user(batch)                                    # (B, d)
+            if config.user_conditioning == "add":
+                x = x + user.unsqueeze(1)                              # (B, n, d)
+                t = t + user.unsqueeze(1)                              # (B, m, d)
+            else:
+                x = torch.cat([user.unsqueeze(1), x], dim=1)           # (B, 1 + n, d)
+                padding = torch.cat([padding.new_zeros(batch_size, 1), padding], dim=1)
+        t = self.dropout(t)
+        for candidate_layer, position_layer in zip(self.candidate_layers, self.position_layers,
+                                                   strict=True):
+            attended, x = candidate_layer(x, padding)                  # (B, n, d) each
+            memory = attended if config.cross_attention_source == "self_attention" else x
+            t = position_layer(t, memory, padding)                     # (B, m, d)
+        x = self.candidate_norm(x)
+        if self.user is not None and config.user_conditioning == "token":
+            x = x[:, 1:]                                               # (B, n, d)
+        x = x.masked_fill(~cand_mask.unsqueeze(-1), 0.0)
+        t = self.position_norm(t)
+        logits = x @ t.transpose(1, 2) * self.score_scale              # (B, n, m)
+        logits = logits.masked_fill(~cand_mask.unsqueeze(-1), torch.finfo(logits.dtype).min)
+        probs = torch.softmax(logits, dim=1)                           # (B, n, m), eq. 12
+        return GeneratorOutput(logits=logits, probs=probs, item_repr=x, position_repr=t,
+                               cand_mask=cand_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+
+
+@dataclass
+class GeneratorLoss:
+    """The terms of eq. 20 with NOTES.md's weight: total = sequence + omega * (item + position).
+
+    sequence: L_ul (eq. 15) or, with objective "likelihood", eq. 13 on every list.
+    item, position: the contrastive margin losses over candidate and position representations.
+    positive_fraction: () share of the batch's lists with R(u, Y) >= tau (1 for "likelihood").
+    """
+
+    total: torch.Tensor
+    sequence: torch.Tensor
+    item: torch.Tensor
+    position: torch.Tensor
+    positive_fraction: torch.Tensor
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain floats for logging."""
+        return {"loss": float(self.total), "sequence": float(self.sequence),
+                "item": float(self.item), "position": float(self.position),
+                "positive_fraction": float(self.positive_fraction)}
+
+
+def exposed_log_probs(out: GeneratorOutput, exposed: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p and log(1 - p) of the exposed candidate at each position, from the logits.
+
+    log(1 - p_ij) = logsumexp_{k != i} l_kj - logsumexp_k l_kj, which stays finite and has
+    useful gradients as p -> 1 (unlike log(1 - softmax)).
+
+    Args:
+        out: the generator's output; its m must be >= M.
+        exposed: (B, M) candidate index shown at each position (any value where padded).
+    Returns:
+        log_p, log_not_p: (B, M) each.
+    """
+    m, width = out.logits.shape[2], exposed.shape[1]
+    if width > m:
+        raise ValueError(f"logged lists have {width} positions, the model generates {m}")
+    scores = out.logits[:, :, :width].transpose(1, 2)                  # (B, M, n)
+    index = exposed.clamp(0, scores.shape[2] - 1).unsqueeze(-1)        # (B, M, 1)
+    log_norm = torch.logsumexp(scores, dim=-1)                         # (B, M)
+    log_p = scores.gather(-1, index).squeeze(-1) - log_norm            # (B, M)
+    others = scores.scatter(-1, index, torch.finfo(scores.dtype).min)  # (B, M, n)
+    log_not_p = torch.logsumexp(others, dim=-1) - log_norm             # (B, M)
+    return log_p, log_not_p
+
+
+def likelihood_loss(out: GeneratorOutput, exposed: torch.Tensor,
+                    exposed_mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 13: -sum_j log p(exposed candidate at position j), averaged over the B lists.
+
+    Args:
+        out: the generator's output.
+        exposed: (B, M) candidate index at each position.
+        exposed_mask: (B, M) True for real positions.
+    """
+    log_p, _ = exposed_log_probs(out, exposed)                         # (B, M)
+    return -(log_p * exposed_mask).sum() / max(exposed.shape[0], 1)
+
+
+def unlikelihood_loss(out: GeneratorOutput, exposed: torch.Tensor, exposed_mask: torch.Tensor,
+                      utility: torch.Tensor, tau: float) -> torch.Tensor:
+    """Eq. 15: lists with R(u, Y) < tau get -sum_j log(1 - p), the others -sum_j log p.
+
+    Averaged over the B lists. A position whose request has a single real candidate cannot
+    be made less likely (p = 1) and is left out of the negative term.
+
+    Args:
+        out: the generator's output.
+        exposed: (B, M) candidate index at each position.
+        exposed_mask: (B, M) True for real positions.
+        utility: (B,) R(u, Y) of each logged list (`utility_of_feedback`).
+        tau: the threshold.
+    """
+    log_p, log_not_p = exposed_log_probs(out, exposed)                 # (B, M) each
+    negative = (utility < tau).unsqueeze(1)                            # (B, 1)
+    alternatives = out.cand_mask.sum(1, keepdim=True) >= 2             # (B, 1)
+    valid = exposed_mask & (~negative | alternatives)                  # (B, M)
+    cell = torch.where(negative, -log_not_p, -log_p)                   # (B, M)
+    return torch.where(valid, cell, torch.zeros_like(cell)).sum() / max(exposed.shape[0], 1)
+
+
+def contrastive_loss(representation: torch.Tensor, mask: torch.Tensor | None,
+                     rho: float) -> torch.Tensor:
+    """Eqs. 18-19: mean over pairs i != j of max(0, rho - s(h_i, h_i) + s(h_i, h_j)).
+
+    s is the cosine similarity, so s(h_i, h_i) = 1 (the paper's footnote 1). The mean is taken
+    over each request's real pairs (1 / (n (n - 1))), then over requests that have a pair.
+
+    Args:
+        representation: (B, L, d) candidate (L = n) or position (L = m) representations.
+        mask: (B, L) True for real entries, or None when all are real.
+        rho: the margin, in [-1, 1].
+    """
+    batch_size, length, _ = representation.shape
+    unit = F.normalize(representation, dim=-1, eps=1e-8)               # (B, L, d)
+    similarity = unit @ unit.transpose(1, 2)                           # (B, L, L)
+    if mask is None:
+        mask = torch.ones(batch_size, length, dtype=torch.bool, device=representation.device)
+    distinct = ~torch.eye(length, dtype=torch.bool, device=representation.device)
+    pairs = mask.unsqueeze(2) & mask.unsqueeze(1) & distinct           # (B, L, L)
+    hinge = torch.relu(rho - 1.0 + similarity) * pairs                 # (B, L, L)
+    count = pairs.sum((1, 2))                                          # (B,)
+    per_request = hinge.sum((1, 2)) / count.clamp(min=1)               # (B,)
+    has_pairs = count > 0
+    if not has_pairs.any():
+        return representation.sum() * 0.0
+    return per_request[has_pairs].mean()
+
+
+def utility_of_feedback(feedback: torch.Tensor, weights: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
+    """R(u, Y) of section 3.1: sum over positions and behaviours of w_b * e_{u, y_i, b}.
+
+    Args:
+        feedback: (B, M, K) behaviour values at each exposed position.
+        weights: (K,) utility weight of each behaviour.
+        mask: (B, M) True for real positions.
+    Returns:
+        (B,) the utility of each list.
+    """
+    item_utility = feedback @ weights.to(feedback)                     # (B, M)
+    return (item_utility * mask).sum(1)                                # (B,)
+
+
+def utility_threshold(batches: Iterable[RequestBatch], weights: torch.Tensor, quantile: float,
+                      *, max_requests: int | None = None) -> float:
+    """The `quantile` quantile of the logged lists' utilities R(u, Y), e.g. over a training
+    loader; `max_requests` stops early on a large file."""
+    utilities: list[np.ndarray] = []
+    seen = 0
+    for batch in batches:
+        utility = utility_of_feedback(batch.feedback, weights, batch.exposed_mask)
+        utilities.append(utility.numpy(force=True).astype(np.float64))
+        seen += len(utility)
+        if max_requests is not None and seen >= max_requests:
+            break
+    if not utilities:
+        raise ValueError("no requests to compute a utility threshold from")
+    values = np.concatenate(utilities)[:max_requests]
+    return float(np.quantile(values, quantile))
+
+
+def resolve_tau(config: NAR4RecConfig, loader: RequestLoader, *,
+                max_requests: int | None = None) -> NAR4RecConfig:
+    """`config` with tau set from the loader's utilities when it is None (section 4.2).
+
+    Args:
+        config: the generator's config; returned unchanged when tau is already set or the
+            objective does not use it.
+        loader: a RequestLoader over the training files (its FeatureSpace gives the weights).
+    """
+    if config.tau is not None or config.objective != "unlikelihood":
+        return config
+    tau = utility_threshold(loader, loader.space.utility_weights, config.tau_quantile,
+                            max_requests=max_requests)
+    return dataclasses.replace(config, tau=tau)
+
+
+def generator_loss(out: GeneratorOutput, batch: RequestBatch, config: NAR4RecConfig,
+                   weights: torch.Tensor) -> GeneratorLoss:
+    """Eq. 20 with the weight omega: L_seq + omega * (L_item + L_position).
+
+    L_seq is L_ul (eq. 15) with the threshold `config.tau`, or with objective "likelihood"
+    the likelihood (eq. 13) of every logged list. L_item is the margin loss over the candidate
+    representations, L_position over the position representations (eqs. 18-19, NOTES.md).
+
+    Args:
+        out: the generator's output for `batch`.
+        batch: the requests, with their logged lists and feedback.
+        config: reads objective, tau, rho, omega.
+        weights: (K,) utility weight of each behaviour (`FeatureSpace.utility_weights`).
+    """
+    if config.objective == "unlikelihood":
+        if config.tau is None:
+            raise ValueError("tau is not set: call resolve_tau(config, train_loader) first, "
+                             "or give tau a value")
+        utility = utility_of_feedback(batch.feedback, weights, batch.exposed_mask)  # (B,)
+        sequence = unlikelihood_loss(out, batch.exposed, batch.exposed_mask, utility,
+                                     config.tau)
+        positive_fraction = (utility >= config.tau).float().mean()
+    else:
+        sequence = likelihood_loss(out, batch.exposed, batch.exposed_mask)
+        positive_fraction = torch.ones((), device=sequence.device)
+    item = contrastive_loss(out.item_repr, out.cand_mask, config.rho)
+    position = contrastive_loss(out.position_repr, None, config.rho)
+    total = sequence + config.omega * (item + position)
+    return GeneratorLoss(total=total, sequence=sequence, item=item, position=position,
+                         positive_fraction=positive_fraction)

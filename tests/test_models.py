@@ -1,0 +1,341 @@
+"""The NAR4Rec generator, the sequence evaluator and their losses."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from helpers import simulate_small
+from nar4rec.data.loader import PAD, FeatureSpace, RequestBatch, RequestLoader
+from nar4rec.models.evaluator import Evaluator, EvaluatorConfig, evaluator_loss, list_utility
+from nar4rec.models.layers import FeatureEmbedding
+from nar4rec.models.nar4rec import (
+    NAR4Rec,
+    NAR4RecConfig,
+    contrastive_loss,
+    exposed_log_probs,
+    generator_loss,
+    likelihood_loss,
+    resolve_tau,
+    unlikelihood_loss,
+    utility_of_feedback,
+    utility_threshold,
+)
+
+SMALL = dict(d_model=16, heads=2, layers=2, ff_mult=2, embedding_dim=8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and lose much on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "data"
+    simulate_small(out, requests=3000)
+    space = FeatureSpace.fit([out / "train.parquet"])
+    train = list(RequestLoader([out / "train.parquet"], space, batch_size=32, shuffle=True))
+    valid = list(RequestLoader([out / "valid.parquet"], space, batch_size=300))
+    return {"out": out, "space": space, "train": train, "valid": valid}
+
+
+def ragged(batch: RequestBatch, lengths: list[int]) -> RequestBatch:
+    """The first len(lengths) requests of `batch`, cut to `lengths` candidates each; exposed
+    lists keep the first min(m, n) positions, pointing at candidates 0..n-1."""
+    rows = len(lengths)
+    n = torch.tensor(lengths)
+    width = batch.cand_mask.shape[1]
+    cand_mask = torch.arange(width)[None, :] < n[:, None]                   # (R, N)
+    m = batch.exposed.shape[1]
+    exposed_mask = torch.arange(m)[None, :] < n.clamp(max=m)[:, None]       # (R, M)
+    exposed = torch.stack([torch.randperm(max(k, m))[:m] % k for k in lengths])
+    return dataclasses.replace(
+        batch,
+        request_id=batch.request_id[:rows], user_id=batch.user_id[:rows],
+        item_id=batch.item_id[:rows], user_cat=batch.user_cat[:rows],
+        user_num=batch.user_num[:rows],
+        cand_cat=batch.cand_cat[:rows].masked_fill(~cand_mask[..., None], PAD),
+        cand_num=batch.cand_num[:rows].masked_fill(~cand_mask[..., None], 0.0),
+        upstream_score=batch.upstream_score[:rows].masked_fill(~cand_mask, 0.0),
+        cand_mask=cand_mask, exposed=exposed * exposed_mask, exposed_mask=exposed_mask,
+        feedback=batch.feedback[:rows] * exposed_mask[..., None],
+        log_propensity=batch.log_propensity[:rows])
+
+
+def generator(space, **overrides) -> NAR4Rec:
+    torch.manual_seed(0)
+    return NAR4Rec(NAR4RecConfig(**{**SMALL, **overrides}), space)
+
+
+def test_feature_embedding_shapes_and_padding(data):
+    batch = data["train"][0]
+    users = FeatureEmbedding.for_users(data["space"], 24)
+    candidates = FeatureEmbedding.for_candidates(data["space"], 24, upstream_score=True)
+    assert users(batch).shape == (len(batch), 24)
+    assert candidates(batch).shape == (len(batch), batch.cand_mask.shape[1], 24)
+    assert all(table.weight[PAD].abs().sum() == 0 for table in candidates.tables)
+
+
+@pytest.mark.parametrize("conditioning", ["add", "token"])
+def test_probability_matrix_sums_to_one_and_ignores_padding(data, conditioning):
+    batch = ragged(data["train"][0], [60, 10, 3, 1])
+    model = generator(data["space"], user_conditioning=conditioning).eval()
+    with torch.no_grad():
+        out = model(batch)
+    assert out.probs.shape == (4, 60, 6) and out.logits.shape == (4, 60, 6)
+    assert out.item_repr.shape == (4, 60, 16) and out.position_repr.shape == (4, 6, 16)
+    torch.testing.assert_close(out.probs.sum(1), torch.ones(4, 6))
+    assert (out.probs[~batch.cand_mask] == 0).all()            # exactly zero on padding
+    assert (out.probs[3, 0] == 1).all()                        # a single candidate takes all
+    assert (out.item_repr[~batch.cand_mask] == 0).all()
+    # What sits in the padded slots does not change anything about the real candidates.
+    noisy = dataclasses.replace(
+        batch, cand_num=torch.where(batch.cand_mask[..., None], batch.cand_num, 9.0),
+        cand_cat=torch.where(batch.cand_mask[..., None], batch.cand_cat, 1))
+    with torch.no_grad():
+        again = model(noisy)
+    torch.testing.assert_close(again.probs, out.probs)
+
+
+@pytest.mark.parametrize("source", ["self_attention", "layer_output"])
+def test_positions_cross_attend_to_candidates_of_the_same_layer(data, source):
+    batch = data["train"][0]
+    model = generator(data["space"], cross_attention_source=source, layers=3).eval()
+    candidate_states, memories = [], []
+    hooks = [layer.register_forward_hook(
+        lambda _m, _args, output: candidate_states.append(output))
+        for layer in model.candidate_layers]
+    hooks += [layer.register_forward_hook(
+        lambda _m, args, _output: memories.append(args[1]))
+        for layer in model.position_layers]
+    with torch.no_grad():
+        model(batch)
+    for hook in hooks:
+        hook.remove()
+    assert len(memories) == len(candidate_states) == 3
+    pick = 0 if source == "self_attention" else 1
+    for layer, memory in enumerate(memories):
+        assert memory is candidate_states[layer][pick]
+        others = [states[pick] for k, states in enumerate(candidate_states) if k != layer]
+        assert all(not torch.equal(memory, other) for other in others)
+
+
+def test_changing_candidates_changes_positions(data):
+    # Unpersonalised, so that positions see the request only through cross-attention.
+    batch = data["train"][0]
+    model = generator(data["space"], personalised=False).eval()
+    other = dataclasses.replace(batch, cand_cat=batch.cand_cat.roll(1, dims=0),
+                                cand_num=batch.cand_num.roll(1, dims=0))
+    with torch.no_grad():
+        first, second = model(batch).position_repr, model(other).position_repr
+    assert (first - second).abs().amax(dim=(1, 2)).min() > 1e-4      # every request differs
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch).position_repr, first)  # deterministic in eval
+
+
+@pytest.mark.parametrize("objective,conditioning", [("unlikelihood", "add"),
+                                                    ("unlikelihood", "token"),
+                                                    ("likelihood", "add")])
+def test_generator_loss_is_finite_and_reaches_every_parameter(data, objective, conditioning):
+    space = data["space"]
+    batch = data["train"][0]
+    rows = ragged(batch, [60, 10, 3, 1])
+    batch = dataclasses.replace(
+        batch, **{k: torch.cat([getattr(rows, k), getattr(batch, k)[4:]])
+                  for k in ("cand_mask", "cand_cat", "cand_num", "upstream_score", "exposed",
+                            "exposed_mask", "feedback")})
+    utility = utility_of_feedback(batch.feedback, space.utility_weights, batch.exposed_mask)
+    model = generator(space, objective=objective, user_conditioning=conditioning,
+                      tau=float(utility.median()))
+    loss = generator_loss(model(batch), batch, model.config, space.utility_weights)
+    assert 0 < float(loss.positive_fraction) <= 1
+    for term in (loss.total, loss.sequence, loss.item, loss.position):
+        assert torch.isfinite(term)
+    loss.total.backward()
+    silent = [name for name, p in model.named_parameters()
+              if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+    assert silent == []
+
+
+def test_generator_loss_needs_tau(data):
+    batch = data["train"][0]
+    model = generator(data["space"])
+    with pytest.raises(ValueError, match="tau"):
+        generator_loss(model(batch), batch, model.config, data["space"].utility_weights)
+
+
+def test_log_probs_match_the_probability_matrix(data):
+    batch = ragged(data["train"][0], [60, 10, 3, 2])
+    with torch.no_grad():
+        out = generator(data["space"]).eval()(batch)
+    log_p, log_not_p = exposed_log_probs(out, batch.exposed)
+    p = out.probs.gather(1, batch.exposed.unsqueeze(1)).squeeze(1)           # (B, M)
+    torch.testing.assert_close(log_p.exp(), p)
+    torch.testing.assert_close(log_not_p.exp(), 1 - p)
+
+
+def test_unlikelihood_is_safe_when_p_is_one():
+    logits = torch.tensor([[[60.0], [0.0]]])                                   # (1, 2, 1)
+    logits.requires_grad_(True)
+    out = type("Out", (), {"logits": logits, "cand_mask": torch.ones(1, 2, dtype=torch.bool)})
+    loss = unlikelihood_loss(out, torch.zeros(1, 1, dtype=torch.long),
+                             torch.ones(1, 1, dtype=torch.bool), torch.zeros(1), tau=1.0)
+    loss.backward()
+    assert torch.isclose(loss, torch.tensor(60.0)) and torch.isfinite(logits.grad).all()
+
+
+def mean_exposed_log_prob(model, batch) -> float:
+    with torch.no_grad():
+        log_p, _ = exposed_log_probs(model.eval()(batch), batch.exposed)
+    return float(log_p[batch.exposed_mask].mean())
+
+
+@pytest.mark.parametrize("negative", [True, False])
+def test_unlikelihood_pushes_negative_lists_down_and_positive_lists_up(data, negative):
+    batch = ragged(data["train"][1], [60] * 16)
+    model = generator(data["space"], dropout=0.0)
+    before = mean_exposed_log_prob(model, batch)
+    utility = utility_of_feedback(batch.feedback, data["space"].utility_weights,
+                                  batch.exposed_mask)
+    tau = math.inf if negative else -math.inf
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(10):
+        optimiser.zero_grad()
+        unlikelihood_loss(model(batch), batch.exposed, batch.exposed_mask, utility,
+                          tau).backward()
+        optimiser.step()
+    after = mean_exposed_log_prob(model, batch)
+    assert (after < before - 1.0) if negative else (after > before + 0.3), (before, after)
+
+
+def test_contrastive_loss_on_orthogonal_and_identical_representations():
+    orthogonal = torch.eye(4).unsqueeze(0) * torch.tensor([1.0, 2.0, 0.5, 3.0])[:, None]
+    for rho in (-0.5, 0.0, 0.5, 1.0):
+        assert contrastive_loss(orthogonal, None, rho) == 0
+    identical = torch.ones(2, 5, 8)
+    for rho in (0.1, 0.5, 1.0):
+        torch.testing.assert_close(contrastive_loss(identical, None, rho), torch.tensor(rho))
+    # A padded entry identical to a real one is ignored; a request with one real entry too.
+    padded = torch.cat([orthogonal, orthogonal[:, :1]], dim=1)                # (1, 5, 4)
+    mask = torch.tensor([[True, True, True, True, False]])
+    assert contrastive_loss(padded, mask, 0.5) == 0
+    lonely = torch.tensor([[True, False, False, False, False]])
+    both = contrastive_loss(torch.cat([padded, padded]), torch.cat([mask, lonely]), 0.5)
+    assert both == 0
+
+
+def test_utility_and_threshold(data):
+    space = data["space"]
+    batch = data["train"][0]
+    utility = utility_of_feedback(batch.feedback, space.utility_weights, batch.exposed_mask)
+    manual = [sum(float(batch.feedback[b, j] @ space.utility_weights)
+                  for j in range(batch.exposed.shape[1]) if batch.exposed_mask[b, j])
+              for b in range(len(batch))]
+    torch.testing.assert_close(utility, torch.tensor(manual))
+    everything = torch.cat([utility_of_feedback(b.feedback, space.utility_weights,
+                                                b.exposed_mask) for b in data["train"]])
+    tau = utility_threshold(data["train"], space.utility_weights, 0.3)
+    assert tau == pytest.approx(float(torch.quantile(everything.double(), 0.3)))
+    config = resolve_tau(NAR4RecConfig(tau_quantile=0.3), RequestLoader(
+        [data["out"] / "train.parquet"], space, batch_size=500))
+    assert config.tau == pytest.approx(tau)
+    assert resolve_tau(NAR4RecConfig(tau=2.0), None).tau == 2.0
+
+
+def test_config_reads_tau_from_text_and_checks_choices():
+    assert NAR4RecConfig(tau="3.5").tau == 3.5
+    with pytest.raises(ValueError, match="user_conditioning"):
+        NAR4RecConfig(user_conditioning="concat")
+    with pytest.raises(ValueError, match="heads"):
+        NAR4RecConfig(d_model=30, heads=4)
+
+
+def test_evaluator_scores_many_lists_as_it_scores_each(data):
+    space = data["space"]
+    batch = data["train"][0]
+    torch.manual_seed(0)
+    model = Evaluator(EvaluatorConfig(d_model=16, heads=2, layers=2, embedding_dim=8),
+                      space).eval()
+    lists = torch.stack([torch.stack([torch.randperm(60)[:6] for _ in range(16)])
+                         for _ in range(len(batch))])                          # (B, 16, 6)
+    list_mask = torch.ones_like(lists, dtype=torch.bool)
+    list_mask[:, 3, 4:] = False                                                # a short list
+    with torch.no_grad():
+        together = model(batch, lists, list_mask)                              # (B, 16, 6, K)
+        alone = torch.cat([model(batch, lists[:, k:k + 1], list_mask[:, k:k + 1])
+                           for k in range(16)], dim=1)
+        logged = model(batch)                                                  # (B, 6, K)
+        as_list = model(batch, batch.exposed[:, None], batch.exposed_mask[:, None])[:, 0]
+        short = model(batch, lists[:, 3:4, :4])[:, 0]
+    assert together.shape == (len(batch), 16, 6, len(space.behaviours))
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logged, as_list)
+    torch.testing.assert_close(together[:, 3, :4], short, atol=1e-5, rtol=1e-5)
+    utility = list_utility(together, space.utility_weights, list_mask)
+    assert utility.shape == (len(batch), 16) and (utility >= 0).all()
+
+
+def test_evaluator_loss_is_finite_and_reaches_every_parameter(data):
+    batch = data["train"][0]
+    torch.manual_seed(0)
+    model = Evaluator(EvaluatorConfig(d_model=16, heads=2, embedding_dim=8), data["space"])
+    loss = evaluator_loss(model(batch), batch.feedback, batch.exposed_mask)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_evaluator_beats_the_constant_predictor(data):
+    space = data["space"]
+    torch.manual_seed(0)
+    model = Evaluator(EvaluatorConfig(d_model=32, embedding_dim=8, dropout=0.0), space)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    train = data["train"]
+    model.train()
+    for step in range(150):
+        batch = train[step % len(train)]
+        optimiser.zero_grad()
+        evaluator_loss(model(batch), batch.feedback, batch.exposed_mask).backward()
+        optimiser.step()
+    # The best constant: each behaviour's training rate.
+    cells = torch.cat([b.feedback[b.exposed_mask] for b in train])                # (C, K)
+    rate = cells.mean(0).clamp(1e-6, 1 - 1e-6)
+    valid = data["valid"][0]
+    constant = torch.logit(rate).expand_as(valid.feedback)
+    model.eval()
+    with torch.no_grad():
+        learned = evaluator_loss(model(valid), valid.feedback, valid.exposed_mask)
+    baseline = evaluator_loss(constant, valid.feedback, valid.exposed_mask)
+    assert learned < baseline - 0.01, (float(learned), float(baseline))
+
+
+def test_generator_likelihood_training_beats_uniform(data):
+    space = data["space"]
+    model = generator(space, objective="likelihood", dropout=0.0)
+    valid = data["valid"][0]
+    untrained = mean_exposed_log_prob(model, valid)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    train = data["train"]
+    for step in range(100):
+        batch = train[step % len(train)]
+        model.train()
+        optimiser.zero_grad()
+        generator_loss(model(batch), batch, model.config, space.utility_weights).total.backward()
+        optimiser.step()
+    learned = mean_exposed_log_prob(model, valid)
+    n = valid.cand_mask.sum(1, keepdim=True).expand_as(valid.exposed)            # (B, M)
+    uniform = float(-n[valid.exposed_mask].float().log().mean())
+    assert learned > uniform + 0.4 and learned > untrained + 0.2, (learned, untrained, uniform)
+    with torch.no_grad():
+        loss = likelihood_loss(model(valid), valid.exposed, valid.exposed_mask)
+    cells = int(valid.exposed_mask.sum())
+    assert float(loss) == pytest.approx(-learned * cells / len(valid), rel=1e-4)
