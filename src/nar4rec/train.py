@@ -1,0 +1,255 @@
+"""One training loop for every model: Adam, validation each epoch, early stopping, checkpoints
+that describe themselves, resuming a killed run, and DDP when started by torchrun.
+
+The loop knows nothing about a model but its `loss(model, batch) -> (loss, logs)` function, so
+NAR4Rec, its evaluator and every baseline train the same way. Under `torchrun
+--nproc-per-node N` each rank reads its own share of the row groups (`RequestLoader(rank=...,
+world_size=...)`), gradients are averaged by DistributedDataParallel (gloo on CPU, NCCL on GPU),
+every rank takes the same number of steps per epoch, and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from nar4rec.data.loader import RequestBatch, RequestLoader
+from nar4rec.errors import Nar4recError
+from nar4rec.io import atomic_file
+
+LossFn = Callable[[nn.Module, RequestBatch], tuple[torch.Tensor, dict[str, float]]]
+LAST = "last.pt"
+BEST = "best.pt"
+METRICS = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; the paper's defaults: Adam, learning rate 1e-3 (section 5.1)."""
+
+    epochs: int = 10
+    batch_size: int = 256          # the paper: 1024 on Avito, 256 on Kuaishou
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0         # max gradient norm; 0 turns clipping off
+    patience: int = 2              # epochs without a better validation loss before stopping
+    seed: int = 0
+    steps_per_epoch: int = 0       # 0: the whole training split every epoch
+    checkpoint_every: int = 0      # steps between mid-epoch checkpoints; 0: at epoch ends only
+    threads: int = 0               # torch intra-op threads; 0: torch's default
+
+
+@dataclass
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def distributed_context() -> DistributedContext:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1), else run alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return DistributedContext(device=device)
+    rank = int(os.environ["RANK"])
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistributedContext(rank=rank, world_size=world_size, device=device)
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int
+    best_epoch: int
+    best_valid_loss: float
+    stopped_early: bool
+    seconds: float
+
+
+def train(model: nn.Module, loss_fn: LossFn, train_loader: RequestLoader,
+          valid_loader: RequestLoader | None, config: TrainConfig, run_dir: str | Path, *,
+          describe: dict, resume: bool = False,
+          context: DistributedContext | None = None, progress: bool | None = None,
+          ) -> TrainResult:
+    """Train `model` in place; checkpoints and metrics.jsonl go to `run_dir`.
+
+    Args:
+        describe: what a checkpoint needs to rebuild the model alone (model name, its config,
+            the FeatureSpace as a dict): saved with the weights in every checkpoint.
+        resume: continue from run_dir/last.pt if it exists (a killed run restarts there).
+    """
+    context = context or DistributedContext()
+    run_dir = Path(run_dir)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    model.to(context.device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate,
+                                 weight_decay=config.weight_decay)
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_valid_loss": math.inf,
+             "best_epoch": -1, "bad_epochs": 0}
+    if resume and (run_dir / LAST).exists():
+        checkpoint = load_checkpoint(run_dir / LAST)
+        model.load_state_dict(checkpoint["model"])
+        optimiser.load_state_dict(checkpoint["optimiser"])
+        state.update(checkpoint["progress"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    network = nn.parallel.DistributedDataParallel(model) if context.active else model
+    started = time.perf_counter()
+    stopped_early = False
+
+    def save(name: str) -> None:
+        if context.is_main:
+            save_checkpoint(run_dir / name, model, describe, optimiser=optimiser,
+                            progress=dict(state))
+
+    while state["epoch"] < config.epochs:
+        epoch = state["epoch"]
+        train_loader.set_epoch(epoch)
+        steps = _steps_this_epoch(train_loader, config, context)
+        skip = state["step_in_epoch"]
+        network.train()
+        total, count = 0.0, 0
+        bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch}", unit="batch",
+                   disable=(not context.is_main) or (None if progress is None else not progress))
+        for index, batch in enumerate(train_loader):
+            if index >= steps:
+                break
+            if index < skip:
+                continue                      # resumed mid-epoch: these batches are done
+            torch.manual_seed(config.seed * 1_000_003 + state["global_step"])
+            loss, _ = loss_fn(network, batch.to(context.device))
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimiser.step()
+            total += float(loss.detach()) * len(batch)
+            count += len(batch)
+            state["global_step"] += 1
+            state["step_in_epoch"] = index + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+            if config.checkpoint_every and state["global_step"] % config.checkpoint_every == 0:
+                save(LAST)
+        bar.close()
+        train_loss = _mean_over_ranks(total, count, context)
+        valid_loss = evaluate_loss(network, loss_fn, valid_loader, context) \
+            if valid_loader is not None else train_loss
+        improved = valid_loss < state["best_valid_loss"] - 1e-6
+        if improved:
+            state.update(best_valid_loss=valid_loss, best_epoch=epoch, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        state.update(epoch=epoch + 1, step_in_epoch=0)
+        if context.is_main:
+            _append_metrics(run_dir / METRICS, {
+                "epoch": epoch, "step": state["global_step"], "train_loss": train_loss,
+                "valid_loss": valid_loss, "best_epoch": state["best_epoch"],
+                "seconds": round(time.perf_counter() - started, 3)})
+        if improved:
+            save(BEST)
+        save(LAST)
+        if state["bad_epochs"] >= config.patience:
+            stopped_early = True
+            break
+    return TrainResult(epochs_run=state["epoch"], best_epoch=state["best_epoch"],
+                       best_valid_loss=state["best_valid_loss"], stopped_early=stopped_early,
+                       seconds=time.perf_counter() - started)
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, loss_fn: LossFn, loader: RequestLoader,
+                  context: DistributedContext | None = None) -> float:
+    """Mean loss per request over a loader (over every rank's share under DDP)."""
+    context = context or DistributedContext()
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        loss, _ = loss_fn(model, batch.to(context.device))
+        total += float(loss) * len(batch)
+        count += len(batch)
+    model.train(was_training)
+    return _mean_over_ranks(total, count, context)
+
+
+def _steps_this_epoch(loader: RequestLoader, config: TrainConfig,
+                      context: DistributedContext) -> int:
+    """Batches every rank takes this epoch: the fewest any rank has (DDP needs equal steps)."""
+    steps = max(1, math.ceil(loader.num_rows / loader.batch_size))
+    if config.steps_per_epoch:
+        steps = min(steps, config.steps_per_epoch)
+    if context.active:
+        tensor = torch.tensor([steps], device=context.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        steps = int(tensor.item())
+    return steps
+
+
+def _mean_over_ranks(total: float, count: int, context: DistributedContext) -> float:
+    if context.active:
+        tensor = torch.tensor([total, float(count)], dtype=torch.float64, device=context.device)
+        dist.all_reduce(tensor)
+        total, count = float(tensor[0]), int(tensor[1])
+    return total / count if count else math.nan
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def save_checkpoint(path: Path, model: nn.Module, describe: dict, *,
+                    optimiser: torch.optim.Optimizer | None = None,
+                    progress: dict | None = None) -> None:
+    """Weights, the description that rebuilds the model, and training progress; atomic."""
+    payload = {"model": model.state_dict(), "describe": describe,
+               "torch_rng": torch.get_rng_state()}
+    if optimiser is not None:
+        payload["optimiser"] = optimiser.state_dict()
+    if progress is not None:
+        payload["progress"] = progress
+    with atomic_file(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by `save_checkpoint`, loaded with weights_only=True."""
+    path = Path(path)
+    if not path.exists():
+        raise Nar4recError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say so in one line
+        raise Nar4recError(f"{path}: not a readable nar4rec checkpoint ({exc})") from None
