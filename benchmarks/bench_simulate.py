@@ -1,6 +1,6 @@
 """Time `nar4rec simulate` end to end and record its peak memory.
 
-    python benchmarks/bench_simulate.py --preset kuaishou --requests 1000000
+    python benchmarks/bench_simulate.py --preset kuaishou --sizes 100000,1000000
 
 prints requests per second, wall time and peak resident memory (from getrusage) for one run,
 and, with --sizes, for several sizes, so that memory can be seen not to grow with N.

@@ -116,3 +116,22 @@ def test_incompatible_file_is_refused(tmp_path, data):
     from nar4rec.errors import DataError
     with pytest.raises(DataError, match="behaviours"):
         RequestLoader([path], space)
+
+
+def test_missing_numbers_do_not_pose_as_values(tmp_path):
+    path = tmp_path / "ragged.parquet"
+    table = ragged_file(path)
+    prices = table.column("cand_num_price").to_pylist()
+    prices[1][2] = None
+    index = table.schema.get_field_index("cand_num_price")
+    table = table.set_column(index, table.schema.field(index),
+                             pa.array(prices, type=table.schema.field(index).type))
+    table = table.append_column("log_propensity", pa.array([-1.0, None, -2.0], pa.float64()))
+    meta = table.schema.metadata
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    space = FeatureSpace.fit([path])
+    known = [v for row in prices for v in row if v is not None]
+    assert space.cand_num["price"].mean == pytest.approx(np.mean(known))
+    batch = space.encode(pq.read_table(path))
+    assert batch.cand_num[1, 2, 0] == 0.0                    # the mean, after scaling
+    assert torch.isnan(batch.log_propensity[1]) and batch.log_propensity[0] == -1.0

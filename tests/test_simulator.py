@@ -151,7 +151,10 @@ def test_simulate_writes_valid_logs_and_the_oracle_beats_logging(tmp_path, prese
         assert validate_file(tmp_path / "data" / f"{split}.parquet") == []
     assert summary["requests"] == {"train": 2400, "valid": 300, "test": 300}
     assert summary["oracle_utility"] > 1.08 * summary["logging_utility"]
-    assert summary["oracle_utility"] >= summary["itemwise_top_utility"]
+    # The search itself almost always beats the logged and item-wise lists; where it does not,
+    # the summary counts the requests whose oracle list fell back to the better of the two.
+    assert summary["oracle_fallbacks"] <= 0.01 * summary["requests"]["test"]
+    assert summary["oracle_utility"] > summary["itemwise_top_utility"]
     on_disk = json.loads((tmp_path / "data" / "summary.json").read_text())
     assert on_disk["oracle_utility"] == summary["oracle_utility"]
     oracle_table = pq.read_table(tmp_path / "data" / "truth" / "oracle_test.parquet")
@@ -204,3 +207,24 @@ def test_movielens_preset_uses_the_real_ratings(tmp_path, shared_data):
     # The fitted affinity ranks a user's 5-star movies above their 1-star ones.
     assert affinity[ratings[:, 2] == 5].mean() > affinity[ratings[:, 2] == 1].mean() + 1.0
     assert np.corrcoef(affinity, ratings[:, 2])[0, 1] > 0.5
+
+
+def test_peaked_logging_policy_keeps_exact_propensities(tmp_path):
+    rng = np.random.default_rng(2)
+    scores = rng.normal(size=(1, 5))
+    perms = np.array(list(itertools.permutations(range(5), 3)))
+    for temperature in (1.0, 0.05, 0.005):
+        log_p = plackett_luce_log_prob(np.repeat(scores, len(perms), 0) / temperature, perms)
+        assert np.all(log_p <= 0)
+        assert np.exp(log_p).sum() == pytest.approx(1.0, abs=1e-9)
+    simulate_small(tmp_path / "peaked", requests=600, logging_temperature=0.02)
+    assert validate_file(tmp_path / "peaked" / "train.parquet") == []
+
+
+def test_too_few_requests_for_three_splits_is_a_clear_error(tmp_path):
+    from nar4rec.errors import Nar4recError
+    with pytest.raises(Nar4recError, match="split empty"):
+        simulate_small(tmp_path / "few", requests=4)
+    with pytest.raises(Nar4recError, match="split empty"):
+        simulate_small(tmp_path / "none", requests=500, test_fraction=0.0)
+    assert not (tmp_path / "few").exists() and not (tmp_path / "none").exists()

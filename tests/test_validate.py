@@ -72,6 +72,8 @@ def test_bad_exposed_lists_are_located(data, tmp_path, row):
     negative[row][0] = -1
     rewrite(table, bad, "exposed", negative)
     assert problems_of(bad) == {(row, "exposed")}
+    messages = [p.message for p in validate_file(bad)]
+    assert len(messages) == 1 and "outside" in messages[0]   # not also "the same twice"
 
 
 def test_lengths_numbers_and_m_greater_than_n(data, tmp_path):

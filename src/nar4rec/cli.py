@@ -35,15 +35,18 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def format_summary(summary: dict) -> str:
     """The simulator summary as a few readable lines."""
+    def number(value) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
     lines = [
         f"preset {summary['preset']}: n = {summary['n_candidates']} candidates, "
         f"m = {summary['list_length']} shown, behaviours {', '.join(summary['behaviours'])}",
         "requests: " + ", ".join(f"{k} {v:,}" for k, v in summary["requests"].items())
         + f"  ({summary['users']:,} users, {summary['items']:,} items)",
         "expected utility per request on the test split:",
-        f"  logging policy     {summary['logging_utility']:.4f}",
-        f"  item-wise top m    {summary['itemwise_top_utility']:.4f}",
-        f"  oracle             {summary['oracle_utility']:.4f}   ({summary['oracle_method']})",
+        f"  logging policy     {number(summary['logging_utility'])}",
+        f"  item-wise top m    {number(summary['itemwise_top_utility'])}",
+        f"  oracle             {number(summary['oracle_utility'])}   ({summary['oracle_method']})",
     ]
     means = summary["behaviour_means"]
     if means:

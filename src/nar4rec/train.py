@@ -207,13 +207,17 @@ def evaluate_loss(model: nn.Module, loss_fn: LossFn, loader: RequestLoader,
 def _steps_this_epoch(loader: RequestLoader, config: TrainConfig,
                       context: DistributedContext) -> int:
     """Batches every rank takes this epoch: the fewest any rank has (DDP needs equal steps)."""
-    steps = max(1, math.ceil(loader.num_rows / loader.batch_size))
+    steps = math.ceil(loader.num_rows / loader.batch_size)
     if config.steps_per_epoch:
         steps = min(steps, config.steps_per_epoch)
     if context.active:
         tensor = torch.tensor([steps], device=context.device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
         steps = int(tensor.item())
+    if steps == 0:
+        raise Nar4recError(
+            "a rank has no training rows this epoch: write the training data in more row "
+            "groups (or more files) than there are ranks")
     return steps
 
 

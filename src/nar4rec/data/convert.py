@@ -34,7 +34,8 @@ class Counts:
         positives = {}
         for b in spec.behaviours:
             values = pc.list_flatten(table.column(FEEDBACK + b))
-            positives[b] = int(pc.sum(pc.not_equal(values, 0)).as_py() or 0)
+            positive = pc.and_(pc.not_equal(values, 0), pc.is_finite(values))
+            positives[b] = int(pc.sum(positive).as_py() or 0)
         return cls(table.num_rows, exposures, positives)
 
     def as_dict(self) -> dict:

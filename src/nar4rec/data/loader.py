@@ -193,6 +193,8 @@ class FeatureSpace:
             missing = sorted(set(ours) - set(theirs))
             if missing:
                 problems.append(f"missing {kind} features {missing}")
+        if self.spec.has_upstream_score and not spec.has_upstream_score:
+            problems.append(f"no '{UPSTREAM_SCORE}' column, which the training files had")
         if spec.behaviours != self.spec.behaviours:
             problems.append(f"behaviours {list(spec.behaviours)} differ from "
                             f"{list(self.spec.behaviours)}")
@@ -226,17 +228,19 @@ class FeatureSpace:
             np.zeros((rows, width_n, 0))
         names = batch.schema.names
         if UPSTREAM_SCORE in names:
-            upstream = _pad(_numbers(pc.list_flatten(batch.column(UPSTREAM_SCORE))), n,
-                            width_n, 0.0)
+            upstream = _pad(np.nan_to_num(_numbers(pc.list_flatten(
+                batch.column(UPSTREAM_SCORE))), nan=0.0, posinf=0.0, neginf=0.0), n, width_n, 0.0)
         else:
             upstream = np.zeros((rows, width_n))
         exposed = _pad(pc.list_flatten(batch.column(EXPOSED)).to_numpy(zero_copy_only=False)
                        .astype(np.int64), m, width_m, 0)
         feedback = np.stack(
-            [_pad(_numbers(pc.list_flatten(batch.column(FEEDBACK + b))), m, width_m, 0.0)
+            [_pad(np.nan_to_num(_numbers(pc.list_flatten(batch.column(FEEDBACK + b)))),
+                  m, width_m, 0.0)
              for b in spec.behaviours], axis=-1)
-        if LOG_PROPENSITY in names:
-            log_propensity = _numbers(batch.column(LOG_PROPENSITY))
+        if LOG_PROPENSITY in names:      # null: unknown, kept as NaN (never as probability 1)
+            log_propensity = batch.column(LOG_PROPENSITY).to_numpy(
+                zero_copy_only=False).astype(np.float64)
         else:
             log_propensity = np.full(rows, np.nan)
         item_values = pc.list_flatten(batch.column(ITEM_ID))
@@ -393,11 +397,14 @@ def _lengths(column) -> np.ndarray:
 
 
 def _numbers(values) -> np.ndarray:
-    return values.fill_null(0).to_numpy(zero_copy_only=False).astype(np.float64)
+    """Numbers as float64 with nulls as NaN."""
+    return values.to_numpy(zero_copy_only=False).astype(np.float64)
 
 
 def _scale(values: np.ndarray, stats: NumericStats) -> np.ndarray:
-    return (values - stats.mean) / stats.std
+    """Standardise; a missing or non-finite value becomes the mean (0 after scaling)."""
+    scaled = (values - stats.mean) / stats.std
+    return np.where(np.isfinite(scaled), scaled, 0.0)
 
 
 def _pad(flat: np.ndarray, lengths: np.ndarray, width: int, fill) -> np.ndarray:
@@ -450,7 +457,8 @@ class _Moments:
         self.squares = 0.0
 
     def add(self, values: np.ndarray) -> None:
-        values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        values = values.astype(np.float64)
+        values = values[np.isfinite(values)]          # nulls (NaN) and infinities do not count
         self.count += len(values)
         self.total += float(values.sum())
         self.squares += float((values ** 2).sum())

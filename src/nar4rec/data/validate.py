@@ -137,15 +137,18 @@ def check_file(path: str | os.PathLike) -> FileReport:
 
     seen_ids: list[pa.Array] = []
     offset = 0
-    try:
-        for batch in parquet.iter_batches(batch_size=65536):
+    for group in range(parquet.metadata.num_row_groups):
+        try:
+            table = parquet.read_row_group(group)
+        except (pa.ArrowException, OSError) as exc:
+            report.problems.append(Problem(
+                str(path), offset, None,
+                f"cannot read row group {group} (rows from {offset} on): {exc}"))
+            return report
+        for batch in table.to_batches(max_chunksize=65536):
             _check_batch(batch, spec, offset, report)
             seen_ids.append(batch.column(REQUEST_ID))
             offset += batch.num_rows
-    except (pa.ArrowException, OSError) as exc:
-        report.problems.append(Problem(
-            str(path), offset, None, f"cannot read the rows from here on ({exc})"))
-        return report
 
     ids = pa.chunked_array(seen_ids)
     counts = pc.value_counts(ids)
@@ -218,7 +221,8 @@ def _check_batch(batch: pa.RecordBatch, spec: FormatSpec, offset: int,
         candidate_lists.append(UPSTREAM_SCORE)
     for name in candidate_lists:
         lengths = _lengths(batch.column(name))
-        flag(np.flatnonzero((lengths != n) & (n >= 0)), name,
+        flag(np.flatnonzero(lengths < 0), name, "is null")
+        flag(np.flatnonzero((lengths != n) & (n >= 0) & (lengths >= 0)), name,
              "length differs from the number of candidates (item_id)")
     for name in [CAND_NUM + f for f in spec.cand_num] + (
             [UPSTREAM_SCORE] if spec.has_upstream_score else []):
@@ -227,7 +231,8 @@ def _check_batch(batch: pa.RecordBatch, spec: FormatSpec, offset: int,
     for b in spec.behaviours:
         name = FEEDBACK + b
         lengths = _lengths(batch.column(name))
-        flag(np.flatnonzero((lengths != m) & (m >= 0)), name,
+        flag(np.flatnonzero(lengths < 0), name, "is null")
+        flag(np.flatnonzero((lengths != m) & (m >= 0) & (lengths >= 0)), name,
              "length differs from the exposed list's")
         _check_numbers(batch.column(name), name, flag)
 
@@ -239,10 +244,12 @@ def _check_batch(batch: pa.RecordBatch, spec: FormatSpec, offset: int,
         limit = np.maximum(n, 0)[rows]
         out_of_range = ((values < 0) | (values >= limit)) & ~null
         flag(rows[out_of_range], EXPOSED, "has an index outside [0, n) of the candidates")
-        key = rows.astype(np.int64) * (int(values.max(initial=0)) + 2) + (values + 1)
+        ok = ~null & ~out_of_range                 # only real indices can repeat
+        ok_rows, ok_values = rows[ok].astype(np.int64), values[ok]
+        key = ok_rows * (int(np.maximum(n, 0).max(initial=0)) + 1) + ok_values
         order = np.argsort(key, kind="stable")
         repeats = order[1:][np.diff(key[order]) == 0]
-        flag(rows[repeats], EXPOSED, "shows the same candidate twice")
+        flag(ok_rows[repeats], EXPOSED, "shows the same candidate twice")
 
     counts = Counts.of_table(batch, spec)
     report.counts.add(counts)

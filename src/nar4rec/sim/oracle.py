@@ -152,6 +152,12 @@ def oracle(world: World, terms: CandidateTerms, m: int) -> tuple[np.ndarray, np.
         lists, utility = exhaustive(world, terms, m)
         return lists, utility, "exhaustive"
     lists, utility = beam_search(world, terms, m, c.oracle_beam)
+    # Local search starts from the better of the beam's list and the item-wise top m.
+    top = itemwise_top(world, terms, m)
+    top_utility = list_utility(world, terms, top[:, None, :])[:, 0]
+    better = top_utility > utility
+    lists = np.where(better[:, None], top, lists)
+    utility = np.where(better, top_utility, utility)
     lists, utility = local_search(world, terms, lists, utility, c.oracle_local_rounds,
                                   c.oracle_replacements)
     return lists, utility, (f"beam search (width {c.oracle_beam}) + local search "

@@ -86,13 +86,20 @@ def plackett_luce(scores: np.ndarray, m: int, temperature: float,
 
 
 def plackett_luce_log_prob(logits: np.ndarray, lists: np.ndarray) -> np.ndarray:
-    """log P(list) under Plackett-Luce with the given logits: (R, n), (R, m) -> (R,)."""
-    shift = logits.max(axis=1, keepdims=True)
-    weights = np.exp(logits - shift)                                         # (R, n)
-    chosen = np.take_along_axis(weights, lists, axis=1)                      # (R, m)
-    remaining = weights.sum(axis=1, keepdims=True) - np.concatenate(
-        [np.zeros_like(chosen[:, :1]), np.cumsum(chosen, axis=1)[:, :-1]], axis=1)
-    return (np.log(chosen) - np.log(np.maximum(remaining, 1e-300))).sum(axis=1)
+    """log P(list) under Plackett-Luce with the given logits: (R, n), (R, m) -> (R,).
+
+    Computed in log space: the denominator at step k is the log-sum-exp of the logits of the
+    candidates not yet placed, that is of the unlisted candidates and of list items k..m-1,
+    so the result stays exact (and <= 0) however peaked the policy is.
+    """
+    chosen = np.take_along_axis(logits, lists, axis=1)                       # (R, m)
+    unlisted = logits.copy()
+    np.put_along_axis(unlisted, lists, -np.inf, axis=1)
+    rest = np.logaddexp.reduce(unlisted, axis=1)                              # (R,)
+    # Suffix log-sum-exp of the listed logits: log sum_{j >= k} exp(chosen_j).
+    suffix = np.logaddexp.accumulate(chosen[:, ::-1], axis=1)[:, ::-1]       # (R, m)
+    denominator = np.logaddexp(rest[:, None], suffix)
+    return np.minimum(chosen - denominator, 0.0).sum(axis=1)
 
 
 def sample_feedback(world: World, probabilities: np.ndarray,

@@ -75,6 +75,17 @@ class SimConfig:
         if not (0 <= self.valid_fraction and 0 <= self.test_fraction
                 and self.valid_fraction + self.test_fraction < 1):
             raise Nar4recError("valid_fraction + test_fraction must be in [0, 1)")
+        positive = ("n_users", "n_items", "n_topics", "latent_dim", "chunk_size", "oracle_beam",
+                    "days", "candidate_pool_factor")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise Nar4recError(f"setting '{name}' must be at least 1, got "
+                                   f"{getattr(self, name)}")
+        for name in ("oracle_local_rounds", "oracle_replacements", "exhaustive_limit",
+                     "position_decay",
+                     "upstream_noise", "feature_noise"):
+            if getattr(self, name) < 0:
+                raise Nar4recError(f"setting '{name}' must be >= 0, got {getattr(self, name)}")
         if self.logging_temperature <= 0:
             raise Nar4recError("logging_temperature must be > 0")
         if self.n_items < self.n_candidates:

@@ -13,7 +13,8 @@ import json
 import multiprocessing as mp
 import time
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -75,9 +76,17 @@ def format_spec(world: World) -> FormatSpec:
 
 
 def split_sizes(config: SimConfig, requests: int) -> dict[str, int]:
+    """Requests per split; every split gets at least one, or this is an error."""
     valid = int(round(requests * config.valid_fraction))
     test = int(round(requests * config.test_fraction))
-    return {"train": requests - valid - test, "valid": valid, "test": test}
+    sizes = {"train": requests - valid - test, "valid": valid, "test": test}
+    empty = [split for split, size in sizes.items() if size < 1]
+    if empty:
+        raise Nar4recError(
+            f"{requests} requests leave the {', '.join(empty)} split empty with "
+            f"valid_fraction={config.valid_fraction} and test_fraction={config.test_fraction}: "
+            "use more --requests or larger fractions")
+    return sizes
 
 
 @dataclasses.dataclass
@@ -85,6 +94,7 @@ class _Totals:
     """Running sums over the test split, for the summary."""
 
     requests: int = 0
+    fallbacks: int = 0          # test requests where the search lost to a simpler list
     utility: dict[str, float] = dataclasses.field(default_factory=dict)
     behaviours: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
@@ -105,8 +115,6 @@ class _Totals:
 def simulate(config: SimConfig, requests: int, seed: int, out_dir: str | Path, *,
              overwrite: bool = False, progress: bool | None = None) -> dict:
     """Simulate `requests` requests into `out_dir`; return the summary that is also written."""
-    if requests < 3:
-        raise Nar4recError(f"--requests must be at least 3 (one per split), got {requests}")
     started = time.perf_counter()
     world = build_world(config, seed)
     config = world.config
@@ -145,7 +153,8 @@ def simulate(config: SimConfig, requests: int, seed: int, out_dir: str | Path, *
         # chunk, and the test split's oracle searches run in a second process while train
         # and valid chunks are simulated. Each chunk has its own seed, so the interleaving
         # changes nothing; at most two writes and two searches wait, so memory stays bounded.
-        with ThreadPoolExecutor(max_workers=1) as pool, contextlib.ExitStack() as files:
+        # The pool is left before the files close, so no write is cut off by an exception.
+        with contextlib.ExitStack() as files, ThreadPoolExecutor(max_workers=1) as pool:
             writers = {split: files.enter_context(
                 RequestLogWriter(tmp / f"{split}.parquet", spec)) for split in starts}
             writes: deque[Future] = deque()
@@ -193,6 +202,7 @@ def simulate(config: SimConfig, requests: int, seed: int, out_dir: str | Path, *
             "oracle_utility": utility.get("oracle"),
             "itemwise_top_utility": utility.get("itemwise_top"),
             "oracle_method": oracle_method,
+            "oracle_fallbacks": totals.fallbacks,
             "behaviour_means": per_behaviour,
             "config": dataclasses.asdict(config),
             "seconds": round(time.perf_counter() - started, 2),
@@ -245,15 +255,26 @@ def _set_world(world: World) -> None:
     _WORLD = world
 
 
-def _oracle_executor(world: World):
+@contextlib.contextmanager
+def _oracle_executor(world: World) -> Iterator[Executor]:
     """One worker process for oracle searches (forked: the world is shared, not copied);
-    a thread where fork is unavailable."""
+    a thread where fork is unavailable. On an error or Ctrl-C, queued searches are dropped
+    and the worker is stopped at once rather than waited for."""
     if "fork" in mp.get_all_start_methods():
         executor = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("fork"),
                                        initializer=_set_world, initargs=(world,))
         executor.submit(int).result()   # fork now, before any other thread exists
-        return executor
-    return ThreadPoolExecutor(max_workers=1, initializer=_set_world, initargs=(world,))
+    else:
+        executor = ThreadPoolExecutor(max_workers=1, initializer=_set_world, initargs=(world,))
+    try:
+        yield executor
+    except BaseException:
+        workers = list(getattr(executor, "_processes", {}).values())
+        executor.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            worker.terminate()
+        raise
+    executor.shutdown(wait=True)
 
 
 def _oracle_job(users: np.ndarray, items: np.ndarray, lists: np.ndarray,
@@ -276,14 +297,16 @@ def _oracle_job(users: np.ndarray, items: np.ndarray, lists: np.ndarray,
         best = np.where(use_top[:, None], top, np.where((fallback & ~use_top)[:, None], lists,
                                                         best))
     best_feedback = world.list_feedback(terms, best[:, None, :])[:, 0].sum(axis=1)
-    return {"method": method, "oracle_list": best, "oracle_feedback": best_feedback,
-            "oracle_utility": best_feedback @ weights, "logging_feedback": logging_feedback,
+    return {"method": method, "fallbacks": int(fallback.sum()), "oracle_list": best,
+            "oracle_feedback": best_feedback, "oracle_utility": best_feedback @ weights,
+            "logging_feedback": logging_feedback,
             "logging_utility": logging_utility, "itemwise_top_feedback": top_feedback,
             "itemwise_top_utility": top_utility}
 
 
 def _add_oracle_result(request_ids: np.ndarray, result: dict, totals: _Totals) -> pa.Table:
     totals.requests += len(request_ids)
+    totals.fallbacks += result["fallbacks"]
     for name in ("logging", "oracle", "itemwise_top"):
         totals.add(name, result[f"{name}_utility"], result[f"{name}_feedback"])
     return pa.table({
