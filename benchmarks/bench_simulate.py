@@ -2,8 +2,8 @@
 
     python benchmarks/bench_simulate.py --preset kuaishou --sizes 100000,1000000
 
-prints requests per second, wall time and peak resident memory (from getrusage) for one run,
-and, with --sizes, for several sizes, so that memory can be seen not to grow with N.
+prints requests per second, wall time, CPU time (all its processes) and peak resident memory,
+for each size given, so that memory can be seen not to grow with N.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -24,15 +25,18 @@ def run_once(preset: str, requests: int, seed: int, extra: list[str]) -> dict:
         # The child reports its own peak resident memory, so each size is measured alone.
         code = ("import resource, sys; from nar4rec.cli import main; code = main(sys.argv[1:]); "
                 "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         done = subprocess.run([sys.executable, "-c", code, *arguments], check=True,
                               capture_output=True, text=True)
         seconds = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         peak_kib = int(done.stdout.strip().splitlines()[-1])
         size = subprocess.run(["du", "-sm", f"{tmp}/data"], capture_output=True,
                               text=True).stdout.split()[0]
     return {"preset": preset, "requests": requests, "seconds": round(seconds, 1),
-            "requests_per_second": round(requests / seconds),
+            "requests_per_second": round(requests / seconds), "cpu_seconds": round(cpu, 1),
             "peak_rss_mib": round(peak_kib / 1024), "output_mib": int(size)}
 
 

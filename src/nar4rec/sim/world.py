@@ -169,8 +169,8 @@ class World:
         return self.list_utility(self.candidate_terms(users, items), lists)
 
     def save(self, path: str | os.PathLike) -> None:
-        arrays = {k: v for k, v in dataclasses.asdict(self).items()
-                  if isinstance(v, np.ndarray)}
+        arrays = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if isinstance(getattr(self, f.name), np.ndarray)}    # no deep copies
         for group in ("user_cat", "user_num", "item_cat", "item_num"):
             for name, values in getattr(self, group).items():
                 arrays[f"{group}/{name}"] = values
