@@ -141,6 +141,63 @@ def _prepare_mind(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sets(pairs: list[str]) -> dict[str, str]:
+    values = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise Nar4recError(f"--set {item}: expected key=value")
+        values[key.strip()] = value.strip()
+    return values
+
+
+def _train(args: argparse.Namespace) -> int:
+    from nar4rec.config import load_overrides
+    from nar4rec.pipeline import RunConfig, train_run
+
+    config = load_overrides(RunConfig(), args.config, list(args.set))
+    if args.evaluator and args.model != "nar4rec":
+        raise Nar4recError("--evaluator reuses an evaluator for --model nar4rec only")
+    info = train_run(args.data, args.out, model=args.model, config=config,
+                     evaluator_from=args.evaluator, resume=args.resume, overwrite=args.overwrite,
+                     progress=False if args.quiet else None)
+    if not args.quiet:
+        for phase, result in info["phases"].items():
+            if "copied_from" in result:
+                print(f"{phase}: copied from {result['copied_from']}")
+            else:
+                print(f"{phase}: {result['epochs_run']} epochs in {result['seconds']:.1f} s, "
+                      f"best valid loss {result['best_valid_loss']:.4f} "
+                      f"(epoch {result['best_epoch']})")
+        print(f"wrote {args.out}/")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from nar4rec.io import atomic_file
+    from nar4rec.pipeline import evaluate_run
+    from nar4rec.report import format_evaluation, write_report
+
+    result = evaluate_run(args.run_dir, args.data, split=args.split, batch_size=args.batch_size,
+                          sets=_sets(args.set))
+    if args.json:
+        with atomic_file(args.json) as tmp:
+            Path(tmp).write_text(json.dumps(result, indent=1) + "\n")
+    if args.report:
+        write_report(result, args.report)
+    print(format_evaluation(result))
+    return 0
+
+
+def _rerank(args: argparse.Namespace) -> int:
+    from nar4rec.pipeline import rerank_file
+
+    count = rerank_file(args.run_dir, args.data, args.out, batch_size=args.batch_size,
+                        sets=_sets(args.set))
+    print(f"reranked {count:,} requests into {args.out}")
+    return 0
+
+
 def _day(text: str) -> date:
     try:
         return date.fromisoformat(text)
@@ -245,6 +302,55 @@ def build_parser() -> argparse.ArgumentParser:
                       help="first validation day (default: the day before --test-from)")
     engine_options(mind)
     mind.set_defaults(run=_prepare_mind)
+
+    tr = commands.add_parser(
+        "train", help="train a reranker into a run directory",
+        description="Train NAR4Rec (the evaluator, then the generator) or the evaluator alone "
+                    "on DIR/train.parquet, validating on DIR/valid.parquet, into one run "
+                    "directory (run.json, evaluator/, generator/).")
+    tr.add_argument("--model", default="nar4rec", choices=["nar4rec", "evaluator"])
+    tr.add_argument("--data", required=True, help="data directory (train and valid splits)")
+    tr.add_argument("--out", required=True, help="run directory")
+    tr.add_argument("--config", help="TOML file with tables [generator], [evaluator], [train], "
+                    "[evaluator_train], [reranker] (see docs/models.md)")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one setting, e.g. generator.d_model=128 or train.epochs=5")
+    tr.add_argument("--evaluator", metavar="RUN", help="reuse the evaluator of this run")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run from its last checkpoint")
+    tr.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    tr.set_defaults(run=_train)
+
+    ev = commands.add_parser(
+        "evaluate", help="measure a trained run on a data split",
+        description="Offline metrics (AUC/LogLoss/NDCG for n = m, Recall@6/10 and LogLoss for "
+                    "n > m) and, on simulated data, the true utility of the returned lists "
+                    "against the logging policy and the oracle.")
+    ev.add_argument("--run", dest="run_dir", required=True,
+                    help="run directory written by `nar4rec train`")
+    ev.add_argument("--data", required=True, help="data directory")
+    ev.add_argument("--split", default="test", help="split to evaluate (default test)")
+    ev.add_argument("--json", help="write the metrics here")
+    ev.add_argument("--report", help="write a Markdown report (with training curves) here")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change a reranker setting, e.g. reranker.alphas=[0.6]")
+    ev.add_argument("--batch-size", type=_positive, default=1024)
+    ev.set_defaults(run=_evaluate)
+
+    rr = commands.add_parser(
+        "rerank", help="rerank every request of a file",
+        description="Write, for every request of a request-log file, the list the run "
+                    "returns: request_id, user_id, items, positions, scores, "
+                    "predicted_utility.")
+    rr.add_argument("--run", dest="run_dir", required=True,
+                    help="run directory written by `nar4rec train`")
+    rr.add_argument("--data", required=True, help="a request-log .parquet file")
+    rr.add_argument("--out", required=True, help="output .parquet file")
+    rr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change a reranker setting, e.g. reranker.samples=0")
+    rr.add_argument("--batch-size", type=_positive, default=1024)
+    rr.set_defaults(run=_rerank)
     return parser
 
 

@@ -35,7 +35,8 @@ def _coerce(current: Any, text: str, key: str) -> Any:
 
 
 def apply_overrides(config: Any, values: dict[str, Any], *, source: str) -> Any:
-    """A copy of dataclass `config` with `values` applied; keys may be dotted for dicts.
+    """A copy of dataclass `config` with `values` applied; keys may be dotted for dicts and
+    for nested dataclass configs (`generator.d_model`, or a TOML table `[generator]`).
 
     `values` maps field names (or `dict_field.key`) to already-typed values or to strings,
     which are parsed to the field's current type.
@@ -48,7 +49,13 @@ def apply_overrides(config: Any, values: dict[str, Any], *, source: str) -> Any:
             raise Nar4recError(f"{source}: unknown setting '{head}' "
                                f"(known: {', '.join(sorted(names))})")
         current = changes.get(head, getattr(config, head))
-        if rest:
+        if dataclasses.is_dataclass(current):            # a nested config: recurse
+            table = {rest: value} if rest else value
+            if not isinstance(table, dict):
+                raise Nar4recError(f"{source}: '{head}' is a table of settings; set "
+                                   f"'{head}.<name>' instead")
+            changes[head] = apply_overrides(current, table, source=source)
+        elif rest:
             if not isinstance(current, dict):
                 raise Nar4recError(f"{source}: '{head}' is not a table, cannot set '{key}'")
             updated = dict(current)
@@ -64,7 +71,10 @@ def apply_overrides(config: Any, values: dict[str, Any], *, source: str) -> Any:
             changes[head] = {**current, **value}
         else:
             changes[head] = value
-    return dataclasses.replace(config, **changes)
+    try:
+        return dataclasses.replace(config, **changes)
+    except (ValueError, TypeError) as exc:       # a config's own checks (__post_init__)
+        raise Nar4recError(f"{source}: {exc}") from None
 
 
 def load_overrides(config: Any, toml_path: str | Path | None, sets: list[str]) -> Any:

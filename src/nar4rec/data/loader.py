@@ -366,6 +366,22 @@ class RequestLoader:
             yield self.space.encode(carry)
 
 
+def max_lengths(paths: Sequence[str | os.PathLike]) -> tuple[int, int]:
+    """The most candidates and the longest logged list of any request in `paths`: (n, m)."""
+    most_candidates = longest_list = 0
+    for path in paths:
+        parquet = open_parquet(path)
+        for batch in parquet.iter_batches(batch_size=65536, columns=[ITEM_ID, EXPOSED]):
+            for name, column in ((ITEM_ID, batch.column(ITEM_ID)),
+                                 (EXPOSED, batch.column(EXPOSED))):
+                longest = pc.max(pc.list_value_length(column)).as_py() or 0
+                if name == ITEM_ID:
+                    most_candidates = max(most_candidates, longest)
+                else:
+                    longest_list = max(longest_list, longest)
+    return most_candidates, longest_list
+
+
 def _columns_needed(space: FeatureSpace) -> list[str]:
     spec = space.spec
     columns = [REQUEST_ID, USER_ID, ITEM_ID, EXPOSED]

@@ -44,7 +44,7 @@ class EvaluatorConfig:
     layers: int = 1
     heads: int = 4
     ff_mult: int = 4
-    dropout: float = 0.1
+    dropout: float = 0.0
     embedding_dim: int = 16
     activation: str = "gelu"
     norm_first: bool = True
@@ -142,10 +142,9 @@ class Evaluator(nn.Module):
                              f"{self.config.list_length}")
         if list_mask is None:
             list_mask = torch.ones_like(lists, dtype=torch.bool)
-        candidates = self.candidates(batch)                            # (B, N, d)
-        d = candidates.shape[-1]
-        index = lists.clamp(0, candidates.shape[1] - 1).reshape(batch_size, count * length)
-        items = candidates.gather(1, index.unsqueeze(-1).expand(-1, -1, d))  # (B, L * m, d)
+        index = lists.clamp(0, batch.cand_mask.shape[1] - 1).reshape(batch_size, count * length)
+        items = self.candidates(batch, index)                          # (B, L * m, d)
+        d = items.shape[-1]
         h = items.view(batch_size, count, length, d)                   # (B, L, m, d)
         h = h + self.positions.weight[:length]                         # (B, L, m, d)
         if self.user is not None:

@@ -109,17 +109,27 @@ class FeatureEmbedding(nn.Module):
                    embedding_dim=embedding_dim, upstream_score=upstream_score,
                    upstream_norm=upstream_norm, dropout=dropout)
 
-    def forward(self, batch: RequestBatch) -> torch.Tensor:
-        """The user (B, d) or candidate (B, N, d) vectors of a batch."""
+    def forward(self, batch: RequestBatch, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The user (B, d) or candidate (B, N, d) vectors of a batch.
+
+        Args:
+            index: candidates only: (B, L) candidate indices (in [0, N)) to embed, giving
+                (B, L, d); only those rows are embedded (a model that reads a few lists out
+                of many candidates need not embed them all).
+        """
         if self.side == "user":
             return self.embed(batch.user_cat, batch.user_num)
-        numeric = batch.cand_num                                       # (B, N, Gc)
+        categorical, numeric = batch.cand_cat, batch.cand_num          # (B, N, Fc), (B, N, Gc)
         if self.upstream_score:
             score = batch.upstream_score                               # (B, N)
             if self.upstream_norm == "request":
-                score = standardise(score, batch.cand_mask)
+                score = standardise(score, batch.cand_mask)            # over all N candidates
             numeric = torch.cat([numeric, score.unsqueeze(-1)], dim=-1)  # (B, N, Gc + 1)
-        return self.embed(batch.cand_cat, numeric)
+        if index is not None:
+            categorical = categorical.gather(
+                1, index.unsqueeze(-1).expand(-1, -1, categorical.shape[-1]))  # (B, L, Fc)
+            numeric = numeric.gather(1, index.unsqueeze(-1).expand(-1, -1, numeric.shape[-1]))
+        return self.embed(categorical, numeric)
 
     def embed(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
         """(..., F) long and (..., G) float -> (..., d)."""

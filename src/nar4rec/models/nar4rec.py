@@ -77,7 +77,7 @@ class NAR4RecConfig:
     layers: int = 2
     heads: int = 4
     ff_mult: int = 4
-    dropout: float = 0.1
+    dropout: float = 0.0
     embedding_dim: int = 16
     activation: str = "gelu"
     norm_first: bool = True
@@ -298,9 +298,8 @@ class GeneratorLoss:
 
     def as_dict(self) -> dict[str, float]:
         """Plain floats for logging."""
-        return {"loss": float(self.total), "sequence": float(self.sequence),
-                "item": float(self.item), "position": float(self.position),
-                "positive_fraction": float(self.positive_fraction)}
+        return {name: float(getattr(self, name).detach()) for name in
+                ("total", "sequence", "item", "position", "positive_fraction")}
 
 
 def exposed_log_probs(out: GeneratorOutput, exposed: torch.Tensor

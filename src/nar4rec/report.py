@@ -1,0 +1,117 @@
+"""An evaluation as a plain-text table (the terminal) and as a Markdown report with curves."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from nar4rec.io import atomic_file
+
+METRIC_ORDER = ("auc", "logloss", "ndcg", "recall@6", "recall@10", "utility",
+                "logging_utility", "oracle_utility", "captured_lift")
+VARIANT_NOTES = {
+    "nar4rec": "the pipeline: generator proposals, evaluator picks",
+    "generator_greedy": "generator alone, greedy decoding",
+    "generator_contrastive": "generator alone, contrastive decoding (alpha 0.6)",
+    "evaluator_top_m": "top m candidates by the evaluator's item-wise score",
+    "logging": "the logged lists",
+    "oracle": "the simulator's best list",
+}
+
+
+def _number(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.4f}"
+
+
+def format_evaluation(result: dict) -> str:
+    """A few aligned lines: the metrics, then each variant's true utility."""
+    lines = [f"{result['model']} on {result['data']} ({result['split']}, "
+             f"{result['requests']:,} requests, {result['protocol']})"]
+    for name in METRIC_ORDER:
+        if name in result["metrics"]:
+            lines.append(f"  {name:<17}{_number(result['metrics'][name]):>10}")
+    if "variants" in result:
+        lines.append(f"  {'true utility of':<26}{'utility':>10}{'captured lift':>15}")
+        for name, values in result["variants"].items():
+            lines.append(f"    {name:<24}{_number(values['utility']):>10}"
+                         f"{_number(values.get('captured_lift')):>15}")
+    return "\n".join(lines)
+
+
+def write_report(result: dict, path: str | Path) -> None:
+    """A Markdown report of one evaluation, with the run's training curves as a PNG beside it."""
+    path = Path(path)
+    run_dir = Path(result["run"])
+    curves = path.with_name(path.stem + "-curves.png")
+    plotted = plot_training_curves(run_dir, curves)
+    lines = [f"# {result['model']}: evaluation on {result['split']}", "",
+             f"Run `{run_dir}`, data `{result['data']}`, {result['requests']:,} requests; "
+             f"protocol: {result['protocol']}.", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {_number(result['metrics'][name])} |"
+              for name in METRIC_ORDER if name in result["metrics"]]
+    if "variants" in result:
+        lines += ["", "## True expected utility per request (simulator ground truth)", "",
+                  "| lists | utility | captured lift | what they are |", "|---|---|---|---|"]
+        lines += [f"| {name} | {_number(v['utility'])} | {_number(v.get('captured_lift'))} | "
+                  f"{VARIANT_NOTES.get(name, '')} |" for name, v in result["variants"].items()]
+        behaviours = next(iter(result["behaviour_means"].values()))
+        lines += ["", "## Expected count of each behaviour per request", "",
+                  "| lists | " + " | ".join(behaviours) + " |",
+                  "|---|" + "---|" * len(behaviours)]
+        lines += [f"| {name} | " + " | ".join(_number(v) for v in means.values()) + " |"
+                  for name, means in result["behaviour_means"].items()]
+        lines += ["", "Captured lift = (method - logging) / (oracle - logging)."]
+    if plotted:
+        lines += ["", "## Training curves", "", f"![training curves]({curves.name})"]
+    lines.append("")
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text("\n".join(lines))
+
+
+def plot_training_curves(run_dir: Path, out: Path) -> bool:
+    """Training loss by step and validation loss by epoch of each phase; False if none."""
+    phases = [p for p in ("evaluator", "generator") if (run_dir / p / "metrics.jsonl").exists()]
+    if not phases:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(phases), figsize=(5.5 * len(phases), 3.6),
+                                squeeze=False)
+    for axis, phase in zip(axes[0], phases, strict=True):
+        steps = _records(run_dir / phase / "steps.jsonl")
+        epochs = _records(run_dir / phase / "metrics.jsonl")
+        if steps:
+            axis.plot([r["step"] for r in steps], [r["train_loss"] for r in steps],
+                      lw=1, label="train (running mean)")
+        axis.plot([r["step"] for r in epochs], [r["train_loss"] for r in epochs], "o-",
+                  label="train (epoch)")
+        axis.plot([r["step"] for r in epochs], [r["valid_loss"] for r in epochs], "s-",
+                  label="validation (epoch)")
+        axis.set_title(phase)
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_file(out) as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
+    plt.close(figure)
+    return True
+
+
+def _records(path: Path) -> list[dict]:
+    """JSON lines, keeping the last record of each step (a resumed run may repeat some)."""
+    if not path.exists():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return [by_step[step] for step in sorted(by_step)]

@@ -1,0 +1,193 @@
+"""The generator-evaluator pipeline of section 4.4: the generator proposes, the evaluator picks.
+
+`Reranker.rerank(batch)` is the one call a user makes. The generator runs once per batch; its
+probability matrix is decoded into K candidate lists per request (contrastive decoding at
+several alphas, which includes greedy at alpha = 0, and top-k sampled lists); the evaluator
+scores all K lists of all requests in one forward pass and the best list of each request is
+returned with its predicted utility and its items' predicted utilities. Nothing loops over
+requests.
+
+The paper does not say how many lists are proposed nor how they differ (NOTES.md): both are
+options of `RerankerConfig`. A run that holds only an evaluator reranks by the evaluator's
+item-wise scores (`evaluator_top_m`), the "rank by a point-wise model" strategy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nar4rec import decode
+from nar4rec.data.loader import RequestBatch
+from nar4rec.models.evaluator import Evaluator
+from nar4rec.models.evaluator import list_utility as predicted_list_utility
+from nar4rec.models.nar4rec import GeneratorOutput, NAR4Rec
+
+SELECTIONS = ("evaluator", "first")
+
+
+@dataclass
+class RerankerConfig:
+    """How the generator's lists are proposed and chosen.
+
+    alphas: the contrastive-decoding weights (eq. 16) of the decoded proposals; 0 is greedy.
+    samples: how many top-k sampled lists are proposed besides (0: none).
+    sample_k, temperature: the top-k sampler's k and temperature.
+    similarity: the contrastive penalty's similarity, "cosine" (the paper) or "dot".
+    select: "evaluator" scores every proposal and keeps the best; "first" returns the first
+        proposal (the first alpha) without asking the evaluator.
+    seed: the sampler's seed; the same batch gives the same lists.
+    """
+
+    alphas: tuple[float, ...] = (0.0, 0.3, 0.6, 0.9)
+    samples: int = 4
+    sample_k: int = 5
+    temperature: float = 1.0
+    similarity: str = "cosine"
+    select: str = "evaluator"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.alphas = tuple(float(a) for a in self.alphas)
+        problems = []
+        if not self.alphas:
+            problems.append("alphas must hold at least one value")
+        if any(not 0.0 <= a <= 1.0 for a in self.alphas):
+            problems.append(f"alphas must lie in [0, 1], not {list(self.alphas)}")
+        if self.samples < 0:
+            problems.append(f"samples must be >= 0, not {self.samples}")
+        if self.sample_k < 1:
+            problems.append(f"sample_k must be >= 1, not {self.sample_k}")
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0, not {self.temperature}")
+        if self.similarity not in decode.SIMILARITIES:
+            problems.append(f"similarity must be one of {decode.SIMILARITIES}, "
+                            f"not {self.similarity!r}")
+        if self.select not in SELECTIONS:
+            problems.append(f"select must be one of {SELECTIONS}, not {self.select!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def proposals(self) -> int:
+        """K, the number of lists proposed per request."""
+        return len(self.alphas) + self.samples
+
+
+@dataclass
+class Reranked:
+    """The reranker's answer for B requests.
+
+    lists: (B, m) candidate indices in the order to show them, NO_ITEM (-1) past the end of a
+        request with fewer than m candidates.
+    utility: (B,) the evaluator's predicted utility of each returned list (nan without one).
+    item_scores: (B, m) the evaluator's predicted utility of each placed item, in list order
+        (without an evaluator: the generator's probability of the item at its position).
+    proposals: (B, K, m) every proposed list; chosen: (B,) which one was returned.
+    """
+
+    lists: torch.Tensor
+    utility: torch.Tensor
+    item_scores: torch.Tensor
+    proposals: torch.Tensor
+    chosen: torch.Tensor
+
+
+class Reranker:
+    """A trained generator and/or evaluator behind one `rerank(batch)` call.
+
+    Args:
+        generator: the NAR4Rec generator, or None for an evaluator-only reranker.
+        evaluator: the sequence evaluator, or None to return the first proposal.
+        weights: (K,) utility weight of each behaviour (`FeatureSpace.utility_weights`).
+        config: how lists are proposed and chosen.
+        list_length: m, the length of the lists returned when there is no generator.
+    """
+
+    def __init__(self, generator: NAR4Rec | None, evaluator: Evaluator | None,
+                 weights: torch.Tensor, config: RerankerConfig | None = None, *,
+                 list_length: int | None = None):
+        if generator is None and evaluator is None:
+            raise ValueError("a Reranker needs a generator, an evaluator, or both")
+        self.generator = generator.eval() if generator is not None else None
+        self.evaluator = evaluator.eval() if evaluator is not None else None
+        self.weights = weights.float()
+        self.config = config or RerankerConfig()
+        if list_length is None:
+            list_length = (generator or evaluator).config.list_length
+        self.list_length = list_length
+
+    @torch.no_grad()
+    def rerank(self, batch: RequestBatch) -> Reranked:
+        """The best list of each request of the batch."""
+        if self.generator is None:
+            return self.evaluator_top_m(batch)
+        out = self.generator(batch)
+        proposals = self.decode(out)                                   # (B, K, m)
+        if self.evaluator is None or self.config.select == "first":
+            lists = proposals[:, 0]
+            placed = out.probs.gather(1, lists.clamp_min(0).unsqueeze(1)).squeeze(1)  # (B, m)
+            utility = torch.full((len(lists),), torch.nan)
+            return Reranked(lists, utility, placed.masked_fill(lists < 0, 0.0), proposals,
+                            torch.zeros(len(lists), dtype=torch.long))
+        item_utility = self.item_utility(batch, proposals)            # (B, K, m)
+        utility = item_utility.sum(-1)                                 # (B, K)
+        chosen = utility.argmax(dim=1)                                 # (B,)
+        rows = torch.arange(len(chosen))
+        return Reranked(proposals[rows, chosen], utility[rows, chosen],
+                        item_utility[rows, chosen], proposals, chosen)
+
+    @torch.no_grad()
+    def propose(self, batch: RequestBatch) -> torch.Tensor:
+        """(B, K, m) the generator's K lists: one per alpha, then the sampled ones."""
+        return self.decode(self.generator(batch))
+
+    @torch.no_grad()
+    def decode(self, out: GeneratorOutput) -> torch.Tensor:
+        """(B, K, m) the K proposals decoded from a generator output."""
+        config = self.config
+        lists = [decode.contrastive(out.probs, out.item_repr, out.cand_mask, alpha=alpha,
+                                    similarity=config.similarity) for alpha in config.alphas]
+        if config.samples:
+            sampler = torch.Generator(device=out.probs.device).manual_seed(config.seed)
+            lists += [decode.top_k_sampling(out.probs, out.cand_mask, k=config.sample_k,
+                                            temperature=config.temperature, generator=sampler)
+                      for _ in range(config.samples)]
+        return torch.stack(lists, dim=1)                               # (B, K, m)
+
+    @torch.no_grad()
+    def item_utility(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
+        """(B, L, m) the evaluator's predicted utility of each item of lists (B, L, m); 0 on
+        NO_ITEM positions."""
+        mask = lists >= 0
+        logits = self.evaluator(batch, lists, mask)                    # (B, L, m, K)
+        return torch.sigmoid(logits) @ self.weights.to(logits) * mask
+
+    @torch.no_grad()
+    def evaluator_top_m(self, batch: RequestBatch) -> Reranked:
+        """The top m candidates by the evaluator's item-wise score.
+
+        Each candidate is scored alone, as a one-item list at the first position (no list
+        context), and the m best are shown in that order: the point-wise strategy that the
+        evaluator's list awareness is meant to beat.
+        """
+        scores = self.item_wise_scores(batch)                                   # (B, n)
+        probs = scores.unsqueeze(-1).expand(-1, -1, self.list_length)
+        lists = decode.greedy(probs, batch.cand_mask)                           # (B, m)
+        item_scores = scores.gather(1, lists.clamp_min(0)).masked_fill(lists < 0, 0.0)
+        utility = predicted_list_utility(self.evaluator(batch, lists.unsqueeze(1),
+                                                        (lists >= 0).unsqueeze(1)),
+                                         self.weights, (lists >= 0).unsqueeze(1)).squeeze(1)
+        return Reranked(lists, utility, item_scores, lists.unsqueeze(1),
+                        torch.zeros(len(lists), dtype=torch.long))
+
+    @torch.no_grad()
+    def item_wise_scores(self, batch: RequestBatch) -> torch.Tensor:
+        """(B, n) each candidate's predicted utility alone at the first position; -inf on
+        padded candidates."""
+        if self.evaluator is None:
+            raise ValueError("item-wise scores need an evaluator")
+        single = torch.arange(batch.cand_mask.shape[1]).expand(len(batch), -1)  # (B, n)
+        scores = self.item_utility(batch, single.unsqueeze(-1)).squeeze(-1)     # (B, n)
+        return scores.masked_fill(~batch.cand_mask, -torch.inf)

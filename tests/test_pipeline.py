@@ -1,0 +1,249 @@
+"""The generator-evaluator pipeline and the train / evaluate / rerank workflow and commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from helpers import simulate_small
+from nar4rec.config import load_overrides
+from nar4rec.data.loader import FeatureSpace, RequestLoader
+from nar4rec.errors import Nar4recError
+from nar4rec.metrics import list_utility
+from nar4rec.models.evaluator import Evaluator, EvaluatorConfig
+from nar4rec.models.nar4rec import NAR4Rec, NAR4RecConfig
+from nar4rec.pipeline import RunConfig, evaluate_run, load_run, rerank_file, train_run
+from nar4rec.reranker import Reranker, RerankerConfig
+from nar4rec.sim.world import World
+
+M = 5
+SMALL = ["generator.d_model=32", "evaluator.d_model=32", "train.epochs=3",
+         "evaluator_train.epochs=3", "train.batch_size=128", "evaluator_train.batch_size=128"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "data"
+    simulate_small(out, requests=3000, n_candidates=20, list_length=M)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    """A NAR4Rec system trained for three short epochs (about 20 s on 2 cores)."""
+    out = tmp_path_factory.mktemp("runs") / "nar4rec"
+    config = load_overrides(RunConfig(), None, SMALL)
+    train_run(data, out, config=config, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch(data):
+    space = FeatureSpace.fit([data / "train.parquet"])
+    return next(iter(RequestLoader([data / "test.parquet"], space, batch_size=64))), space
+
+
+def untrained_reranker(space, **config) -> Reranker:
+    torch.manual_seed(0)
+    generator = NAR4Rec(NAR4RecConfig(list_length=M, d_model=32), space)
+    evaluator = Evaluator(EvaluatorConfig(list_length=M, d_model=32), space)
+    return Reranker(generator, evaluator, space.utility_weights, RerankerConfig(**config))
+
+
+def assert_valid_lists(lists: torch.Tensor, cand_mask: torch.Tensor) -> None:
+    for row, mask in zip(lists.tolist(), cand_mask, strict=True):
+        placed = [i for i in row if i >= 0]
+        assert len(placed) == len(set(placed)) == min(len(row), int(mask.sum()))
+        assert all(mask[i] for i in placed)
+        assert row[:len(placed)] == placed            # -1 only at the end
+
+
+def test_the_evaluator_returns_the_best_of_the_proposals(batch):
+    batch, space = batch
+    reranker = untrained_reranker(space, alphas=(0.0, 0.6), samples=3)
+    out = reranker.rerank(batch)
+    assert out.proposals.shape == (len(batch), 5, M)
+    for k in range(5):
+        assert_valid_lists(out.proposals[:, k], batch.cand_mask)
+    predicted = reranker.item_utility(batch, out.proposals).sum(-1)          # (B, K)
+    assert torch.equal(out.chosen, predicted.argmax(1))
+    assert torch.allclose(out.utility, predicted.max(1).values)
+    rows = torch.arange(len(batch))
+    assert torch.equal(out.lists, out.proposals[rows, out.chosen])
+    assert torch.allclose(out.item_scores.sum(1), out.utility, atol=1e-5)
+    assert (out.chosen != 0).any(), "an untrained evaluator should not always pick proposal 0"
+
+
+def test_proposals_are_repeatable_and_the_sampler_seeded(batch):
+    batch, space = batch
+    first = untrained_reranker(space, samples=2, seed=3).propose(batch)
+    again = untrained_reranker(space, samples=2, seed=3).propose(batch)
+    other = untrained_reranker(space, samples=2, seed=4).propose(batch)
+    assert torch.equal(first, again)
+    assert not torch.equal(first[:, -2:], other[:, -2:])
+    assert torch.equal(first[:, :-2], other[:, :-2])                # decoded lists: no seed
+
+
+def test_requests_with_fewer_candidates_than_positions(batch):
+    batch, space = batch
+    batch = dataclasses.replace(batch, cand_mask=batch.cand_mask.clone())
+    batch.cand_mask[0, 3:] = False                                   # 3 candidates < m = 5
+    batch.cand_mask[1, 1:] = False
+    for reranker in (untrained_reranker(space), untrained_reranker(space, select="first")):
+        out = reranker.rerank(batch)
+        assert_valid_lists(out.lists, batch.cand_mask)
+        assert (out.lists[0, 3:] == -1).all() and (out.lists[1, 1:] == -1).all()
+        assert (out.item_scores[0, 3:] == 0).all()
+
+
+def test_evaluator_top_m_sorts_by_item_wise_score(batch):
+    batch, space = batch
+    reranker = untrained_reranker(space)
+    scores = reranker.item_wise_scores(batch)                        # (B, n)
+    out = reranker.evaluator_top_m(batch)
+    expected = scores.topk(M, dim=1).indices
+    assert torch.equal(out.lists, expected)
+    only_evaluator = Reranker(None, reranker.evaluator, space.utility_weights)
+    assert torch.equal(only_evaluator.rerank(batch).lists, expected)
+
+
+def test_reranker_config_checks_its_values():
+    with pytest.raises(ValueError, match="alphas must lie in"):
+        RerankerConfig(alphas=(1.5,))
+    with pytest.raises(ValueError, match="select must be one of"):
+        RerankerConfig(select="best")
+    assert RerankerConfig(alphas=[0.1, 0.2], samples=1).proposals == 3
+
+
+def test_nested_settings_from_set_and_toml(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("[generator]\nd_model = 48\nheads = 4\n[train]\nepochs = 7\n")
+    config = load_overrides(RunConfig(), toml, ["generator.omega=0.05", "reranker.alphas=[0.2]"])
+    assert config.generator.d_model == 48 and config.generator.omega == 0.05
+    assert config.train.epochs == 7 and config.reranker.alphas == (0.2,)
+    with pytest.raises(Nar4recError, match="unknown setting 'd_modle'"):
+        load_overrides(RunConfig(), None, ["generator.d_modle=3"])
+    with pytest.raises(Nar4recError, match="must be a multiple of heads"):
+        load_overrides(RunConfig(), None, ["generator.d_model=30"])
+
+
+def test_a_trained_system_beats_the_logging_policy(run, data):
+    report = evaluate_run(run, data)
+    values = report["metrics"]
+    assert set(values) >= {"recall@6", "recall@10", "logloss", "utility", "logging_utility",
+                           "oracle_utility", "captured_lift"}
+    assert values["utility"] > values["logging_utility"]
+    lift = (values["utility"] - values["logging_utility"]) / \
+        (values["oracle_utility"] - values["logging_utility"])
+    assert values["captured_lift"] == pytest.approx(lift)
+    assert 0 < values["recall@6"] <= values["recall@10"] <= 1
+    variants = report["variants"]
+    assert variants["nar4rec"]["utility"] == pytest.approx(values["utility"])
+    assert variants["oracle"]["utility"] >= max(v["utility"] for v in variants.values()) - 1e-9
+    assert variants["generator_greedy"]["utility"] > variants["logging"]["utility"]
+    # The simulator's own numbers for the same lists agree with the evaluation's.
+    oracle = pq.read_table(data / "truth" / "oracle_test.parquet")
+    assert values["oracle_utility"] == pytest.approx(
+        np.mean(oracle.column("oracle_utility").to_numpy()), rel=1e-6)
+    assert values["logging_utility"] == pytest.approx(
+        np.mean(oracle.column("logging_utility").to_numpy()), rel=1e-6)
+
+
+def test_random_lists_are_worse_than_the_trained_system(run, data):
+    loaded = load_run(run)
+    world = World.load(data)
+    loader = RequestLoader([data / "test.parquet"], loaded.space, batch_size=1024)
+    generator = torch.Generator().manual_seed(0)
+    ours, random = [], []
+    for batch in loader:
+        ours.append(list_utility(world, batch, loaded.reranker.rerank(batch).lists))
+        noise = torch.rand(batch.cand_mask.shape, generator=generator)
+        random_lists = noise.masked_fill(~batch.cand_mask, -1).topk(M, dim=1).indices
+        random.append(list_utility(world, batch, random_lists))
+    assert np.concatenate(ours).mean() > np.concatenate(random).mean() * 1.1
+
+
+def test_item_wise_protocol_when_every_candidate_is_shown(tmp_path):
+    data = tmp_path / "avito"
+    simulate_small(data, preset="avito", requests=1500)
+    run = tmp_path / "run"
+    config = load_overrides(RunConfig(), None, ["evaluator_train.epochs=2",
+                                                "evaluator.d_model=16"])
+    train_run(data, run, model="evaluator", config=config, progress=False)
+    report = evaluate_run(run, data)
+    assert report["model"] == "evaluator"
+    assert {"auc", "logloss", "ndcg"} <= set(report["metrics"])
+    assert "recall@6" not in report["metrics"]
+    assert 0.5 < report["metrics"]["auc"] <= 1
+    assert set(report["variants"]) == {"evaluator_top_m", "logging", "oracle"}
+
+
+def test_rerank_writes_one_valid_list_per_request(run, data, tmp_path):
+    out = tmp_path / "lists.parquet"
+    count = rerank_file(run, data / "test.parquet", out)
+    table = pq.read_table(out)
+    source = pq.read_table(data / "test.parquet", columns=["request_id", "item_id"])
+    assert count == table.num_rows == source.num_rows
+    assert table.column("request_id").to_pylist() == source.column("request_id").to_pylist()
+    for items, positions, candidates in zip(table.column("items").to_pylist(),
+                                            table.column("positions").to_pylist(),
+                                            source.column("item_id").to_pylist(), strict=True):
+        assert len(items) == M and len(set(positions)) == M
+        assert items == [candidates[p] for p in positions]
+    assert not list(tmp_path.glob(".*"))                              # no temporary left
+
+
+def test_evaluator_reuse_and_resume(run, data, tmp_path):
+    reused = tmp_path / "vanilla"
+    config = load_overrides(RunConfig(), None, [*SMALL, "train.epochs=1",
+                                                "generator.objective=likelihood"])
+    info = train_run(data, reused, config=config, evaluator_from=run, progress=False)
+    assert info["phases"]["evaluator"] == {"copied_from": str(run)}
+    original = torch.load(run / "evaluator" / "best.pt", weights_only=True)["model"]
+    copied = torch.load(reused / "evaluator" / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(original[k], copied[k]) for k in original)
+    # A run "killed" before the generator's phase finished resumes it, keeping the evaluator.
+    state = json.loads((reused / "run.json").read_text())
+    del state["phases"]["generator"]
+    (reused / "run.json").write_text(json.dumps(state))
+    with pytest.raises(Nar4recError, match="generator has not finished"):
+        load_run(reused)
+    info = train_run(data, reused, config=config, evaluator_from=run, resume=True,
+                     progress=False)
+    assert "generator" in info["phases"] and "copied_from" in info["phases"]["evaluator"]
+    assert load_run(reused).config.generator.objective == "likelihood"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nar4rec", *args], capture_output=True,
+                          text=True)
+
+
+def test_commands_end_to_end_and_their_errors(run, data, tmp_path):
+    done = cli("evaluate", "--run", str(run), "--data", str(data), "--json",
+               str(tmp_path / "m.json"), "--report", str(tmp_path / "r.md"),
+               "--set", "reranker.samples=0")
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["model"] == "nar4rec" and "captured_lift" in result["metrics"]
+    assert "captured lift" in done.stdout
+    assert "![training curves](r-curves.png)" in (tmp_path / "r.md").read_text()
+    assert (tmp_path / "r-curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    done = cli("train", "--data", str(data), "--out", str(run), "--quiet")
+    assert done.returncode == 2 and "already exists; use --resume" in done.stderr
+    done = cli("evaluate", "--run", str(tmp_path), "--data", str(data))
+    assert done.returncode == 2 and "not a run directory" in done.stderr
+    done = cli("evaluate", "--run", str(run), "--data", str(data), "--set",
+               "generator.d_model=8")
+    assert done.returncode == 2 and "only reranker.* settings" in done.stderr
+    done = cli("train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2"))
+    assert done.returncode == 2 and "no such data directory" in done.stderr
+    assert "Traceback" not in done.stderr
