@@ -141,10 +141,11 @@ def test_changing_candidates_changes_positions(data):
         torch.testing.assert_close(model(batch).position_repr, first)  # deterministic in eval
 
 
-@pytest.mark.parametrize("objective,conditioning", [("unlikelihood", "add"),
-                                                    ("unlikelihood", "token"),
-                                                    ("likelihood", "add")])
-def test_generator_loss_is_finite_and_reaches_every_parameter(data, objective, conditioning):
+@pytest.mark.parametrize("objective,conditioning,interaction", [
+    ("unlikelihood", "add", False), ("unlikelihood", "token", False),
+    ("likelihood", "add", False), ("unlikelihood", "add", True)])
+def test_generator_loss_is_finite_and_reaches_every_parameter(data, objective, conditioning,
+                                                              interaction):
     space = data["space"]
     batch = data["train"][0]
     rows = ragged(batch, [60, 10, 3, 1])
@@ -154,7 +155,7 @@ def test_generator_loss_is_finite_and_reaches_every_parameter(data, objective, c
                             "exposed_mask", "feedback")})
     utility = utility_of_feedback(batch.feedback, space.utility_weights, batch.exposed_mask)
     model = generator(space, objective=objective, user_conditioning=conditioning,
-                      tau=float(utility.median()))
+                      user_interaction=interaction, tau=float(utility.median()))
     loss = generator_loss(model(batch), batch, model.config, space.utility_weights)
     assert 0 < float(loss.positive_fraction) <= 1
     for term in (loss.total, loss.sequence, loss.item, loss.position):
@@ -284,10 +285,12 @@ def test_evaluator_scores_many_lists_as_it_scores_each(data):
     assert utility.shape == (len(batch), 16) and (utility >= 0).all()
 
 
-def test_evaluator_loss_is_finite_and_reaches_every_parameter(data):
+@pytest.mark.parametrize("interaction", [False, True])
+def test_evaluator_loss_is_finite_and_reaches_every_parameter(data, interaction):
     batch = data["train"][0]
     torch.manual_seed(0)
-    model = Evaluator(EvaluatorConfig(d_model=16, heads=2, embedding_dim=8), data["space"])
+    model = Evaluator(EvaluatorConfig(d_model=16, heads=2, embedding_dim=8,
+                                      user_interaction=interaction), data["space"])
     loss = evaluator_loss(model(batch), batch.feedback, batch.exposed_mask)
     assert torch.isfinite(loss)
     loss.backward()

@@ -35,6 +35,8 @@ class EvaluatorConfig:
     activation: FFN activation, "gelu", "relu" or "silu".
     norm_first: pre-LayerNorm layers (False: post-LN).
     personalised: add the user vector to every item of the list.
+    user_interaction: also add a learned projection of the element-wise product of the user
+        and each item vector (a factorisation-machine style user-item term).
     use_upstream_score, upstream_norm: the ranking stage's score as a candidate input
         ("request": z-score within a request, "none": raw).
     """
@@ -49,6 +51,7 @@ class EvaluatorConfig:
     activation: str = "gelu"
     norm_first: bool = True
     personalised: bool = True
+    user_interaction: bool = False
     use_upstream_score: bool = True
     upstream_norm: str = "request"
 
@@ -114,6 +117,8 @@ class Evaluator(nn.Module):
         self.user = FeatureEmbedding.for_users(space, d, embedding_dim=config.embedding_dim,
                                                dropout=config.dropout) \
             if config.personalised else None
+        self.interaction = nn.Linear(d, d) \
+            if config.personalised and config.user_interaction else None
         self.positions = nn.Embedding(config.list_length, d)
         nn.init.normal_(self.positions.weight, std=0.1)
         self.layers = nn.ModuleList(EvaluatorLayer(config) for _ in range(config.layers))
@@ -146,9 +151,12 @@ class Evaluator(nn.Module):
         items = self.candidates(batch, index)                          # (B, L * m, d)
         d = items.shape[-1]
         h = items.view(batch_size, count, length, d)                   # (B, L, m, d)
-        h = h + self.positions.weight[:length]                         # (B, L, m, d)
         if self.user is not None:
-            h = h + self.user(batch)[:, None, None, :]                 # (B, L, m, d)
+            user = self.user(batch)[:, None, None, :]                  # (B, 1, 1, d)
+            if self.interaction is not None:
+                h = h + self.interaction(user * h)                     # (B, L, m, d)
+            h = h + user                                               # (B, L, m, d)
+        h = h + self.positions.weight[:length]                         # (B, L, m, d)
         h = h.reshape(batch_size * count, length, d)                   # (B * L, m, d)
         mask = list_mask.reshape(batch_size * count, length)           # (B * L, m)
         padding = ~mask & mask.any(1, keepdim=True)   # an all-padding list attends to all

@@ -51,6 +51,9 @@ class NAR4RecConfig:
         user_conditioning: "add" adds the user vector to every candidate and every position
             embedding before the first layer; "token" prepends it as one extra token to the
             candidates encoder (positions then see it through cross-attention).
+        user_interaction: also add a learned projection of the element-wise product of the
+            user and each candidate vector (a factorisation-machine style user-item term: a
+            sum of vectors passed through the layers models user-item affinity poorly).
         use_upstream_score: give the ranking stage's score to the candidate embedding as a
             numeric input; upstream_norm: "request" (z-score within a request) or "none".
         cross_attention_source: what the position encoder's layer l cross-attends to. Fig. 2
@@ -83,6 +86,7 @@ class NAR4RecConfig:
     norm_first: bool = True
     personalised: bool = True
     user_conditioning: str = "add"
+    user_interaction: bool = False
     use_upstream_score: bool = True
     upstream_norm: str = "request"
     cross_attention_source: str = "self_attention"
@@ -232,6 +236,8 @@ class NAR4Rec(nn.Module):
         self.user = FeatureEmbedding.for_users(space, d, embedding_dim=config.embedding_dim,
                                                dropout=config.dropout) \
             if config.personalised else None
+        self.interaction = nn.Linear(d, d) \
+            if config.personalised and config.user_interaction else None
         self.positions = nn.Embedding(config.list_length, d)   # T, shared across requests
         nn.init.normal_(self.positions.weight, std=0.1)
         self.candidate_layers = nn.ModuleList(CandidateLayer(config)
@@ -253,6 +259,8 @@ class NAR4Rec(nn.Module):
         padding = ~cand_mask                                           # (B, n)
         if self.user is not None:
             user = self.user(batch)                                    # (B, d)
+            if self.interaction is not None:
+                x = x + self.interaction(user.unsqueeze(1) * x)        # (B, n, d)
             if config.user_conditioning == "add":
                 x = x + user.unsqueeze(1)                              # (B, n, d)
                 t = t + user.unsqueeze(1)                              # (B, m, d)
