@@ -175,8 +175,11 @@ def test_item_wise_protocol_when_every_candidate_is_shown(tmp_path):
     simulate_small(data, preset="avito", requests=1500)
     run = tmp_path / "run"
     config = load_overrides(RunConfig(), None, ["evaluator_train.epochs=2",
-                                                "evaluator.d_model=16"])
+                                                "evaluator.d_model=16",
+                                                "features.min_count=3"])
     train_run(data, run, model="evaluator", config=config, progress=False)
+    kept = load_run(run).space.cand_cat["item_id"].size
+    assert kept < FeatureSpace.fit([data / "train.parquet"]).cand_cat["item_id"].size
     report = evaluate_run(run, data)
     assert report["model"] == "evaluator"
     assert {"auc", "logloss", "ndcg"} <= set(report["metrics"])

@@ -51,6 +51,23 @@ TAU_REQUESTS = 200_000          # logged lists read to set tau from the training
 
 
 @dataclass
+class FeaturesConfig:
+    """How the FeatureSpace is fitted on the training split.
+
+    min_count: a categorical value seen fewer times becomes "unknown" (index 1): rare ids get
+        one shared row instead of a row each that the data cannot train.
+    max_vocabulary: at most this many values per categorical feature (the most frequent).
+    """
+
+    min_count: int = 1
+    max_vocabulary: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if self.min_count < 1 or self.max_vocabulary < 1:
+            raise ValueError("min_count and max_vocabulary must be >= 1")
+
+
+@dataclass
 class RunConfig:
     """Every setting of a NAR4Rec system; `--config FILE` tables and `--set a.b=v` change it.
 
@@ -58,6 +75,7 @@ class RunConfig:
         logged list of the training split).
     train, evaluator_train: the training loop of the generator and of the evaluator.
     reranker: how the generator's lists are proposed and chosen (changeable at evaluation).
+    features: how vocabularies are built from the training split.
     """
 
     generator: NAR4RecConfig = field(default_factory=NAR4RecConfig)
@@ -65,6 +83,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluator_train: TrainConfig = field(default_factory=TrainConfig)
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
@@ -167,18 +186,20 @@ def _start_run(run_dir: Path, data_dir, model: str, config: RunConfig, train_pat
         if info["model"] != model:
             raise Nar4recError(f"{run_dir}: resuming a '{info['model']}' run as '{model}'")
         return info
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    occupied = run_dir.exists() and any(run_dir.iterdir())
+    context_barrier(context)               # every rank looks before rank 0 writes anything
+    if occupied and not resume:
         if not overwrite:
             raise Nar4recError(f"{run_dir}: already exists; use --resume to continue it or "
                                "--overwrite to replace it")
-        context_barrier(context)
         if context.is_main:
             shutil.rmtree(run_dir)
     context_barrier(context)
     if evaluator_from is not None:
         space = FeatureSpace.from_dict(read_run(evaluator_from)["space"])
     else:
-        space = FeatureSpace.fit(train_paths)
+        space = FeatureSpace.fit(train_paths, min_count=config.features.min_count,
+                                 max_vocabulary=config.features.max_vocabulary)
     most_candidates, list_length = max_lengths(train_paths)
     if list_length < 1:
         raise Nar4recError(f"{train_paths[0]}: no request shows any item")
