@@ -198,6 +198,15 @@ def _rerank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from nar4rec.export import export_run
+
+    manifest = export_run(args.run_dir, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}/: {', '.join(g['file'] for g in manifest['graphs'].values())}, "
+          "manifest.json")
+    return 0
+
+
 def _day(text: str) -> date:
     try:
         return date.fromisoformat(text)
@@ -351,6 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="change a reranker setting, e.g. reranker.samples=0")
     rr.add_argument("--batch-size", type=_positive, default=1024)
     rr.set_defaults(run=_rerank)
+
+    ex = commands.add_parser(
+        "export", help="write a run's models as ONNX",
+        description="Write generator.onnx, evaluator.onnx (dynamic batch, candidate and list "
+                    "counts) and manifest.json (inputs, outputs, list length, behaviours, "
+                    "weights, reranker settings, feature vocabularies) for onnxruntime.")
+    ex.add_argument("--run", dest="run_dir", required=True,
+                    help="run directory written by `nar4rec train`")
+    ex.add_argument("--out", required=True, help="output directory")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ex.set_defaults(run=_export)
     return parser
 
 

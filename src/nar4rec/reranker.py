@@ -146,15 +146,7 @@ class Reranker:
     @torch.no_grad()
     def decode(self, out: GeneratorOutput) -> torch.Tensor:
         """(B, K, m) the K proposals decoded from a generator output."""
-        config = self.config
-        lists = [decode.contrastive(out.probs, out.item_repr, out.cand_mask, alpha=alpha,
-                                    similarity=config.similarity) for alpha in config.alphas]
-        if config.samples:
-            sampler = torch.Generator(device=out.probs.device).manual_seed(config.seed)
-            lists += [decode.top_k_sampling(out.probs, out.cand_mask, k=config.sample_k,
-                                            temperature=config.temperature, generator=sampler)
-                      for _ in range(config.samples)]
-        return torch.stack(lists, dim=1)                               # (B, K, m)
+        return propose(out.probs, out.item_repr, out.cand_mask, self.config)
 
     @torch.no_grad()
     def item_utility(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
@@ -191,3 +183,19 @@ class Reranker:
         single = torch.arange(batch.cand_mask.shape[1]).expand(len(batch), -1)  # (B, n)
         scores = self.item_utility(batch, single.unsqueeze(-1)).squeeze(-1)     # (B, n)
         return scores.masked_fill(~batch.cand_mask, -torch.inf)
+
+
+@torch.no_grad()
+def propose(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tensor,
+            config: RerankerConfig) -> torch.Tensor:
+    """(B, K, m) the K proposals of `config` from a probability matrix (B, n, m), candidate
+    representations (B, n, d) and candidate mask (B, n): one contrastive-decoded list per
+    alpha, then the top-k samples (seeded by `config.seed`)."""
+    lists = [decode.contrastive(probs, item_repr, cand_mask, alpha=alpha,
+                                similarity=config.similarity) for alpha in config.alphas]
+    if config.samples:
+        sampler = torch.Generator(device=probs.device).manual_seed(config.seed)
+        lists += [decode.top_k_sampling(probs, cand_mask, k=config.sample_k,
+                                        temperature=config.temperature, generator=sampler)
+                  for _ in range(config.samples)]
+    return torch.stack(lists, dim=1)                                   # (B, K, m)

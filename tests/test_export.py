@@ -1,0 +1,89 @@
+"""ONNX export: onnxruntime and PyTorch agree on probabilities, logits and returned lists."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import simulate_small
+from nar4rec.config import load_overrides
+from nar4rec.data.loader import RequestLoader
+from nar4rec.export import FEATURE_INPUTS, OnnxReranker, _batch, example_inputs, export_run
+from nar4rec.pipeline import RunConfig, load_run, train_run
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    simulate_small(root / "data", requests=1500, n_candidates=20, list_length=5)
+    config = load_overrides(RunConfig(), None, [
+        "generator.d_model=32", "evaluator.d_model=32", "train.epochs=1",
+        "evaluator_train.epochs=1", "train.steps_per_epoch=10",
+        "evaluator_train.steps_per_epoch=10"])
+    train_run(root / "data", root / "run", config=config, progress=False)
+    export_run(root / "run", root / "onnx")
+    return root
+
+
+def as_numpy(inputs: dict) -> dict:
+    return {k: v.numpy() for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("batch,n", [(1, 5), (4, 20), (7, 33)])
+def test_probabilities_and_logits_agree_on_random_requests(exported, batch, n):
+    run = load_run(exported / "run")
+    onnx = OnnxReranker(exported / "onnx")
+    inputs = example_inputs(run.space, batch=batch, n=n, m=5, lists=3, seed=n)
+    features = [inputs[k] for k in FEATURE_INPUTS]
+    with torch.no_grad():
+        out = run.reranker.generator(_batch(*features))
+        logits = run.reranker.evaluator(_batch(*features), inputs["lists"], inputs["list_mask"])
+    probs, item_repr = onnx.generator(as_numpy(inputs))
+    np.testing.assert_allclose(probs, out.probs.numpy(), atol=1e-4)
+    np.testing.assert_allclose(item_repr, out.item_repr.numpy(), atol=1e-4)
+    assert (probs[~inputs["cand_mask"].numpy()] == 0).all()        # padding gets 0
+    onnx_logits = onnx.evaluator(as_numpy(inputs), inputs["lists"].numpy(),
+                                 inputs["list_mask"].numpy())
+    np.testing.assert_allclose(onnx_logits, logits.numpy(), atol=1e-4)
+
+
+def test_the_same_lists_on_simulated_requests_padded_ones_included(exported):
+    run = load_run(exported / "run")
+    onnx = OnnxReranker(exported / "onnx")
+    batch = next(iter(RequestLoader([exported / "data" / "test.parquet"], run.space,
+                                    batch_size=64)))
+    mask = batch.cand_mask.clone()
+    mask[0, 3:] = False                      # fewer candidates than positions
+    mask[1, 12:] = False
+    batch = dataclasses.replace(batch, cand_mask=mask)
+    expected = run.reranker.rerank(batch)
+    lists, utility = onnx.rerank({k: getattr(batch, k).numpy() for k in FEATURE_INPUTS})
+    np.testing.assert_array_equal(lists, expected.lists.numpy())
+    np.testing.assert_allclose(utility, expected.utility.numpy(), atol=1e-4)
+    assert (lists[0, 3:] == -1).all()
+
+
+def test_manifest_and_command(exported, tmp_path):
+    manifest = json.loads((exported / "onnx" / "manifest.json").read_text())
+    assert manifest["list_length"] == 5 and set(manifest["graphs"]) == {"generator",
+                                                                       "evaluator"}
+    assert manifest["inputs"]["cand_mask"] == {"dtype": "bool",
+                                               "axes": ["batch", "candidates"]}
+    assert "item_id" in manifest["space"]["cand_cat"]
+    done = subprocess.run([sys.executable, "-m", "nar4rec", "export", "--run",
+                           str(exported / "run"), "--out", str(exported / "onnx")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "not empty (use --overwrite)" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "nar4rec", "export", "--run",
+                           str(tmp_path), "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "not a run directory" in done.stderr
+    assert not (tmp_path / "x").exists()
