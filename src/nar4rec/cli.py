@@ -207,6 +207,18 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from nar4rec.serve import Backend, create_app
+
+    backend = Backend(run=args.run_dir, export=args.export, threads=args.threads)
+    app = create_app(backend, max_candidates=args.max_candidates,
+                     max_body_bytes=args.max_body_bytes)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _day(text: str) -> date:
     try:
         return date.fromisoformat(text)
@@ -371,6 +383,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output directory")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     ex.set_defaults(run=_export)
+
+    sv = commands.add_parser(
+        "serve", help="serve a run or an export over HTTP",
+        description="POST /v1/rerank, GET /healthz, GET /metrics, OpenAPI page at /docs.")
+    source = sv.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", dest="run_dir", help="a run directory (PyTorch)")
+    source.add_argument("--export", help="an export directory (onnxruntime)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--threads", type=_positive, default=1,
+                    help="intra-op threads of the model (default 1)")
+    sv.add_argument("--max-candidates", type=_positive, default=1000)
+    sv.add_argument("--max-body-bytes", type=_positive, default=1_000_000)
+    sv.set_defaults(run=_serve)
     return parser
 
 

@@ -207,7 +207,8 @@ class OnnxReranker:
         return self.sessions["evaluator"].run(None, {**feeds, "lists": lists,
                                                      "list_mask": list_mask})[0]
 
-    def rerank(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def rerank(self, inputs: dict[str, np.ndarray], *, with_scores: bool = False) -> tuple:
+        """(lists (B, m), utility (B,)); with_scores: (lists, item scores (B, m), utility)."""
         from nar4rec.reranker import propose
 
         if "generator" not in self.sessions:
@@ -221,4 +222,6 @@ class OnnxReranker:
         utility = item_utility.sum(-1)                                 # (B, K)
         chosen = utility.argmax(1)
         rows = np.arange(len(chosen))
+        if with_scores:
+            return lists[rows, chosen], item_utility[rows, chosen], utility[rows, chosen]
         return lists[rows, chosen], utility[rows, chosen]
