@@ -20,3 +20,19 @@ def small_config(preset: str, **overrides):
 def simulate_small(out: Path, preset: str = "kuaishou", requests: int = 3000, seed: int = 0,
                    **overrides) -> dict:
     return simulate(small_config(preset, **overrides), requests, seed, out, progress=False)
+
+
+def train_tiny(root: Path, *, requests: int = 1500, n_candidates: int = 20, list_length: int = 5,
+               d_model: int = 32, steps: int = 10) -> Path:
+    """Simulate into root/data and train a small NAR4Rec for a few steps into root/run."""
+    from nar4rec.config import load_overrides
+    from nar4rec.pipeline import RunConfig, train_run
+
+    simulate_small(root / "data", requests=requests, n_candidates=n_candidates,
+                   list_length=list_length)
+    config = load_overrides(RunConfig(), None, [
+        f"generator.d_model={d_model}", f"evaluator.d_model={d_model}", "train.epochs=1",
+        "evaluator_train.epochs=1", f"train.steps_per_epoch={steps}",
+        f"evaluator_train.steps_per_epoch={steps}"])
+    train_run(root / "data", root / "run", config=config, progress=False)
+    return root / "run"

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import simulate_small
-from nar4rec.config import load_overrides
+from helpers import train_tiny
 from nar4rec.data.loader import RequestLoader
 from nar4rec.export import FEATURE_INPUTS, OnnxReranker, _batch, example_inputs, export_run
-from nar4rec.pipeline import RunConfig, load_run, train_run
+from nar4rec.pipeline import load_run
 
 pytest.importorskip("onnxruntime")
 
@@ -23,12 +22,7 @@ pytest.importorskip("onnxruntime")
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    simulate_small(root / "data", requests=1500, n_candidates=20, list_length=5)
-    config = load_overrides(RunConfig(), None, [
-        "generator.d_model=32", "evaluator.d_model=32", "train.epochs=1",
-        "evaluator_train.epochs=1", "train.steps_per_epoch=10",
-        "evaluator_train.steps_per_epoch=10"])
-    train_run(root / "data", root / "run", config=config, progress=False)
+    train_tiny(root)
     export_run(root / "run", root / "onnx")
     return root
 

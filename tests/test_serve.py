@@ -9,22 +9,16 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
-from helpers import simulate_small
-from nar4rec.config import load_overrides
+from helpers import train_tiny
 from nar4rec.data.loader import RequestLoader
-from nar4rec.pipeline import RunConfig, load_run, train_run
+from nar4rec.pipeline import load_run
 from nar4rec.serve import Backend, create_app, request_json
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    simulate_small(root / "data", requests=1200, n_candidates=12, list_length=4)
-    config = load_overrides(RunConfig(), None, [
-        "generator.d_model=16", "evaluator.d_model=16", "train.epochs=1",
-        "evaluator_train.epochs=1", "train.steps_per_epoch=5",
-        "evaluator_train.steps_per_epoch=5"])
-    train_run(root / "data", root / "run", config=config, progress=False)
+    train_tiny(root, requests=1200, n_candidates=12, list_length=4, d_model=16, steps=5)
     client = TestClient(create_app(Backend(run=root / "run"), max_candidates=30,
                                    max_body_bytes=60_000))
     table = pq.read_table(root / "data" / "test.parquet")

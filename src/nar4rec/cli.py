@@ -236,6 +236,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def run_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", dest="run_dir", required=True,
+                        help="run directory written by `nar4rec train`")
+
+
+def reranker_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a reranker setting, e.g. reranker.alphas=[0.6] or "
+                             "reranker.samples=0")
+    parser.add_argument("--batch-size", type=_positive, default=1024)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nar4rec",
@@ -348,15 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Offline metrics (AUC/LogLoss/NDCG for n = m, Recall@6/10 and LogLoss for "
                     "n > m) and, on simulated data, the true utility of the returned lists "
                     "against the logging policy and the oracle.")
-    ev.add_argument("--run", dest="run_dir", required=True,
-                    help="run directory written by `nar4rec train`")
+    run_option(ev)
     ev.add_argument("--data", required=True, help="data directory")
     ev.add_argument("--split", default="test", help="split to evaluate (default test)")
     ev.add_argument("--json", help="write the metrics here")
     ev.add_argument("--report", help="write a Markdown report (with training curves) here")
-    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="change a reranker setting, e.g. reranker.alphas=[0.6]")
-    ev.add_argument("--batch-size", type=_positive, default=1024)
+    reranker_options(ev)
     ev.set_defaults(run=_evaluate)
 
     rr = commands.add_parser(
@@ -364,13 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write, for every request of a request-log file, the list the run "
                     "returns: request_id, user_id, items, positions, scores, "
                     "predicted_utility.")
-    rr.add_argument("--run", dest="run_dir", required=True,
-                    help="run directory written by `nar4rec train`")
+    run_option(rr)
     rr.add_argument("--data", required=True, help="a request-log .parquet file")
     rr.add_argument("--out", required=True, help="output .parquet file")
-    rr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="change a reranker setting, e.g. reranker.samples=0")
-    rr.add_argument("--batch-size", type=_positive, default=1024)
+    reranker_options(rr)
     rr.set_defaults(run=_rerank)
 
     ex = commands.add_parser(
@@ -378,8 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write generator.onnx, evaluator.onnx (dynamic batch, candidate and list "
                     "counts) and manifest.json (inputs, outputs, list length, behaviours, "
                     "weights, reranker settings, feature vocabularies) for onnxruntime.")
-    ex.add_argument("--run", dest="run_dir", required=True,
-                    help="run directory written by `nar4rec train`")
+    run_option(ex)
     ex.add_argument("--out", required=True, help="output directory")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     ex.set_defaults(run=_export)
