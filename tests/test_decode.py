@@ -195,12 +195,15 @@ def test_top_k_sampling_stays_in_the_top_k_and_is_reproducible() -> None:
     assert torch.equal(one, greedy(probs, cand_mask))
 
 
-def test_top_k_sampling_follows_the_probabilities() -> None:
+@pytest.mark.parametrize("source", ["generator", "uniform"])
+def test_top_k_sampling_follows_the_probabilities(source) -> None:
     # One position, candidates with p = 0.6, 0.3, 0.1 and k = 2: candidate 2 never, and 0
     # about twice as often as 1 (0.6 / 0.9 of the draws).
     probs = torch.tensor([0.6, 0.3, 0.1])[None, :, None].expand(4000, 3, 1)
     cand_mask = torch.ones(4000, 3, dtype=torch.bool)
-    lists = top_k_sampling(probs, cand_mask, k=2, generator=torch.Generator().manual_seed(0))
+    draws = {"generator": torch.Generator().manual_seed(0)} if source == "generator" else \
+        {"uniform": torch.rand(4000, 1, generator=torch.Generator().manual_seed(0))}
+    lists = top_k_sampling(probs, cand_mask, k=2, **draws)
     share = (lists[:, 0] == 0).float().mean().item()
     assert (lists[:, 0] != 2).all()
     assert abs(share - 2 / 3) < 0.03

@@ -91,6 +91,24 @@ def test_proposals_are_repeatable_and_the_sampler_seeded(batch):
     assert torch.equal(first[:, :-2], other[:, :-2])                # decoded lists: no seed
 
 
+def test_a_requests_list_does_not_depend_on_its_batch(batch):
+    batch, space = batch
+    reranker = untrained_reranker(space, samples=4)
+    together = reranker.rerank(batch).proposals
+    for row in (0, 5, 17):
+        alone = reranker.rerank(slice_batch(batch, row)).proposals
+        assert torch.equal(alone[0], together[row])
+    swapped = reranker.rerank(slice_batch(batch, [17, 0])).proposals
+    assert torch.equal(swapped[0], together[17]) and torch.equal(swapped[1], together[0])
+
+
+def slice_batch(batch, rows):
+    rows = [rows] if isinstance(rows, int) else rows
+    return dataclasses.replace(batch, **{
+        name: value[rows] for name, value in vars(batch).items()
+        if isinstance(value, torch.Tensor)})
+
+
 def test_requests_with_fewer_candidates_than_positions(batch):
     batch, space = batch
     batch = dataclasses.replace(batch, cand_mask=batch.cand_mask.clone())

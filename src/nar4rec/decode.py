@@ -138,7 +138,8 @@ def beam_search(probs: torch.Tensor, cand_mask: torch.Tensor, *, width: int = 4)
 @torch.no_grad()
 def top_k_sampling(probs: torch.Tensor, cand_mask: torch.Tensor, *, k: int = 5,
                    generator: torch.Generator | None = None,
-                   temperature: float = 1.0) -> torch.Tensor:
+                   temperature: float = 1.0,
+                   uniform: torch.Tensor | None = None) -> torch.Tensor:
     """At each position, sample among the k most probable candidates not yet placed (Table 7).
 
     Within the k, a candidate is drawn with probability proportional to p ** (1 / temperature);
@@ -150,6 +151,9 @@ def top_k_sampling(probs: torch.Tensor, cand_mask: torch.Tensor, *, k: int = 5,
         k: how many of the most probable unused candidates each position samples from.
         generator: a seeded torch.Generator on probs' device, for reproducible lists.
         temperature: > 0; below 1 sharpens the draw towards greedy decoding.
+        uniform: (B, m) numbers in [0, 1), one per request and position, drawn by the caller
+            (inverse-CDF sampling): a request's list then depends on its own numbers only,
+            not on the other requests of the batch. Overrides `generator`.
     Returns:
         (B, m) candidate indices, NO_ITEM where a request has run out of candidates.
     """
@@ -174,7 +178,13 @@ def top_k_sampling(probs: torch.Tensor, cand_mask: torch.Tensor, *, k: int = 5,
         logits = torch.where(all_zero, 0.0, logits)   # uniform over the k when all have p = 0
         logits = logits.masked_fill(~allowed, -torch.inf)
         logits[:, 0] = torch.where(has_any, logits[:, 0], 0.0)  # any draw; replaced by NO_ITEM
-        draw = torch.multinomial(logits.softmax(dim=1), 1, generator=generator)  # (B, 1)
+        if uniform is None:
+            draw = torch.multinomial(logits.softmax(dim=1), 1, generator=generator)  # (B, 1)
+        else:
+            below = logits.softmax(dim=1).cumsum(dim=1) <= uniform[:, position, None]
+            draw = below.sum(dim=1, keepdim=True).clamp_max(top_p.shape[1] - 1)  # (B, 1)
+            # never a disallowed slot: those have probability 0 and sit after the allowed ones
+            draw = torch.minimum(draw, (allowed.sum(1, keepdim=True) - 1).clamp_min(0))
         picked = torch.where(has_any, top_index.gather(1, draw).squeeze(1), NO_ITEM)  # (B,)
         available[rows, picked.clamp_min(0)] = False
         lists[:, position] = picked

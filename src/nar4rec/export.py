@@ -209,13 +209,16 @@ class OnnxReranker:
 
     def rerank(self, inputs: dict[str, np.ndarray], *, with_scores: bool = False) -> tuple:
         """(lists (B, m), utility (B,)); with_scores: (lists, item scores (B, m), utility)."""
-        from nar4rec.reranker import propose
+        from nar4rec.reranker import propose, request_keys
 
         if "generator" not in self.sessions:
             raise Nar4recError("this export holds no generator")
         probs, item_repr = self.generator(inputs)
-        lists = propose(torch.from_numpy(probs), torch.from_numpy(item_repr),
-                        torch.from_numpy(inputs["cand_mask"]), self.config).numpy()  # (B, K, m)
+        mask = torch.from_numpy(inputs["cand_mask"])
+        keys = request_keys(torch.from_numpy(inputs["user_cat"]),
+                            torch.from_numpy(inputs["cand_cat"]), mask)
+        lists = propose(torch.from_numpy(probs), torch.from_numpy(item_repr), mask,
+                        self.config, keys).numpy()                     # (B, K, m)
         mask = lists >= 0
         logits = self.evaluator(inputs, np.where(mask, lists, 0), mask)   # (B, K, m, K_b)
         item_utility = (1.0 / (1.0 + np.exp(-logits))) @ self.weights * mask

@@ -124,7 +124,8 @@ class Reranker:
         if self.generator is None:
             return self.evaluator_top_m(batch)
         out = self.generator(batch)
-        proposals = self.decode(out)                                   # (B, K, m)
+        proposals = self.decode(out, request_keys(batch.user_cat, batch.cand_cat,
+                                                  batch.cand_mask))    # (B, K, m)
         if self.evaluator is None or self.config.select == "first":
             lists = proposals[:, 0]
             placed = out.probs.gather(1, lists.clamp_min(0).unsqueeze(1)).squeeze(1)  # (B, m)
@@ -141,12 +142,14 @@ class Reranker:
     @torch.no_grad()
     def propose(self, batch: RequestBatch) -> torch.Tensor:
         """(B, K, m) the generator's K lists: one per alpha, then the sampled ones."""
-        return self.decode(self.generator(batch))
+        return self.decode(self.generator(batch),
+                           request_keys(batch.user_cat, batch.cand_cat, batch.cand_mask))
 
     @torch.no_grad()
-    def decode(self, out: GeneratorOutput) -> torch.Tensor:
-        """(B, K, m) the K proposals decoded from a generator output."""
-        return propose(out.probs, out.item_repr, out.cand_mask, self.config)
+    def decode(self, out: GeneratorOutput, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K, m) the K proposals decoded from a generator output; `keys` (B,) from
+        `request_keys` make each request's samples its own (None: drawn for the batch)."""
+        return propose(out.probs, out.item_repr, out.cand_mask, self.config, keys)
 
     @torch.no_grad()
     def item_utility(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
@@ -185,17 +188,56 @@ class Reranker:
         return scores.masked_fill(~batch.cand_mask, -torch.inf)
 
 
+_PRIME = 2_147_483_647                          # 2^31 - 1: products stay inside int64
+
+
+def request_keys(user_cat: torch.Tensor, cand_cat: torch.Tensor,
+                 cand_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) an integer in [1, 2^31 - 1) per request from its user and candidate ids.
+
+    The same request gets the same key in any batch, at any position: the seed of its own
+    sampled proposals.
+    """
+    slot = torch.arange(1, cand_cat.shape[1] + 1, device=cand_cat.device)
+    items = (cand_cat[..., 0] * cand_mask) % _PRIME                     # (B, n)
+    mixed = (items * 7919 + slot * 104_729) % _PRIME * (items + 1) % _PRIME
+    key = ((mixed * cand_mask).sum(dim=1) + user_cat[:, 0] * 1_000_003) % _PRIME  # padding
+    # adds nothing: the key does not depend on how wide the batch is padded
+    return key.clamp_min(1)
+
+
+def request_uniforms(keys: torch.Tensor, seed: int, draws: int, length: int) -> torch.Tensor:
+    """(B, draws, length) numbers in (0, 1): a Park-Miller stream per request key and seed."""
+    state = (keys * 48_271 + (seed % _PRIME) * 16_807 + 1) % _PRIME
+    state = state.clamp_min(1)
+    values = []
+    for _ in range(draws * length):
+        state = state * 48_271 % _PRIME
+        values.append(state)
+    stacked = torch.stack(values, dim=1).double() / _PRIME              # (B, draws * length)
+    return stacked.view(len(keys), draws, length)
+
+
 @torch.no_grad()
 def propose(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tensor,
-            config: RerankerConfig) -> torch.Tensor:
+            config: RerankerConfig, keys: torch.Tensor | None = None) -> torch.Tensor:
     """(B, K, m) the K proposals of `config` from a probability matrix (B, n, m), candidate
     representations (B, n, d) and candidate mask (B, n): one contrastive-decoded list per
-    alpha, then the top-k samples (seeded by `config.seed`)."""
+    alpha, then the top-k samples. With `keys` (B,) from `request_keys` each request's
+    samples come from its own random stream (the same in any batch); without, from one
+    generator seeded by `config.seed` for the whole batch."""
     lists = [decode.contrastive(probs, item_repr, cand_mask, alpha=alpha,
                                 similarity=config.similarity) for alpha in config.alphas]
     if config.samples:
-        sampler = torch.Generator(device=probs.device).manual_seed(config.seed)
-        lists += [decode.top_k_sampling(probs, cand_mask, k=config.sample_k,
-                                        temperature=config.temperature, generator=sampler)
-                  for _ in range(config.samples)]
+        m = probs.shape[2]
+        if keys is not None:
+            uniforms = request_uniforms(keys, config.seed, config.samples, m).to(probs)
+            lists += [decode.top_k_sampling(probs, cand_mask, k=config.sample_k,
+                                            temperature=config.temperature,
+                                            uniform=uniforms[:, s]) for s in range(config.samples)]
+        else:
+            sampler = torch.Generator(device=probs.device).manual_seed(config.seed)
+            lists += [decode.top_k_sampling(probs, cand_mask, k=config.sample_k,
+                                            temperature=config.temperature, generator=sampler)
+                      for _ in range(config.samples)]
     return torch.stack(lists, dim=1)                                   # (B, K, m)
