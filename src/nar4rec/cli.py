@@ -9,6 +9,7 @@ from datetime import date
 from pathlib import Path
 
 from nar4rec import __version__
+from nar4rec.config import parse_sets
 from nar4rec.errors import Nar4recError
 
 EXIT_USAGE = 2
@@ -141,16 +142,6 @@ def _prepare_mind(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sets(pairs: list[str]) -> dict[str, str]:
-    values = {}
-    for item in pairs:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise Nar4recError(f"--set {item}: expected key=value")
-        values[key.strip()] = value.strip()
-    return values
-
-
 def _train(args: argparse.Namespace) -> int:
     from nar4rec.config import load_overrides
     from nar4rec.pipeline import RunConfig, train_run
@@ -179,7 +170,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from nar4rec.report import format_evaluation, write_report
 
     result = evaluate_run(args.run_dir, args.data, split=args.split, batch_size=args.batch_size,
-                          sets=_sets(args.set))
+                          sets=parse_sets(args.set))
     if args.json:
         with atomic_file(args.json) as tmp:
             Path(tmp).write_text(json.dumps(result, indent=1) + "\n")
@@ -193,7 +184,7 @@ def _rerank(args: argparse.Namespace) -> int:
     from nar4rec.pipeline import rerank_file
 
     count = rerank_file(args.run_dir, args.data, args.out, batch_size=args.batch_size,
-                        sets=_sets(args.set))
+                        sets=parse_sets(args.set))
     print(f"reranked {count:,} requests into {args.out}")
     return 0
 

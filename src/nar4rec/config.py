@@ -88,13 +88,18 @@ def load_overrides(config: Any, toml_path: str | Path | None, sets: list[str]) -
         except tomllib.TOMLDecodeError as exc:
             raise Nar4recError(f"{path}: not valid TOML ({exc})") from None
         config = apply_overrides(config, table, source=str(path))
+    return apply_overrides(config, parse_sets(sets), source="--set")
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """`key=value` strings (from repeated --set options) as a dict of stripped strings."""
     pairs = {}
-    for item in sets:
+    for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise Nar4recError(f"--set {item}: expected key=value")
         pairs[key.strip()] = value.strip()
-    return apply_overrides(config, pairs, source="--set")
+    return pairs
 
 
 def to_dict(config: Any) -> dict:

@@ -209,22 +209,21 @@ class OnnxReranker:
 
     def rerank(self, inputs: dict[str, np.ndarray], *, with_scores: bool = False) -> tuple:
         """(lists (B, m), utility (B,)); with_scores: (lists, item scores (B, m), utility)."""
-        from nar4rec.reranker import propose, request_keys
+        from nar4rec.reranker import best_of, propose, request_keys
 
         if "generator" not in self.sessions:
             raise Nar4recError("this export holds no generator")
         probs, item_repr = self.generator(inputs)
-        mask = torch.from_numpy(inputs["cand_mask"])
+        cand_mask = torch.from_numpy(inputs["cand_mask"])
         keys = request_keys(torch.from_numpy(inputs["user_cat"]),
-                            torch.from_numpy(inputs["cand_cat"]), mask)
-        lists = propose(torch.from_numpy(probs), torch.from_numpy(item_repr), mask,
+                            torch.from_numpy(inputs["cand_cat"]), cand_mask)
+        lists = propose(torch.from_numpy(probs), torch.from_numpy(item_repr), cand_mask,
                         self.config, keys).numpy()                     # (B, K, m)
         mask = lists >= 0
         logits = self.evaluator(inputs, np.where(mask, lists, 0), mask)   # (B, K, m, K_b)
         item_utility = (1.0 / (1.0 + np.exp(-logits))) @ self.weights * mask
-        utility = item_utility.sum(-1)                                 # (B, K)
-        chosen = utility.argmax(1)
-        rows = np.arange(len(chosen))
+        best, utility, item_scores, _ = (
+            t.numpy() for t in best_of(torch.from_numpy(lists), torch.from_numpy(item_utility)))
         if with_scores:
-            return lists[rows, chosen], item_utility[rows, chosen], utility[rows, chosen]
-        return lists[rows, chosen], utility[rows, chosen]
+            return best, item_scores, utility
+        return best, utility

@@ -396,7 +396,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, *, split: str = "tes
             continue
         lists = {"logging": batch.exposed.masked_fill(~logged_mask, decode.NO_ITEM)}
         if out is not None:
-            lists["nar4rec"] = reranker.rerank(batch).lists
+            lists["nar4rec"] = reranker.choose(batch, out).lists       # out: computed above
             lists["generator_greedy"] = decode.greedy(out.probs, out.cand_mask)
             lists["generator_contrastive"] = decode.contrastive(
                 out.probs, out.item_repr, out.cand_mask,

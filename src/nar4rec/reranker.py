@@ -21,7 +21,6 @@ import torch
 from nar4rec import decode
 from nar4rec.data.loader import RequestBatch
 from nar4rec.models.evaluator import Evaluator
-from nar4rec.models.evaluator import list_utility as predicted_list_utility
 from nar4rec.models.nar4rec import GeneratorOutput, NAR4Rec
 
 SELECTIONS = ("evaluator", "first")
@@ -123,7 +122,11 @@ class Reranker:
         """The best list of each request of the batch."""
         if self.generator is None:
             return self.evaluator_top_m(batch)
-        out = self.generator(batch)
+        return self.choose(batch, self.generator(batch))
+
+    @torch.no_grad()
+    def choose(self, batch: RequestBatch, out: GeneratorOutput) -> Reranked:
+        """`rerank` from the generator's output for the batch, already computed."""
         proposals = self.decode(out, request_keys(batch.user_cat, batch.cand_cat,
                                                   batch.cand_mask))    # (B, K, m)
         if self.evaluator is None or self.config.select == "first":
@@ -132,12 +135,9 @@ class Reranker:
             utility = torch.full((len(lists),), torch.nan)
             return Reranked(lists, utility, placed.masked_fill(lists < 0, 0.0), proposals,
                             torch.zeros(len(lists), dtype=torch.long))
-        item_utility = self.item_utility(batch, proposals)            # (B, K, m)
-        utility = item_utility.sum(-1)                                 # (B, K)
-        chosen = utility.argmax(dim=1)                                 # (B,)
-        rows = torch.arange(len(chosen))
-        return Reranked(proposals[rows, chosen], utility[rows, chosen],
-                        item_utility[rows, chosen], proposals, chosen)
+        lists, utility, item_scores, chosen = best_of(proposals,
+                                                      self.item_utility(batch, proposals))
+        return Reranked(lists, utility, item_scores, proposals, chosen)
 
     @torch.no_grad()
     def propose(self, batch: RequestBatch) -> torch.Tensor:
@@ -171,9 +171,7 @@ class Reranker:
         probs = scores.unsqueeze(-1).expand(-1, -1, self.list_length)
         lists = decode.greedy(probs, batch.cand_mask)                           # (B, m)
         item_scores = scores.gather(1, lists.clamp_min(0)).masked_fill(lists < 0, 0.0)
-        utility = predicted_list_utility(self.evaluator(batch, lists.unsqueeze(1),
-                                                        (lists >= 0).unsqueeze(1)),
-                                         self.weights, (lists >= 0).unsqueeze(1)).squeeze(1)
+        utility = self.item_utility(batch, lists.unsqueeze(1)).sum(-1).squeeze(1)  # (B,)
         return Reranked(lists, utility, item_scores, lists.unsqueeze(1),
                         torch.zeros(len(lists), dtype=torch.long))
 
@@ -186,6 +184,22 @@ class Reranker:
         single = torch.arange(batch.cand_mask.shape[1]).expand(len(batch), -1)  # (B, n)
         scores = self.item_utility(batch, single.unsqueeze(-1)).squeeze(-1)     # (B, n)
         return scores.masked_fill(~batch.cand_mask, -torch.inf)
+
+
+def best_of(proposals: torch.Tensor, item_utility: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each request's proposal with the highest predicted utility.
+
+    Args:
+        proposals: (B, K, m) lists; item_utility: (B, K, m) predicted utility of each item.
+    Returns:
+        lists (B, m), utility (B,), item scores (B, m), chosen (B,) index of the proposal.
+    """
+    utility = item_utility.sum(-1)                                     # (B, K)
+    chosen = utility.argmax(dim=1)                                     # (B,)
+    rows = torch.arange(len(chosen))
+    return (proposals[rows, chosen], utility[rows, chosen], item_utility[rows, chosen],
+            chosen)
 
 
 _PRIME = 2_147_483_647                          # 2^31 - 1: products stay inside int64

@@ -139,6 +139,29 @@ class FeatureEmbedding(nn.Module):
         return self.dropout(self.project(torch.cat(parts, dim=-1)))
 
 
+def personalised_inputs(config, space: FeatureSpace
+                        ) -> tuple[FeatureEmbedding, FeatureEmbedding | None, nn.Linear | None]:
+    """The input modules the generator and the evaluator share.
+
+    Args:
+        config: a model config with d_model, embedding_dim, use_upstream_score,
+            upstream_norm, dropout, personalised and user_interaction.
+        space: the feature space.
+    Returns:
+        the candidate embedding; the user embedding (None unless `personalised`); the
+        projection of user * candidate added to each candidate (None unless also
+        `user_interaction`).
+    """
+    d = config.d_model
+    candidates = FeatureEmbedding.for_candidates(
+        space, d, embedding_dim=config.embedding_dim, upstream_score=config.use_upstream_score,
+        upstream_norm=config.upstream_norm, dropout=config.dropout)
+    user = FeatureEmbedding.for_users(space, d, embedding_dim=config.embedding_dim,
+                                      dropout=config.dropout) if config.personalised else None
+    interaction = nn.Linear(d, d) if config.personalised and config.user_interaction else None
+    return candidates, user, interaction
+
+
 def standardise(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Zero mean, unit variance over the real entries of each row; padding becomes 0.
 

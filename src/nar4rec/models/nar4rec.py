@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nar4rec.data.loader import FeatureSpace, RequestBatch, RequestLoader
-from nar4rec.models.layers import MLP, UPSTREAM_NORMS, FeatureEmbedding
+from nar4rec.models.layers import MLP, UPSTREAM_NORMS, personalised_inputs
 
 USER_CONDITIONINGS = ("add", "token")
 CROSS_ATTENTION_SOURCES = ("self_attention", "layer_output")
@@ -229,15 +229,7 @@ class NAR4Rec(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
-        self.candidates = FeatureEmbedding.for_candidates(
-            space, d, embedding_dim=config.embedding_dim,
-            upstream_score=config.use_upstream_score, upstream_norm=config.upstream_norm,
-            dropout=config.dropout)
-        self.user = FeatureEmbedding.for_users(space, d, embedding_dim=config.embedding_dim,
-                                               dropout=config.dropout) \
-            if config.personalised else None
-        self.interaction = nn.Linear(d, d) \
-            if config.personalised and config.user_interaction else None
+        self.candidates, self.user, self.interaction = personalised_inputs(config, space)
         self.positions = nn.Embedding(config.list_length, d)   # T, shared across requests
         nn.init.normal_(self.positions.weight, std=0.1)
         self.candidate_layers = nn.ModuleList(CandidateLayer(config)
