@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
+from nar4rec.data.loader import PAD, RequestBatch
 from nar4rec.sim.presets import preset_config
 from nar4rec.sim.simulate import simulate
 
@@ -36,3 +39,26 @@ def train_tiny(root: Path, *, requests: int = 1500, n_candidates: int = 20, list
         f"evaluator_train.steps_per_epoch={steps}"])
     train_run(root / "data", root / "run", config=config, progress=False)
     return root / "run"
+
+
+def ragged(batch: RequestBatch, lengths: list[int]) -> RequestBatch:
+    """The first len(lengths) requests of `batch`, cut to `lengths` candidates each; exposed
+    lists keep the first min(m, n) positions, pointing at candidates 0..n-1."""
+    rows = len(lengths)
+    n = torch.tensor(lengths)
+    width = batch.cand_mask.shape[1]
+    cand_mask = torch.arange(width)[None, :] < n[:, None]                   # (R, N)
+    m = batch.exposed.shape[1]
+    exposed_mask = torch.arange(m)[None, :] < n.clamp(max=m)[:, None]       # (R, M)
+    exposed = torch.stack([torch.randperm(max(k, m))[:m] % k for k in lengths])
+    return dataclasses.replace(
+        batch,
+        request_id=batch.request_id[:rows], user_id=batch.user_id[:rows],
+        item_id=batch.item_id[:rows], user_cat=batch.user_cat[:rows],
+        user_num=batch.user_num[:rows],
+        cand_cat=batch.cand_cat[:rows].masked_fill(~cand_mask[..., None], PAD),
+        cand_num=batch.cand_num[:rows].masked_fill(~cand_mask[..., None], 0.0),
+        upstream_score=batch.upstream_score[:rows].masked_fill(~cand_mask, 0.0),
+        cand_mask=cand_mask, exposed=exposed * exposed_mask, exposed_mask=exposed_mask,
+        feedback=batch.feedback[:rows] * exposed_mask[..., None],
+        log_propensity=batch.log_propensity[:rows])

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from helpers import simulate_small
-from nar4rec.data.loader import PAD, FeatureSpace, RequestBatch, RequestLoader
+from helpers import ragged, simulate_small
+from nar4rec.data.loader import PAD, FeatureSpace, RequestLoader
 from nar4rec.models.evaluator import Evaluator, EvaluatorConfig, evaluator_loss, list_utility
 from nar4rec.models.layers import FeatureEmbedding
 from nar4rec.models.nar4rec import (
@@ -45,29 +45,6 @@ def data(tmp_path_factory):
     train = list(RequestLoader([out / "train.parquet"], space, batch_size=32, shuffle=True))
     valid = list(RequestLoader([out / "valid.parquet"], space, batch_size=300))
     return {"out": out, "space": space, "train": train, "valid": valid}
-
-
-def ragged(batch: RequestBatch, lengths: list[int]) -> RequestBatch:
-    """The first len(lengths) requests of `batch`, cut to `lengths` candidates each; exposed
-    lists keep the first min(m, n) positions, pointing at candidates 0..n-1."""
-    rows = len(lengths)
-    n = torch.tensor(lengths)
-    width = batch.cand_mask.shape[1]
-    cand_mask = torch.arange(width)[None, :] < n[:, None]                   # (R, N)
-    m = batch.exposed.shape[1]
-    exposed_mask = torch.arange(m)[None, :] < n.clamp(max=m)[:, None]       # (R, M)
-    exposed = torch.stack([torch.randperm(max(k, m))[:m] % k for k in lengths])
-    return dataclasses.replace(
-        batch,
-        request_id=batch.request_id[:rows], user_id=batch.user_id[:rows],
-        item_id=batch.item_id[:rows], user_cat=batch.user_cat[:rows],
-        user_num=batch.user_num[:rows],
-        cand_cat=batch.cand_cat[:rows].masked_fill(~cand_mask[..., None], PAD),
-        cand_num=batch.cand_num[:rows].masked_fill(~cand_mask[..., None], 0.0),
-        upstream_score=batch.upstream_score[:rows].masked_fill(~cand_mask, 0.0),
-        cand_mask=cand_mask, exposed=exposed * exposed_mask, exposed_mask=exposed_mask,
-        feedback=batch.feedback[:rows] * exposed_mask[..., None],
-        log_propensity=batch.log_propensity[:rows])
 
 
 def generator(space, **overrides) -> NAR4Rec:
