@@ -14,6 +14,8 @@ from nar4rec.errors import Nar4recError
 
 EXIT_USAGE = 2
 EXIT_INVALID = 1
+# pipeline.MODELS, without importing torch to build the parser
+MODEL_NAMES = ("nar4rec", "evaluator", "dnn", "dcn", "prm", "edge_rerank", "seq2slate", "pier")
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -210,6 +212,26 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from nar4rec.compare import compare, format_tables, write_json, write_report
+    from nar4rec.config import load_overrides
+    from nar4rec.pipeline import RunConfig
+
+    config = load_overrides(RunConfig(), args.config, list(args.set))
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    runs = Path(args.runs) if args.runs else Path(args.json).with_name(
+        Path(args.json).stem + "-runs")
+    result = compare(args.data, runs, models=models, seeds=args.seeds, config=config,
+                     resume=args.resume, overwrite=args.overwrite, time_batch=args.time_batch,
+                     progress=False if args.quiet else None,
+                     log=(lambda _: None) if args.quiet else print)
+    write_json(result, args.json)
+    if args.report:
+        write_report(result, args.report)
+    print(format_tables(result))
+    return 0
+
+
 def _day(text: str) -> date:
     try:
         return date.fromisoformat(text)
@@ -329,14 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = commands.add_parser(
         "train", help="train a reranker into a run directory",
-        description="Train NAR4Rec (the evaluator, then the generator) or the evaluator alone "
-                    "on DIR/train.parquet, validating on DIR/valid.parquet, into one run "
-                    "directory (run.json, evaluator/, generator/).")
-    tr.add_argument("--model", default="nar4rec", choices=["nar4rec", "evaluator"])
+        description="Train NAR4Rec (the evaluator, then the generator), the evaluator alone, "
+                    "or a baseline (dnn, dcn, prm, edge_rerank, seq2slate, pier) on "
+                    "DIR/train.parquet, validating on DIR/valid.parquet, into one run "
+                    "directory (run.json, evaluator/ and generator/, or model/).")
+    tr.add_argument("--model", default="nar4rec", choices=list(MODEL_NAMES))
     tr.add_argument("--data", required=True, help="data directory (train and valid splits)")
     tr.add_argument("--out", required=True, help="run directory")
     tr.add_argument("--config", help="TOML file with tables [generator], [evaluator], [train], "
-                    "[evaluator_train], [reranker] (see docs/models.md)")
+                    "[evaluator_train], [reranker], [features] and one per baseline "
+                    "(see docs/models.md)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override one setting, e.g. generator.d_model=128 or train.epochs=5")
     tr.add_argument("--evaluator", metavar="RUN", help="reuse the evaluator of this run")
@@ -379,6 +403,29 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output directory")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     ex.set_defaults(run=_export)
+
+    cp = commands.add_parser(
+        "compare", help="train and compare NAR4Rec and the baselines",
+        description="Train every model on DIR's train split (several seeds), evaluate on its "
+                    "test split, and lay the results out as the paper's Tables 2-7 (JSON, and "
+                    "Markdown with a chart of the lifts).")
+    cp.add_argument("--data", required=True, help="data directory (train, valid, test)")
+    cp.add_argument("--models", default="nar4rec,pier,edge_rerank,prm,seq2slate,dcn,dnn",
+                    help="comma-separated models (default: all seven)")
+    cp.add_argument("--seeds", type=_positive, default=1, help="training seeds 0..N-1")
+    cp.add_argument("--json", required=True, help="write the tables here")
+    cp.add_argument("--report", help="write a Markdown report here (and PATH-lifts.png)")
+    cp.add_argument("--runs", help="run directories (default: beside --json, NAME-runs/)")
+    cp.add_argument("--config", help="TOML file of settings shared by every run")
+    cp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one setting for every run, e.g. train.epochs=3")
+    cp.add_argument("--time-batch", type=_positive, default=256,
+                    help="requests per batch in the timing table (default 256)")
+    cp.add_argument("--resume", action="store_true",
+                    help="reuse finished runs in --runs, continue unfinished ones")
+    cp.add_argument("--overwrite", action="store_true", help="replace an existing --runs")
+    cp.add_argument("--quiet", action="store_true", help="no progress bars")
+    cp.set_defaults(run=_compare)
 
     sv = commands.add_parser(
         "serve", help="serve a run or an export over HTTP",

@@ -6,6 +6,8 @@ This is what `nar4rec train`, `evaluate` and `rerank` run. A run directory holds
                         it was trained on and each finished phase's result
     evaluator/          the evaluator's training: best.pt, last.pt, metrics.jsonl, steps.jsonl
     generator/          the generator's (model "nar4rec" only)
+    model/              a baseline's (models "dnn", "dcn", "prm", "edge_rerank", "seq2slate",
+                        "pier": one model, no separate evaluator)
 
 A data directory holds `train`, `valid` and `test` splits, each a `SPLIT.parquet` file or a
 `SPLIT/` folder of Parquet shards (what `nar4rec simulate` and `nar4rec prepare` write).
@@ -19,6 +21,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -30,9 +33,11 @@ from nar4rec.config import apply_overrides
 from nar4rec.data.loader import FeatureSpace, RequestBatch, RequestLoader, max_lengths
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_file
+from nar4rec.models import BASELINES, baseline
+from nar4rec.models.base import ListModel, Ranking
 from nar4rec.models.evaluator import Evaluator, EvaluatorConfig, evaluator_loss
 from nar4rec.models.nar4rec import NAR4Rec, NAR4RecConfig, generator_loss, resolve_tau
-from nar4rec.reranker import Reranker, RerankerConfig
+from nar4rec.reranker import Reranker, RerankerConfig, request_keys, request_uniforms
 from nar4rec.train import (
     BEST,
     METRICS,
@@ -44,9 +49,18 @@ from nar4rec.train import (
     train,
 )
 
-MODELS = ("nar4rec", "evaluator")
+if TYPE_CHECKING:
+    from nar4rec.models.dcn import DCNConfig
+    from nar4rec.models.dnn import DNNConfig
+    from nar4rec.models.edge_rerank import EdgeRerankConfig
+    from nar4rec.models.pier import PIERConfig
+    from nar4rec.models.prm import PRMConfig
+    from nar4rec.models.seq2slate import Seq2SlateConfig
+
+MODELS = ("nar4rec", "evaluator", *BASELINES)
 RUN_FILE = "run.json"
 PHASES = ("evaluator", "generator")
+BASELINE_PHASE = "model"
 TAU_REQUESTS = 200_000          # logged lists read to set tau from the training utilities
 
 
@@ -67,15 +81,21 @@ class FeaturesConfig:
             raise ValueError("min_count and max_vocabulary must be >= 1")
 
 
+def _baseline_config(name: str):
+    return field(default_factory=lambda: baseline(name)[1]())
+
+
 @dataclass
 class RunConfig:
-    """Every setting of a NAR4Rec system; `--config FILE` tables and `--set a.b=v` change it.
+    """Every setting of a run; `--config FILE` tables and `--set a.b=v` change it.
 
-    generator, evaluator: the two models (their list_length is set from the data: the longest
-        logged list of the training split).
-    train, evaluator_train: the training loop of the generator and of the evaluator.
+    generator, evaluator: NAR4Rec's two models (their list_length, like every model's, is set
+        from the data: the longest logged list of the training split).
+    train, evaluator_train: the training loop of the main model (NAR4Rec's generator or the
+        baseline) and of the evaluator.
     reranker: how the generator's lists are proposed and chosen (changeable at evaluation).
     features: how vocabularies are built from the training split.
+    dnn, dcn, prm, edge_rerank, seq2slate, pier: each baseline's architecture.
     """
 
     generator: NAR4RecConfig = field(default_factory=NAR4RecConfig)
@@ -84,6 +104,12 @@ class RunConfig:
     evaluator_train: TrainConfig = field(default_factory=TrainConfig)
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    dnn: DNNConfig = _baseline_config("dnn")
+    dcn: DCNConfig = _baseline_config("dcn")
+    prm: PRMConfig = _baseline_config("prm")
+    edge_rerank: EdgeRerankConfig = _baseline_config("edge_rerank")
+    seq2slate: Seq2SlateConfig = _baseline_config("seq2slate")
+    pier: PIERConfig = _baseline_config("pier")
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
@@ -138,6 +164,17 @@ def train_run(data_dir: str | Path, run_dir: str | Path, *, model: str = "nar4re
     space = FeatureSpace.from_dict(info["space"])
     weights = space.utility_weights
 
+    if model in BASELINES:
+        if BASELINE_PHASE not in info["phases"]:
+            model_class, _ = baseline(model)
+            torch.manual_seed(config.train.seed)
+            network = model_class(getattr(config, model), space)
+            result = _train_phase(network, ListModel.step, BASELINE_PHASE, model,
+                                  getattr(config, model), config.train, space, train_paths,
+                                  valid_paths, run_dir, resume, progress, context)
+            info = _finish_phase(run_dir, info, BASELINE_PHASE, result, context)
+        return info
+
     if "evaluator" not in info["phases"]:
         if evaluator_from is not None:
             _copy_evaluator(Path(evaluator_from), run_dir, space, context)
@@ -150,9 +187,9 @@ def train_run(data_dir: str | Path, run_dir: str | Path, *, model: str = "nar4re
                 loss = evaluator_loss(net(batch), batch.feedback, batch.exposed_mask)
                 return loss, {"loss": float(loss.detach())}
 
-            result = _train_phase(evaluator, evaluator_step, "evaluator", config.evaluator,
-                                  config.evaluator_train, space, train_paths, valid_paths,
-                                  run_dir, resume, progress, context)
+            result = _train_phase(evaluator, evaluator_step, "evaluator", "evaluator",
+                                  config.evaluator, config.evaluator_train, space,
+                                  train_paths, valid_paths, run_dir, resume, progress, context)
         info = _finish_phase(run_dir, info, "evaluator", result, context)
 
     if model == "nar4rec" and "generator" not in info["phases"]:
@@ -169,9 +206,9 @@ def train_run(data_dir: str | Path, run_dir: str | Path, *, model: str = "nar4re
             terms = generator_loss(net(batch), batch, generator_config, weights)
             return terms.total, terms.as_dict()
 
-        result = _train_phase(generator, generator_step, "generator", generator_config,
-                              config.train, space, train_paths, valid_paths, run_dir, resume,
-                              progress, context)
+        result = _train_phase(generator, generator_step, "generator", "nar4rec",
+                              generator_config, config.train, space, train_paths,
+                              valid_paths, run_dir, resume, progress, context)
         info = _finish_phase(run_dir, info, "generator", result, context)
     return info
 
@@ -203,18 +240,28 @@ def _start_run(run_dir: Path, data_dir, model: str, config: RunConfig, train_pat
     most_candidates, list_length = max_lengths(train_paths)
     if list_length < 1:
         raise Nar4recError(f"{train_paths[0]}: no request shows any item")
-    config = dataclasses.replace(
-        config,
-        generator=dataclasses.replace(config.generator, list_length=list_length),
-        evaluator=dataclasses.replace(config.evaluator, list_length=list_length))
+    sections = _sections_of(model)
+    config = dataclasses.replace(config, **{
+        name: dataclasses.replace(getattr(config, name), list_length=list_length)
+        for name in ("generator", "evaluator", model) if name in sections})
+    settings = {name: value for name, value in dataclasses.asdict(config).items()
+                if name in sections}
     info = {"model": model, "data": str(data_dir), "list_length": list_length,
-            "max_candidates": most_candidates, "config": dataclasses.asdict(config),
+            "max_candidates": most_candidates, "config": settings,
             "space": space.to_dict(), "phases": {}}
     _write_run(run_dir, info, context)
     return info
 
 
-def _train_phase(network: torch.nn.Module, step, name: str, model_config, train_config,
+def _sections_of(model: str) -> tuple[str, ...]:
+    """The RunConfig tables a model's run uses (run.json records only those)."""
+    if model in BASELINES:
+        return (model, "train", "features")
+    return ("generator", "evaluator", "train", "evaluator_train", "reranker", "features")
+
+
+def _train_phase(network: torch.nn.Module, step, name: str, model_name: str, model_config,
+                 train_config,
                  space: FeatureSpace, train_paths, valid_paths, run_dir: Path, resume: bool,
                  progress, context: DistributedContext) -> dict:
     train_loader = RequestLoader(train_paths, space, batch_size=train_config.batch_size,
@@ -222,8 +269,8 @@ def _train_phase(network: torch.nn.Module, step, name: str, model_config, train_
                                  world_size=context.world_size)
     valid_loader = RequestLoader(valid_paths, space, batch_size=1024, rank=context.rank,
                                  world_size=context.world_size) if valid_paths else None
-    describe = {"model": "nar4rec" if name == "generator" else "evaluator",
-                "config": dataclasses.asdict(model_config), "space": space.to_dict()}
+    describe = {"model": model_name, "config": dataclasses.asdict(model_config),
+                "space": space.to_dict()}
     result = train(network, step, train_loader, valid_loader, train_config, run_dir / name,
                    describe=describe, resume=resume, context=context, progress=progress)
     return dataclasses.asdict(result)
@@ -280,14 +327,24 @@ def read_run(run_dir: str | Path) -> dict:
 
 @dataclass
 class LoadedRun:
+    """A trained run. `reranker` is NAR4Rec's Reranker (None for a baseline), `model` the
+    baseline (None for NAR4Rec and evaluator runs); `system` answers either way."""
+
     info: dict
     space: FeatureSpace
-    reranker: Reranker
     config: RunConfig
+    reranker: Reranker | None = None
+    model: ListModel | None = None
+
+    @property
+    def system(self) -> RerankerSystem | BaselineSystem:
+        return RerankerSystem(self.reranker) if self.reranker is not None \
+            else BaselineSystem(self.model)
 
 
 def load_run(run_dir: str | Path, *, sets: dict | None = None) -> LoadedRun:
-    """A trained run's Reranker (best checkpoints); `sets` changes its `reranker` settings."""
+    """A trained run's system (best checkpoints); `sets` changes NAR4Rec's `reranker`
+    settings."""
     run_dir = Path(run_dir)
     info = read_run(run_dir)
     config = RunConfig.from_dict(info["config"])
@@ -296,21 +353,31 @@ def load_run(run_dir: str | Path, *, sets: dict | None = None) -> LoadedRun:
         if unknown:
             raise Nar4recError(f"--set {unknown[0]}: only reranker.* settings can change after "
                                "training")
+        if info["model"] in BASELINES:
+            raise Nar4recError(f"--set {next(iter(sets))}: a {info['model']} run has no "
+                               "reranker settings")
         config = apply_overrides(config, sets, source="--set")
-    missing = [p for p in _phases_of(info["model"]) if p not in info["phases"]]
+    missing = [p for p in phases_of(info["model"]) if p not in info["phases"]]
     if missing:
         raise Nar4recError(f"{run_dir}: the {missing[0]} has not finished training (run "
                            "`nar4rec train ... --resume`)")
     space = FeatureSpace.from_dict(info["space"])
+    if info["model"] in BASELINES:
+        model_class, config_class = baseline(info["model"])
+        model = _load_model(run_dir / BASELINE_PHASE / BEST, model_class, config_class, space)
+        return LoadedRun(info=info, space=space, config=config, model=model)
     evaluator = _load_model(run_dir / "evaluator" / BEST, Evaluator, EvaluatorConfig, space)
     generator = _load_model(run_dir / "generator" / BEST, NAR4Rec, NAR4RecConfig, space) \
         if info["model"] == "nar4rec" else None
     reranker = Reranker(generator, evaluator, space.utility_weights, config.reranker,
                         list_length=info["list_length"])
-    return LoadedRun(info=info, space=space, reranker=reranker, config=config)
+    return LoadedRun(info=info, space=space, config=config, reranker=reranker)
 
 
-def _phases_of(model: str) -> tuple[str, ...]:
+def phases_of(model: str) -> tuple[str, ...]:
+    """The training phases a finished run of `model` has."""
+    if model in BASELINES:
+        return (BASELINE_PHASE,)
     return PHASES if model == "nar4rec" else ("evaluator",)
 
 
@@ -319,6 +386,75 @@ def _load_model(path: Path, cls, config_cls, space: FeatureSpace) -> torch.nn.Mo
     model = cls(config_cls(**checkpoint["describe"]["config"]), space)
     model.load_state_dict(checkpoint["model"])
     return model.eval()
+
+
+class BaselineSystem:
+    """A baseline behind the interface evaluation uses (`base.ListModel` already is one)."""
+
+    def __init__(self, model: ListModel):
+        self.model = model.eval()
+
+    def rerank(self, batch: RequestBatch) -> Ranking:
+        return self.model.rerank(batch)
+
+    def evaluate(self, batch: RequestBatch, variants: bool = True
+                 ) -> tuple[Ranking, dict[str, torch.Tensor]]:
+        """The returned lists and, for NAR4Rec, its other decodings (none here)."""
+        return self.model.rerank(batch), {}
+
+    def logged_click(self, batch: RequestBatch) -> torch.Tensor:
+        return self.model.logged_click(batch)
+
+
+class RerankerSystem:
+    """NAR4Rec's Reranker behind the same interface as a baseline.
+
+    Scores for Recall@k and the exposure probability are a candidate's row sum of the
+    probability matrix, clipped to 1 (the evaluator's item-wise score without a generator);
+    logged clicks come from the evaluator's first behaviour on the logged list. `evaluate`
+    also decodes the generator's matrix with every decoder of the paper's Table 7 and ranks by
+    the evaluator's item-wise score, so the variants are measured on the same forward pass.
+    """
+
+    VARIANTS = ("generator_greedy", "generator_contrastive", "generator_beam", "generator_top_k",
+                "generator_dpp", "evaluator_top_m")
+
+    def __init__(self, reranker: Reranker):
+        self.reranker = reranker
+
+    def rerank(self, batch: RequestBatch) -> Ranking:
+        return self.evaluate(batch, variants=False)[0]
+
+    def evaluate(self, batch: RequestBatch, variants: bool = True
+                 ) -> tuple[Ranking, dict[str, torch.Tensor]]:
+        reranker = self.reranker
+        if reranker.generator is None:
+            ranking = Ranking(reranker.evaluator_top_m(batch).lists,
+                              reranker.item_wise_scores(batch))
+            return ranking, {}
+        out = reranker.generator(batch)
+        exposure = out.probs.sum(-1).clamp(0.0, 1.0)                       # (B, n)
+        ranking = Ranking(reranker.choose(batch, out).lists,
+                          exposure.masked_fill(~batch.cand_mask, -torch.inf), exposure)
+        if not variants:
+            return ranking, {}
+        config = reranker.config
+        keys = request_keys(batch.user_cat, batch.cand_cat, batch.cand_mask)
+        uniform = request_uniforms(keys, config.seed, 1, out.probs.shape[2])[:, 0]
+        return ranking, {
+            "generator_greedy": decode.greedy(out.probs, out.cand_mask),
+            "generator_contrastive": decode.contrastive(
+                out.probs, out.item_repr, out.cand_mask, similarity=config.similarity),
+            "generator_beam": decode.beam_search(out.probs, out.cand_mask),
+            "generator_top_k": decode.top_k_sampling(
+                out.probs, out.cand_mask, k=config.sample_k, temperature=config.temperature,
+                uniform=uniform),
+            "generator_dpp": decode.dpp(out.probs, out.item_repr, out.cand_mask),
+            "evaluator_top_m": reranker.evaluator_top_m(batch).lists,
+        }
+
+    def logged_click(self, batch: RequestBatch) -> torch.Tensor:
+        return torch.sigmoid(self.reranker.evaluator(batch)[..., 0])       # (B, M)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,90 +480,92 @@ class _Mean:
 
 @torch.no_grad()
 def evaluate_run(run_dir: str | Path, data_dir: str | Path, *, split: str = "test",
-                 batch_size: int = 1024, sets: dict | None = None) -> dict:
+                 batch_size: int = 1024, sets: dict | None = None,
+                 per_request: bool = False) -> dict:
     """Every metric of the run on one split.
 
-    Item-wise prediction (the evaluator's first behaviour, e.g. click, on the logged lists):
-    `auc`, `logloss`, `ndcg` when requests have n = m (the paper's Avito protocol). Exposure
-    prediction (a candidate's row sum of the probability matrix, clipped to 1): `recall@6`,
-    `recall@10` and `logloss` when n > m (the Kuaishou protocol). On simulated data, the true
-    expected `utility` of the returned lists, `logging_utility`, and on the test split
-    `oracle_utility` and `captured_lift`; `variants` holds the same for the generator's greedy
-    and contrastive lists and the evaluator's item-wise top m, and `behaviour_means` each
+    Item-wise prediction (the probability of the first behaviour, e.g. click, of each item of
+    the logged lists, in their logged context: for NAR4Rec the evaluator's): `auc`, `logloss`,
+    `ndcg` when requests have n = m (the paper's Avito protocol). Exposure prediction: the
+    model's candidate scores rank candidates for `recall@6` and `recall@10`, and its exposure
+    probability (NAR4Rec: a candidate's row sum of the probability matrix, clipped to 1) gives
+    `logloss`, when n > m (the Kuaishou protocol; models without an exposure probability
+    have no logloss there). On simulated data, the true expected `utility` of the returned
+    lists, `logging_utility`, and on the test split `oracle_utility` and `captured_lift`;
+    `variants` holds the same for the logging policy, the oracle and, for NAR4Rec, the
+    generator's other decodings and the evaluator's item-wise top m; `behaviour_means` each
     behaviour's expected count per request.
+
+    Args:
+        per_request: also return `per_request`: {variant: (R, K) expected behaviour counts of
+            each request} (numpy, for confidence intervals; not JSON).
     """
     run = load_run(run_dir, sets=sets)
-    reranker, space = run.reranker, run.space
+    system = run.system
     paths = split_files(data_dir, split)
     world = _world_of(data_dir)
     oracle = _oracle_lists(data_dir) if world is not None and split == "test" else None
     most_candidates, _ = max_lengths(paths)
     exposure_protocol = most_candidates > run.info["list_length"]
+    model = run.info["model"]
+    method = "evaluator_top_m" if model == "evaluator" else model   # the lists `rerank` returns
     item_scores, item_labels = [], []
     means = {name: _Mean() for name in ("ndcg", "recall@6", "recall@10", "exposure_logloss")}
-    policies = ["nar4rec", "generator_greedy", "generator_contrastive", "evaluator_top_m"] \
-        if reranker.generator is not None else ["evaluator_top_m"]
-    method = policies[0]                   # the lists `rerank` returns
-    behaviour_sums: dict[str, np.ndarray] = {}
+    behaviour_counts: dict[str, list[np.ndarray]] = {}
+    has_exposure = False
     requests = 0
-    for batch in RequestLoader(paths, space, batch_size=batch_size):
+    for batch in RequestLoader(paths, run.space, batch_size=batch_size):
         requests += len(batch)
         logged_mask = batch.exposed_mask
-        click = torch.sigmoid(reranker.evaluator(batch)[..., 0])          # (B, M)
+        click = system.logged_click(batch)                                 # (B, M)
         labels = batch.feedback[..., 0]
         item_scores.append(click[logged_mask].numpy())
         item_labels.append(labels[logged_mask].numpy())
         means["ndcg"].add(metrics.ndcg(click, labels, logged_mask),
                           float(logged_mask.any(1).sum()))
-        out = reranker.generator(batch) if reranker.generator is not None else None
+        ranking, variants = system.evaluate(batch, variants=world is not None)
         if exposure_protocol:
             counted = float(logged_mask.any(1).sum())
-            if out is not None:
-                exposure = out.probs.sum(-1).clamp(0.0, 1.0)               # (B, n)
+            if ranking.exposure is not None:
+                has_exposure = True
                 means["exposure_logloss"].add(metrics.exposure_logloss(
-                    exposure, batch.exposed, logged_mask, batch.cand_mask),
+                    ranking.exposure, batch.exposed, logged_mask, batch.cand_mask),
                     float(batch.cand_mask.sum()))
-            else:
-                exposure = reranker.item_wise_scores(batch)
             for k in (6, 10):
                 means[f"recall@{k}"].add(metrics.recall_at_k(
-                    exposure, batch.exposed, logged_mask, batch.cand_mask, k), counted)
+                    ranking.scores, batch.exposed, logged_mask, batch.cand_mask, k), counted)
         if world is None:
             continue
-        lists = {"logging": batch.exposed.masked_fill(~logged_mask, decode.NO_ITEM)}
-        if out is not None:
-            lists["nar4rec"] = reranker.choose(batch, out).lists       # out: computed above
-            lists["generator_greedy"] = decode.greedy(out.probs, out.cand_mask)
-            lists["generator_contrastive"] = decode.contrastive(
-                out.probs, out.item_repr, out.cand_mask,
-                similarity=reranker.config.similarity)
-        lists["evaluator_top_m"] = reranker.evaluator_top_m(batch).lists
+        lists = {method: ranking.lists, **variants,
+                 "logging": batch.exposed.masked_fill(~logged_mask, decode.NO_ITEM)}
         if oracle is not None:
             lists["oracle"] = _join_oracle(oracle, batch)
         for name, chosen in lists.items():
-            counts = metrics.behaviour_means(world, batch, chosen).sum(axis=0)
-            behaviour_sums[name] = behaviour_sums.get(name, 0) + counts
+            behaviour_counts.setdefault(name, []).append(
+                metrics.behaviour_means(world, batch, chosen))             # (B, K)
     if requests == 0:
         raise Nar4recError(f"{paths[0]}: no requests in the '{split}' split")
     result_metrics: dict[str, float] = {}
     if exposure_protocol:
         result_metrics["recall@6"] = means["recall@6"].value
         result_metrics["recall@10"] = means["recall@10"].value
-        if reranker.generator is not None:
+        if has_exposure:
             result_metrics["logloss"] = means["exposure_logloss"].value
     else:
         scores, labels = np.concatenate(item_scores), np.concatenate(item_labels)
         result_metrics["auc"] = metrics.auc(scores, labels)
         result_metrics["logloss"] = metrics.logloss(scores, labels)
         result_metrics["ndcg"] = means["ndcg"].value
-    report = {"model": run.info["model"], "run": str(run_dir), "data": str(data_dir),
+    report = {"model": model, "run": str(run_dir), "data": str(data_dir),
               "split": split, "requests": requests,
               "protocol": "exposure (n > m)" if exposure_protocol else "item-wise (n = m)",
               "metrics": result_metrics}
     if world is not None:
-        utility = {name: float(total @ world.weights) / requests
-                   for name, total in behaviour_sums.items()}
+        counts = {name: np.concatenate(parts) for name, parts in behaviour_counts.items()}
+        utility = {name: float((c @ world.weights).mean()) for name, c in counts.items()}
         oracle_utility = utility.get("oracle")
+        report["utility_weights"] = dict(zip(world.config.behaviours,
+                                             np.asarray(world.weights).tolist(), strict=True))
         result_metrics["utility"] = utility[method]
         result_metrics["logging_utility"] = utility["logging"]
         if oracle_utility is not None:
@@ -439,10 +577,12 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, *, split: str = "tes
                    **({"captured_lift": metrics.captured_lift(utility[name], utility["logging"],
                                                               oracle_utility)}
                       if oracle_utility is not None else {})}
-            for name in [*policies, "logging", *(["oracle"] if oracle is not None else [])]}
+            for name in counts}
         report["behaviour_means"] = {
-            name: dict(zip(world.config.behaviours, (total / requests).tolist(), strict=True))
-            for name, total in behaviour_sums.items()}
+            name: dict(zip(world.config.behaviours, c.mean(axis=0).tolist(), strict=True))
+            for name, c in counts.items()}
+        if per_request:
+            report["per_request"] = counts
     return report
 
 
@@ -488,8 +628,9 @@ def rerank_file(run_dir: str | Path, data_file: str | Path, out_file: str | Path
     """Rerank every request of a request-log file; write one row per request.
 
     The output Parquet holds request_id, user_id, items (the returned item ids in order),
-    positions (their candidate indices), scores (each item's predicted utility) and
-    predicted_utility (the list's). Returns the number of requests.
+    positions (their candidate indices), scores (each item's predicted utility; a baseline's
+    own candidate score) and predicted_utility (the list's, by NAR4Rec's evaluator; NaN for a
+    baseline). Returns the number of requests.
     """
     run = load_run(run_dir, sets=sets)
     data_file = Path(data_file)
@@ -497,8 +638,15 @@ def rerank_file(run_dir: str | Path, data_file: str | Path, out_file: str | Path
         raise Nar4recError(f"{data_file}: no such file")
     tables = []
     for batch in RequestLoader([data_file], run.space, batch_size=batch_size):
-        reranked = run.reranker.rerank(batch)
-        lists = reranked.lists.numpy()                                  # (B, m)
+        if run.reranker is not None:
+            reranked = run.reranker.rerank(batch)
+            lists, item_scores, utility = reranked.lists, reranked.item_scores, reranked.utility
+        else:                        # a baseline: its own score of each placed candidate
+            ranking = run.model.rerank(batch)
+            lists = ranking.lists
+            item_scores = ranking.scores.gather(1, lists.clamp_min(0))
+            utility = torch.full((len(batch),), torch.nan)
+        lists = lists.numpy()                                           # (B, m)
         placed = lists >= 0
         items = np.take_along_axis(np.asarray(batch.item_id), np.where(placed, lists, 0), 1)
         lengths = placed.sum(1)
@@ -507,8 +655,8 @@ def rerank_file(run_dir: str | Path, data_file: str | Path, out_file: str | Path
             "user_id": pa.array(batch.user_id),
             "items": _ragged(items[placed], lengths),
             "positions": _ragged(lists[placed].astype(np.int32), lengths),
-            "scores": _ragged(reranked.item_scores.numpy()[placed].astype(np.float32), lengths),
-            "predicted_utility": pa.array(reranked.utility.numpy().astype(np.float32)),
+            "scores": _ragged(item_scores.numpy()[placed].astype(np.float32), lengths),
+            "predicted_utility": pa.array(utility.numpy().astype(np.float32)),
         }))
     table = pa.concat_tables(tables)
     with atomic_file(out_file) as tmp:

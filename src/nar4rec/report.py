@@ -14,6 +14,9 @@ VARIANT_NOTES = {
     "nar4rec": "the pipeline: generator proposals, evaluator picks",
     "generator_greedy": "generator alone, greedy decoding",
     "generator_contrastive": "generator alone, contrastive decoding (alpha 0.6)",
+    "generator_beam": "generator alone, beam search (width 4)",
+    "generator_top_k": "generator alone, one top-k sampled list",
+    "generator_dpp": "generator alone, DPP (greedy MAP) decoding",
     "evaluator_top_m": "top m candidates by the evaluator's item-wise score",
     "logging": "the logged lists",
     "oracle": "the simulator's best list",
@@ -74,7 +77,8 @@ def write_report(result: dict, path: str | Path) -> None:
 
 def plot_training_curves(run_dir: Path, out: Path) -> bool:
     """Training loss by step and validation loss by epoch of each phase; False if none."""
-    phases = [p for p in ("evaluator", "generator") if (run_dir / p / "metrics.jsonl").exists()]
+    phases = [p for p in ("evaluator", "generator", "model")
+              if (run_dir / p / "metrics.jsonl").exists()]
     if not phases:
         return False
     import matplotlib

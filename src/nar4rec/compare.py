@@ -1,0 +1,368 @@
+"""`nar4rec compare`: every model trained on one data set under one protocol, laid out as the
+paper's tables.
+
+For each seed, each model is trained on the train split (validated on valid, early-stopped on
+the validation loss: nothing is tuned on test) into RUNS/seed<S>/<model>/ and evaluated on the
+test split by `pipeline.evaluate_run`. With NAR4Rec among the models, a second generator is
+trained with vanilla (likelihood) training on the same evaluator for Table 6, and Table 7 comes
+from decoding the unlikelihood generator with each decoder. The seed sets every training seed
+and the reranker's sampling seed; the data stay the same.
+
+Tables (the paper's numbering):
+    2 / 3  offline metrics (AUC, LogLoss, NDCG for n = m; Recall@6, Recall@10, LogLoss for
+           n > m), mean and standard deviation over seeds
+    4      training and inference seconds per batch (seed 0's models, this machine)
+    5      on simulated data: each behaviour's expected count per request, as a relative change
+           against the reference model (Edge-rerank, the paper's online baseline), with 95%
+           confidence intervals over requests and seeds; each model's true utility and
+           captured lift
+    6      NAR4Rec, vanilla against unlikelihood training
+    7      NAR4Rec's generator under each decoder
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from nar4rec import bench
+from nar4rec.data.loader import RequestLoader
+from nar4rec.errors import Nar4recError
+from nar4rec.io import atomic_file
+from nar4rec.pipeline import (
+    MODELS,
+    RunConfig,
+    evaluate_run,
+    load_run,
+    phases_of,
+    read_run,
+    split_files,
+    train_run,
+)
+
+DEFAULT_MODELS = ("nar4rec", "pier", "edge_rerank", "prm", "seq2slate", "dcn", "dnn")
+REFERENCE = "edge_rerank"
+VANILLA = "nar4rec_vanilla"
+DECODERS = {"contrastive": "generator_contrastive", "greedy": "generator_greedy",
+            "beam search": "generator_beam", "top-k sampling": "generator_top_k",
+            "DPP": "generator_dpp", "pipeline (proposals + evaluator)": "nar4rec"}
+OFFLINE = {"item-wise (n = m)": ("auc", "logloss", "ndcg"),
+           "exposure (n > m)": ("recall@6", "recall@10", "logloss")}
+SIMULATED = ("utility", "captured_lift")
+Z95 = 1.959964
+
+
+def compare(data_dir: str | Path, runs_dir: str | Path, *, models=DEFAULT_MODELS,
+            seeds: int = 1, config: RunConfig | None = None, resume: bool = False,
+            overwrite: bool = False, time_batch: int = 256, progress: bool | None = None,
+            log=print) -> dict:
+    """Train, evaluate and time every model for every seed; the tables as one dict.
+
+    Args:
+        runs_dir: where the runs go (RUNS/seed<S>/<model>/).
+        models: names from `pipeline.MODELS` (the evaluator alone is not compared).
+        config: settings shared by every run (seeds are set per run).
+        resume: reuse finished runs in runs_dir and continue unfinished ones.
+        overwrite: delete runs_dir first.
+        time_batch: requests per batch in the Table 4 timings.
+    """
+    unknown = [m for m in models if m not in MODELS or m == "evaluator"]
+    if unknown or not models:
+        raise Nar4recError(f"--models: unknown model {unknown[0] if unknown else '(none)'!r}; "
+                           f"choose from {', '.join(DEFAULT_MODELS)}")
+    if seeds < 1:
+        raise Nar4recError(f"--seeds must be >= 1, not {seeds}")
+    runs_dir = Path(runs_dir)
+    if runs_dir.exists() and any(runs_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise Nar4recError(f"{runs_dir}: already exists; use --resume to reuse its runs or "
+                               "--overwrite to replace them")
+        shutil.rmtree(runs_dir)
+    config = config or RunConfig()
+    evaluations: dict[str, list[dict]] = {}
+    timings: dict[str, dict] = {}
+    for seed in range(seeds):
+        seeded = _seeded(config, seed)
+        for model in models:
+            run = runs_dir / f"seed{seed}" / model
+            log(f"seed {seed}: {model}")
+            _train(data_dir, run, model, seeded, resume, progress)
+            evaluations.setdefault(model, []).append(
+                evaluate_run(run, data_dir, per_request=True))
+            if seed == 0:
+                timings[model] = time_run(run, data_dir, time_batch)
+        if "nar4rec" in models:
+            vanilla = dataclasses.replace(seeded, generator=dataclasses.replace(
+                seeded.generator, objective="likelihood"))
+            run = runs_dir / f"seed{seed}" / VANILLA
+            log(f"seed {seed}: nar4rec, vanilla training (Table 6)")
+            _train(data_dir, run, "nar4rec", vanilla, resume, progress,
+                   evaluator_from=runs_dir / f"seed{seed}" / "nar4rec")
+            evaluations.setdefault(VANILLA, []).append(
+                evaluate_run(run, data_dir, per_request=True))
+    return tables(evaluations, timings, data_dir=str(data_dir), seeds=seeds,
+                  time_batch=time_batch, models=list(models))
+
+
+def _seeded(config: RunConfig, seed: int) -> RunConfig:
+    return dataclasses.replace(
+        config, train=dataclasses.replace(config.train, seed=seed),
+        evaluator_train=dataclasses.replace(config.evaluator_train, seed=seed),
+        reranker=dataclasses.replace(config.reranker, seed=seed))
+
+
+def _train(data_dir, run: Path, model: str, config: RunConfig, resume: bool, progress,
+           evaluator_from: Path | None = None) -> None:
+    if resume and (run / "run.json").exists():
+        info = read_run(run)
+        if all(p in info["phases"] for p in phases_of(model)):
+            return
+        train_run(data_dir, run, model=model, resume=True, progress=progress,
+                  evaluator_from=evaluator_from)
+        return
+    train_run(data_dir, run, model=model, config=config, overwrite=True, progress=progress,
+              evaluator_from=evaluator_from)
+
+
+def time_run(run_dir: Path, data_dir, batch_size: int) -> dict:
+    """Table 4: seconds of one training step and of one rerank call on a test batch."""
+    loaded = load_run(run_dir)
+    batch = next(iter(RequestLoader(split_files(data_dir, "test"), loaded.space,
+                                    batch_size=batch_size)))
+    module, step = bench.training_step_of(loaded)
+    return {"train_s_per_batch": bench.time_training(module, step, batch),
+            "infer_s_per_batch": bench.time_inference(loaded.system.rerank, batch),
+            "batch": len(batch)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The tables
+
+
+def tables(evaluations: dict[str, list[dict]], timings: dict[str, dict], *, data_dir: str,
+           seeds: int, time_batch: int, models: list[str]) -> dict:
+    """Aggregate per-seed evaluations into the JSON `nar4rec compare` writes."""
+    first = evaluations[models[0]][0]
+    protocol = first["protocol"]
+    simulated = "variants" in first
+    rows = []
+    for model in models:
+        runs = evaluations[model]
+        metrics = _mean_std([r["metrics"] for r in runs])
+        row = {"model": model, "metrics": metrics["mean"], "std": metrics["std"],
+               "per_seed": [r["metrics"] for r in runs]}
+        if model in timings:
+            row["metrics"].update({k: v for k, v in timings[model].items() if k != "batch"})
+        rows.append(row)
+    result = {"data": data_dir, "protocol": protocol, "seeds": seeds,
+              "requests": first["requests"], "time_batch": time_batch, "rows": rows}
+    if simulated:
+        reference = REFERENCE if REFERENCE in models else "logging"
+        behaviours = list(next(iter(first["behaviour_means"].values())))
+        counts = {model: [r["per_request"][_method(r)] for r in evaluations[model]]
+                  for model in models}
+        counts["logging"] = [r["per_request"]["logging"] for r in evaluations[models[0]]]
+        if "oracle" in first["per_request"]:
+            counts["oracle"] = [r["per_request"]["oracle"] for r in evaluations[models[0]]]
+        weights = _utility_weights(first)
+        result["table5"] = {
+            "reference": reference, "behaviours": behaviours,
+            "rows": [{"model": name,
+                      "means": dict(zip(behaviours, np.concatenate(c).mean(0).tolist(),
+                                        strict=True)),
+                      "relative": {b: relative_change(np.concatenate(c)[:, k],
+                                                      np.concatenate(counts[reference])[:, k])
+                                   for k, b in enumerate(behaviours)},
+                      "utility_relative": relative_change(
+                          np.concatenate(c) @ weights,
+                          np.concatenate(counts[reference]) @ weights)}
+                     for name, c in counts.items()]}
+        result["references"] = {
+            name: _mean_std([{"utility": r["variants"][name]["utility"]}
+                             for r in evaluations[models[0]]])["mean"]
+            for name in ("logging", "oracle") if name in first["variants"]}
+    if "nar4rec" in models and VANILLA in evaluations:
+        result["table6"] = [
+            {"training": label, **_summary(evaluations[name], "nar4rec", protocol, simulated)}
+            for label, name in (("vanilla (likelihood on every logged list)", VANILLA),
+                                ("unlikelihood (eq. 15)", "nar4rec"))]
+        if simulated:
+            result["table7"] = [
+                {"decoding": label, **_variant_summary(evaluations["nar4rec"], variant)}
+                for label, variant in DECODERS.items()]
+    return result
+
+
+def _method(evaluation: dict) -> str:
+    return evaluation["model"]
+
+
+def _utility_weights(evaluation: dict) -> np.ndarray:
+    return np.array(list(evaluation["utility_weights"].values()))
+
+
+def relative_change(values: np.ndarray, reference: np.ndarray) -> dict:
+    """mean(values) / mean(reference) - 1 over paired requests, with a 95% interval.
+
+    The interval is the delta method's for a ratio of paired means: the standard error of r
+    is sd(values - (1 + r) * reference) / (sqrt(N) * mean(reference)).
+    """
+    base = float(reference.mean())
+    if len(values) < 2 or abs(base) < 1e-12:
+        return {"change": math.nan, "ci95": [math.nan, math.nan]}
+    change = float(values.mean()) / base - 1.0
+    error = float(np.std(values - (1.0 + change) * reference, ddof=1)
+                  / (math.sqrt(len(values)) * abs(base)))
+    return {"change": change, "ci95": [change - Z95 * error, change + Z95 * error]}
+
+
+def _mean_std(records: list[dict]) -> dict:
+    keys = [k for k in records[0] if isinstance(records[0][k], int | float)]
+    values = {k: np.array([r.get(k, math.nan) for r in records], dtype=float) for k in keys}
+    return {"mean": {k: float(np.mean(v)) for k, v in values.items()},
+            "std": {k: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+                    for k, v in values.items()}}
+
+
+def _summary(runs: list[dict], method: str, protocol: str, simulated: bool) -> dict:
+    keys = OFFLINE[protocol] + (SIMULATED if simulated else ())
+    stats = _mean_std([r["metrics"] for r in runs])
+    return {"metrics": {k: stats["mean"].get(k, math.nan) for k in keys},
+            "std": {k: stats["std"].get(k, math.nan) for k in keys}}
+
+
+def _variant_summary(runs: list[dict], variant: str) -> dict:
+    stats = _mean_std([r["variants"][variant] for r in runs])
+    return {"metrics": stats["mean"], "std": stats["std"]}
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(json.dumps(result, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The Markdown report
+
+
+def _cell(mean: float, std: float | None = None, digits: int = 4) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "n/a"
+    text = f"{mean:.{digits}f}"
+    if std is not None and not math.isnan(std) and std > 0:
+        text += f" ± {std:.{digits}f}"
+    return text
+
+
+def format_tables(result: dict) -> str:
+    """The comparison as Markdown tables (the paper's layout), without the chart."""
+    protocol = result["protocol"]
+    offline = OFFLINE[protocol]
+    number = "2" if protocol.startswith("item") else "3"
+    seeds = result["seeds"]
+    lines = [f"## Table {number} style: offline metrics ({protocol})", "",
+             f"Test split of `{result['data']}`, {result['requests']:,} requests; mean ± "
+             f"standard deviation over {seeds} seed{'s' if seeds > 1 else ''}.", "",
+             "| model | " + " | ".join(offline) + (" | utility | captured lift |"
+                                                    if "table5" in result else " |"),
+             "|---|" + "---|" * (len(offline) + (2 if "table5" in result else 0))]
+    for row in result["rows"]:
+        keys = offline + (SIMULATED if "table5" in result else ())
+        lines.append(f"| {row['model']} | " + " | ".join(
+            _cell(row["metrics"].get(k, math.nan), row["std"].get(k)) for k in keys) + " |")
+    lines += ["", f"## Table 4 style: seconds per batch of {result['time_batch']} requests", "",
+              "| model | training step | inference |", "|---|---|---|"]
+    lines += [f"| {row['model']} | {_cell(row['metrics'].get('train_s_per_batch'))} | "
+              f"{_cell(row['metrics'].get('infer_s_per_batch'))} |" for row in result["rows"]]
+    if "table5" in result:
+        table = result["table5"]
+        behaviours = table["behaviours"]
+        lines += ["", f"## Table 5 style: behaviours under the simulator's ground truth, "
+                  f"relative to {table['reference']}", "",
+                  "Change of the mean expected count per request, with its 95% confidence "
+                  "interval over requests and seeds (paired requests, delta method).", "",
+                  "| lists | " + " | ".join(behaviours) + " | utility |",
+                  "|---|" + "---|" * (len(behaviours) + 1)]
+        for row in table["rows"]:
+            cells = [_relative(row["relative"][b]) for b in behaviours]
+            lines.append(f"| {row['model']} | " + " | ".join(cells)
+                         + f" | {_relative(row['utility_relative'])} |")
+    if "table6" in result:
+        keys = list(result["table6"][0]["metrics"])
+        lines += ["", "## Table 6: NAR4Rec, vanilla against unlikelihood training", "",
+                  "| training | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        lines += [f"| {row['training']} | " + " | ".join(
+            _cell(row["metrics"][k], row["std"][k]) for k in keys) + " |"
+            for row in result["table6"]]
+    if "table7" in result:
+        lines += ["", "## Table 7: NAR4Rec's generator under each decoder", "",
+                  "| decoding | utility | captured lift |", "|---|---|---|"]
+        lines += [f"| {row['decoding']} | "
+                  f"{_cell(row['metrics']['utility'], row['std']['utility'])} | "
+                  f"{_cell(row['metrics'].get('captured_lift'), row['std'].get('captured_lift'))} |"
+                  for row in result["table7"]]
+    return "\n".join(lines)
+
+
+def _relative(stats: dict) -> str:
+    change, (low, high) = stats["change"], stats["ci95"]
+    if math.isnan(change):
+        return "n/a"
+    return f"{100 * change:+.2f}% [{100 * low:+.2f}, {100 * high:+.2f}]"
+
+
+def write_report(result: dict, path: str | Path) -> None:
+    """The Markdown report, with a bar chart of the lifts beside it (PATH-lifts.png)."""
+    path = Path(path)
+    chart = path.with_name(path.stem + "-lifts.png")
+    lines = [f"# Comparison on `{result['data']}`", "", format_tables(result)]
+    if "table5" in result and plot_lifts(result, chart):
+        lines += ["", "## Lifts", "", f"![lifts]({chart.name})"]
+    lines.append("")
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text("\n".join(lines))
+
+
+def plot_lifts(result: dict, out: Path) -> bool:
+    """Captured lift per model, and each behaviour's change against the reference."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    if not all("captured_lift" in r["metrics"] for r in rows):
+        return False
+    table = result["table5"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    names = [r["model"] for r in rows]
+    left.bar(names, [r["metrics"]["captured_lift"] for r in rows],
+             yerr=[r["std"].get("captured_lift", 0.0) for r in rows], capsize=3)
+    left.set_ylabel("captured lift")
+    left.set_title("share of the oracle's gain over logging")
+    left.tick_params(axis="x", rotation=30)
+    left.grid(axis="y", alpha=0.3)
+    behaviours = table["behaviours"]
+    shown = [r for r in table["rows"] if r["model"] in names]
+    width = 0.8 / max(len(shown), 1)
+    for index, row in enumerate(shown):
+        changes = [100 * row["relative"][b]["change"] for b in behaviours]
+        errors = [100 * (row["relative"][b]["ci95"][1] - row["relative"][b]["change"])
+                  for b in behaviours]
+        right.bar(np.arange(len(behaviours)) + index * width, changes, width, yerr=errors,
+                  capsize=2, label=row["model"])
+    right.set_xticks(np.arange(len(behaviours)) + 0.4 - width / 2, behaviours)
+    right.set_ylabel(f"% change against {table['reference']}")
+    right.set_title("behaviours (95% intervals)")
+    right.axhline(0, color="black", lw=0.8)
+    right.grid(axis="y", alpha=0.3)
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    with atomic_file(out) as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
+    plt.close(figure)
+    return True

@@ -1,0 +1,128 @@
+"""Baselines through the run pipeline, and `nar4rec compare`'s tables."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import simulate_small
+from nar4rec import cli
+from nar4rec.compare import compare, relative_change, write_report
+from nar4rec.config import load_overrides
+from nar4rec.pipeline import MODELS, RunConfig, evaluate_run, load_run, rerank_file, train_run
+
+TINY = ["train.epochs=1", "train.steps_per_epoch=6", "evaluator_train.epochs=1",
+        "evaluator_train.steps_per_epoch=6", "train.batch_size=64",
+        "evaluator_train.batch_size=64", "generator.d_model=16", "evaluator.d_model=16",
+        "dnn.d_model=16", "dcn.d_model=16"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "data"
+    simulate_small(out, requests=1500, n_candidates=12, list_length=4)
+    return out
+
+
+def tiny_config():
+    return load_overrides(RunConfig(), None, TINY)
+
+
+def test_cli_knows_every_model():
+    assert cli.MODEL_NAMES == MODELS
+
+
+def test_a_baseline_trains_evaluates_and_reranks_as_a_run(data, tmp_path):
+    run = tmp_path / "dnn"
+    info = train_run(data, run, model="dnn", config=tiny_config(), progress=False)
+    assert set(info["phases"]) == {"model"} and (run / "model" / "best.pt").exists()
+    assert set(info["config"]) == {"dnn", "train", "features"}     # only what it uses
+    assert load_run(run).model.config.list_length == 4
+    report = evaluate_run(run, data)
+    assert report["model"] == "dnn" and report["protocol"] == "exposure (n > m)"
+    metrics = report["metrics"]
+    assert 0 <= metrics["recall@6"] <= 1 and "logloss" not in metrics   # no exposure probability
+    assert set(report["variants"]) == {"dnn", "logging", "oracle"}
+    assert report["variants"]["oracle"]["utility"] >= report["variants"]["dnn"]["utility"]
+    count = rerank_file(run, data / "test.parquet", tmp_path / "lists.parquet")
+    table = pq.read_table(tmp_path / "lists.parquet")
+    assert table.num_rows == count and all(len(items) == 4 for items in
+                                           table.column("items").to_pylist())
+
+
+def test_relative_change_and_its_interval():
+    rng = np.random.default_rng(0)
+    reference = rng.poisson(3.0, size=4000).astype(float)
+    doubled = relative_change(2 * reference, reference)
+    assert doubled["change"] == pytest.approx(1.0)
+    assert doubled["ci95"] == pytest.approx([1.0, 1.0])              # no noise, no width
+    noisy = reference * 1.1 + rng.normal(0, 1, size=4000)
+    change = relative_change(noisy, reference)
+    low, high = change["ci95"]
+    assert low < change["change"] < high
+    assert change["change"] == pytest.approx(noisy.mean() / reference.mean() - 1)
+    # Its coverage: over repeated samples the interval holds the true change about 95% of the
+    # time (true change 0.1: values = 1.1 * reference + zero-mean noise).
+    covered = 0
+    for _ in range(200):
+        base = rng.poisson(3.0, size=500).astype(float)
+        ci = relative_change(1.1 * base + rng.normal(0, 1, size=500), base)["ci95"]
+        covered += ci[0] <= 0.1 <= ci[1]
+    assert 0.88 <= covered / 200 <= 0.99
+
+
+def test_compare_lays_out_every_table(data, tmp_path):
+    models = ("nar4rec", "edge_rerank", "dnn")
+    result = compare(data, tmp_path / "runs", models=models, seeds=2, config=tiny_config(),
+                     time_batch=32, progress=False, log=lambda _: None)
+    assert [row["model"] for row in result["rows"]] == list(models)
+    for row in result["rows"]:
+        assert len(row["per_seed"]) == 2
+        for key in ("recall@6", "recall@10", "utility", "captured_lift",
+                    "train_s_per_batch", "infer_s_per_batch"):
+            assert key in row["metrics"], (row["model"], key)
+        assert row["metrics"]["utility"] == pytest.approx(
+            np.mean([s["utility"] for s in row["per_seed"]]))
+    table5 = result["table5"]
+    assert table5["reference"] == "edge_rerank"
+    reference_row = next(r for r in table5["rows"] if r["model"] == "edge_rerank")
+    assert all(v["change"] == pytest.approx(0.0, abs=1e-12)
+               for v in reference_row["relative"].values())
+    oracle_row = next(r for r in table5["rows"] if r["model"] == "oracle")
+    assert oracle_row["utility_relative"]["change"] >= 0
+    assert [r["training"].split()[0] for r in result["table6"]] == ["vanilla", "unlikelihood"]
+    assert len(result["table7"]) == 6
+    # Seed 1 trains different models than seed 0.
+    assert result["rows"][0]["per_seed"][0] != result["rows"][0]["per_seed"][1]
+    write_report(result, tmp_path / "report.md")
+    text = (tmp_path / "report.md").read_text()
+    for title in ("Table 3 style", "Table 4 style", "Table 5 style", "Table 6", "Table 7"):
+        assert title in text
+    assert (tmp_path / "report-lifts.png").stat().st_size > 1000
+    # --resume reuses every finished run: the same tables again, nothing retrained.
+    stamp = (tmp_path / "runs" / "seed0" / "dnn" / "model" / "best.pt").stat().st_mtime_ns
+    again = compare(data, tmp_path / "runs", models=models, seeds=2, config=tiny_config(),
+                    time_batch=32, resume=True, progress=False, log=lambda _: None)
+    assert (tmp_path / "runs" / "seed0" / "dnn" / "model" / "best.pt").stat().st_mtime_ns \
+        == stamp
+    assert again["rows"][0]["metrics"]["utility"] == result["rows"][0]["metrics"]["utility"]
+
+
+def test_compare_command_and_its_errors(data, tmp_path, capsys):
+    out = tmp_path / "cmp.json"
+    code = cli.main(["compare", "--data", str(data), "--models", "dnn,dcn", "--json", str(out),
+                     "--quiet", *[a for s in TINY for a in ("--set", s)]])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert [r["model"] for r in result["rows"]] == ["dnn", "dcn"]
+    assert result["table5"]["reference"] == "logging"                # no edge_rerank compared
+    assert "| dcn |" in capsys.readouterr().out
+    assert (tmp_path / "cmp-runs" / "seed0" / "dcn" / "run.json").exists()
+    code = cli.main(["compare", "--data", str(data), "--models", "dnn,nope", "--json",
+                     str(tmp_path / "x.json")])
+    assert code == 2 and "unknown model 'nope'" in capsys.readouterr().err
+    code = cli.main(["compare", "--data", str(data), "--models", "dnn", "--json", str(out)])
+    assert code == 2 and "--resume" in capsys.readouterr().err       # runs exist already
