@@ -1,5 +1,6 @@
-"""Timing: training and inference seconds per batch of any trained run, and the machine's
-matrix-multiply peak to compare them with.
+"""Timing: training and inference seconds per batch of any model, single-request latency of the
+NAR4Rec pipeline, and the machine's matrix-multiply peak to compare them with (`nar4rec
+bench`, the paper's Table 4).
 
 Every figure is a median over repeated calls after warm-up calls, measured with
 `time.perf_counter` on the current thread settings; the numbers are only comparable within
@@ -8,14 +9,17 @@ one run on one machine (say which in any document that quotes them).
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from nar4rec.data.loader import RequestBatch
+from nar4rec.data.loader import RequestBatch, RequestLoader
 from nar4rec.models.base import ListModel
 from nar4rec.models.nar4rec import generator_loss
 
@@ -88,3 +92,273 @@ def matmul_gflops(size: int = 1024, *, repeats: int = 10) -> float:
     left, right = torch.randn(size, size), torch.randn(size, size)
     best = min(seconds_per_call(lambda: left @ right, warmup=2, repeats=repeats))
     return 2 * size ** 3 / best / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# `nar4rec bench`: the paper's Table 4 and the distance to the hardware's limit
+
+BENCH_MODELS = ("nar4rec", "seq2slate", "pier", "edge_rerank", "prm", "dcn", "dnn")
+SWEEP = tuple(range(2, 11))
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """What `nar4rec bench` measures.
+
+    preset: simulated data whose shapes are timed ("kuaishou": n = 60, m = 6; "avito": 5, 5).
+    models: the models of the Table 4 rows; batch: requests per batch (the paper's 1024).
+    steps, warmup: timed and untimed calls per figure (the paper averages 100 steps).
+    latency_requests: single requests timed through the whole NAR4Rec pipeline.
+    lengths: the list lengths m of the NAR4Rec / Seq2Slate inference sweep.
+    threads: torch intra-op threads (0: torch's default).
+    """
+
+    preset: str = "kuaishou"
+    models: tuple[str, ...] = BENCH_MODELS
+    batch: int = 1024
+    steps: int = 100
+    warmup: int = 5
+    latency_requests: int = 1000
+    lengths: tuple[int, ...] = SWEEP
+    threads: int = 0
+
+
+def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
+    """Every figure of the benchmark, in one process on this machine, as a dict."""
+    from nar4rec.data.loader import FeatureSpace
+    from nar4rec.sim.presets import preset_config
+    from nar4rec.sim.simulate import simulate
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    workdir = Path(workdir)
+    data = workdir / f"{config.preset}-data"
+    if not (data / "train.parquet").exists():
+        simulate(preset_config(config.preset), max(3 * config.batch, 3000), 0, data,
+                 overwrite=True, progress=False)
+    space = FeatureSpace.fit([data / "train.parquet"])
+    loader = RequestLoader([data / "train.parquet"], space, batch_size=config.batch)
+    batch = next(iter(loader))
+    single = list(RequestLoader([data / "test.parquet"], space, batch_size=1))
+    m = batch.exposed.shape[1]
+    tau = _median_utility(batch, space)
+    timing = {"warmup": config.warmup, "repeats": config.steps}
+    result = {"preset": config.preset, "batch": len(batch), "candidates":
+              int(batch.cand_mask.shape[1]), "list_length": m, "threads":
+              torch.get_num_threads(), "steps": config.steps, "machine": machine(),
+              "matmul_gflops": matmul_gflops(), "rows": []}
+    log(f"matrix-multiply peak {result['matmul_gflops']:.1f} GFLOP/s")
+    for name in config.models:
+        module, step, infer = build_for_timing(name, space, m, tau)
+        row = {"model": name, "preset": config.preset,
+               "train_s_per_batch": time_training(module, step, batch, **timing),
+               "infer_s_per_batch": time_inference(infer, batch, **timing)}
+        result["rows"].append(row)
+        log(f"{name}: train {row['train_s_per_batch']:.4f} s, infer "
+            f"{row['infer_s_per_batch']:.4f} s per batch of {len(batch)}")
+    if "nar4rec" in config.models:
+        result["rows"].append(_pipeline_row(space, m, tau, batch, single, config, timing))
+        result["generator"] = _generator_figures(space, m, tau, batch, timing)
+        log(f"generator {result['generator']['gflops']:.1f} GFLOP/s "
+            f"({result['generator']['share_of_peak']:.0%} of the peak); decoding "
+            f"{result['generator']['decode_s']:.4f} s vs forward "
+            f"{result['generator']['forward_s']:.4f} s")
+    if "nar4rec" in config.models and "seq2slate" in config.models:
+        result["sweep"] = _sweep(space, tau, batch, config, timing, log)
+    return result
+
+
+def build_for_timing(name: str, space, m: int, tau: float
+                     ) -> tuple[nn.Module, Callable, Callable]:
+    """An untrained model at its default size (d_model 64 for all), its loss function and the
+    call that produces lists: (module, step, infer). Weights do not change the cost."""
+    from nar4rec.decode import contrastive
+    from nar4rec.models import baseline
+    from nar4rec.models.nar4rec import NAR4Rec, NAR4RecConfig
+
+    torch.manual_seed(0)
+    if name == "nar4rec":
+        config = NAR4RecConfig(list_length=m, tau=tau)
+        generator = NAR4Rec(config, space).eval()
+        weights = space.utility_weights
+
+        def step(network, batch):
+            return generator_loss(network(batch), batch, config, weights).total, {}
+
+        def infer(batch):                    # generation: forward + contrastive decoding
+            out = generator(batch)
+            return contrastive(out.probs, out.item_repr, out.cand_mask)
+        return generator, step, infer
+    model_class, config_class = baseline(name)
+    model = model_class(config_class(list_length=m), space).eval()
+    return model, ListModel.step, model.rerank
+
+
+def _pipeline_row(space, m, tau, batch, single, config: BenchConfig, timing) -> dict:
+    """The whole NAR4Rec pipeline (generator, K proposals, evaluator choosing): per batch, and
+    p50/p99 latency of single requests."""
+    from nar4rec.models.evaluator import Evaluator, EvaluatorConfig
+    from nar4rec.models.nar4rec import NAR4Rec, NAR4RecConfig
+    from nar4rec.reranker import Reranker
+
+    torch.manual_seed(0)
+    reranker = Reranker(NAR4Rec(NAR4RecConfig(list_length=m, tau=tau), space),
+                        Evaluator(EvaluatorConfig(list_length=m), space),
+                        space.utility_weights)
+    requests = [single[i % len(single)] for i in range(config.latency_requests)]
+    with torch.no_grad():
+        for request in requests[:config.warmup * 10]:
+            reranker.rerank(request)
+        latencies = []
+        for request in requests:
+            start = time.perf_counter()
+            reranker.rerank(request)
+            latencies.append(time.perf_counter() - start)
+    latencies_ms = 1000 * np.array(latencies)
+    return {"model": "nar4rec_pipeline", "preset": config.preset,
+            "train_s_per_batch": None,
+            "infer_s_per_batch": time_inference(reranker.rerank, batch, **timing),
+            "proposals": reranker.config.proposals,
+            "latency_ms_p50": float(np.percentile(latencies_ms, 50)),
+            "latency_ms_p99": float(np.percentile(latencies_ms, 99)),
+            "latency_requests": len(latencies)}
+
+
+def _generator_figures(space, m, tau, batch, timing) -> dict:
+    """The generator's FLOPs, achieved GFLOP/s against the measured peak, and the cost of
+    contrastive decoding next to the forward pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nar4rec.decode import contrastive
+
+    generator, _, _ = build_for_timing("nar4rec", space, m, tau)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            out = generator(batch)
+        flops = counter.get_total_flops()
+        forward = time_inference(generator, batch, **timing)
+        decode = time_inference(lambda _: contrastive(out.probs, out.item_repr, out.cand_mask),
+                                batch, **timing)
+    peak = matmul_gflops()
+    return {"flops_per_batch": flops, "forward_s": forward, "gflops": flops / forward / 1e9,
+            "matmul_gflops": peak, "share_of_peak": flops / forward / 1e9 / peak,
+            "decode_s": decode}
+
+
+def _sweep(space, tau, batch, config: BenchConfig, timing, log) -> list[dict]:
+    """Inference seconds per batch of NAR4Rec (forward + contrastive decoding) and Seq2Slate
+    (greedy pointer decoding) for each m; training seconds where the logged lists are at least
+    m long (they are cut to m)."""
+    rows = []
+    logged = batch.exposed.shape[1]
+    for m in config.lengths:
+        row = {"m": m}
+        for name in ("nar4rec", "seq2slate"):
+            module, step, infer = build_for_timing(name, space, m, tau)
+            row[f"{name}_infer_s"] = time_inference(infer, batch, **timing)
+            row[f"{name}_train_s"] = time_training(module, step, _cut(batch, m), **timing) \
+                if m <= logged and m in (5, 6) else None
+        row["infer_ratio"] = row["seq2slate_infer_s"] / row["nar4rec_infer_s"]
+        if row["nar4rec_train_s"] is not None:
+            row["train_ratio"] = row["seq2slate_train_s"] / row["nar4rec_train_s"]
+        rows.append(row)
+        log(f"m = {m}: NAR4Rec {row['nar4rec_infer_s']:.4f} s, Seq2Slate "
+            f"{row['seq2slate_infer_s']:.4f} s per batch (Seq2Slate / NAR4Rec "
+            f"{row['infer_ratio']:.2f}x)")
+    return rows
+
+
+def _cut(batch: RequestBatch, m: int) -> RequestBatch:
+    """The batch with its logged lists cut to their first m positions."""
+    return dataclasses.replace(batch, exposed=batch.exposed[:, :m],
+                               exposed_mask=batch.exposed_mask[:, :m],
+                               feedback=batch.feedback[:, :m])
+
+
+def _median_utility(batch: RequestBatch, space) -> float:
+    from nar4rec.models.nar4rec import utility_of_feedback
+
+    return float(utility_of_feedback(batch.feedback, space.utility_weights,
+                                     batch.exposed_mask).median())
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def format_bench(result: dict) -> str:
+    """The benchmark as Markdown tables."""
+    def cell(value, digits=4):
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    m = result["machine"]
+    lines = [f"Preset {result['preset']} (n = {result['candidates']}, m = "
+             f"{result['list_length']}), batch {result['batch']}, {result['steps']} timed "
+             f"steps after warm-up; {m['cpu']}, {m['cores']} cores, {result['threads']} torch "
+             f"threads, torch {m['torch']}; matrix-multiply peak "
+             f"{result['matmul_gflops']:.1f} GFLOP/s.", "",
+             "| model | training s/batch | inference s/batch | p50 ms (batch 1) | "
+             "p99 ms (batch 1) |", "|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['model']} | {cell(row['train_s_per_batch'])} | "
+                     f"{cell(row['infer_s_per_batch'])} | {cell(row.get('latency_ms_p50'), 2)}"
+                     f" | {cell(row.get('latency_ms_p99'), 2)} |")
+    if "generator" in result:
+        g = result["generator"]
+        lines += ["", f"Generator forward: {g['flops_per_batch'] / 1e9:.2f} GFLOP per batch in "
+                  f"{g['forward_s']:.4f} s = {g['gflops']:.1f} GFLOP/s, "
+                  f"{100 * g['share_of_peak']:.0f}% of the measured matrix-multiply peak "
+                  f"({g['matmul_gflops']:.1f} GFLOP/s). Contrastive decoding of the batch: "
+                  f"{g['decode_s']:.4f} s ({g['decode_s'] / g['forward_s']:.2f}x the forward "
+                  "pass)."]
+    if "sweep" in result:
+        lines += ["", "| m | NAR4Rec inference s | Seq2Slate inference s | Seq2Slate / NAR4Rec "
+                  "| NAR4Rec training s | Seq2Slate training s | ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in result["sweep"]:
+            lines.append(f"| {row['m']} | {cell(row['nar4rec_infer_s'])} | "
+                         f"{cell(row['seq2slate_infer_s'])} | {row['infer_ratio']:.2f}x | "
+                         f"{cell(row['nar4rec_train_s'])} | {cell(row['seq2slate_train_s'])} | "
+                         + (f"{row['train_ratio']:.2f}x |" if "train_ratio" in row else "n/a |"))
+    return "\n".join(lines)
+
+
+def plot_sweep(result: dict, out: Path) -> bool:
+    """Inference seconds per batch against m, NAR4Rec and Seq2Slate."""
+    if "sweep" not in result:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nar4rec.io import atomic_file
+
+    lengths = [r["m"] for r in result["sweep"]]
+    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    axis.plot(lengths, [r["nar4rec_infer_s"] for r in result["sweep"]], "o-",
+              label="NAR4Rec (forward + contrastive decoding)")
+    axis.plot(lengths, [r["seq2slate_infer_s"] for r in result["sweep"]], "s-",
+              label="Seq2Slate (greedy pointer decoding)")
+    axis.set_xlabel("list length m")
+    axis.set_ylabel(f"seconds per batch of {result['batch']}")
+    axis.set_ylim(bottom=0)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_file(out) as tmp:
+        figure.savefig(tmp, dpi=110, format="png")
+    plt.close(figure)
+    return True

@@ -232,6 +232,40 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from nar4rec.bench import BenchConfig, format_bench, plot_sweep, run_bench
+    from nar4rec.io import atomic_file
+
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    unknown = [m for m in models if m not in MODEL_NAMES or m == "evaluator"]
+    if unknown or not models:
+        raise Nar4recError(f"--models: unknown model {unknown[0] if unknown else '(none)'!r}")
+    config = BenchConfig(preset=args.preset, models=models, batch=args.batch, steps=args.steps,
+                         warmup=args.warmup, latency_requests=args.latency_requests,
+                         threads=args.threads)
+    log = (lambda _: None) if args.quiet else print
+    if args.workdir:
+        result = run_bench(config, args.workdir, log=log)
+    else:
+        with tempfile.TemporaryDirectory(prefix="nar4rec-bench-") as workdir:
+            result = run_bench(config, workdir, log=log)
+    with atomic_file(args.json) as tmp:
+        Path(tmp).write_text(json.dumps(result, indent=1) + "\n")
+    text = format_bench(result)
+    if args.report:
+        report = Path(args.report)
+        chart = report.with_name(report.stem + "-sweep.png")
+        lines = [f"# nar4rec bench: {args.preset}", "", text]
+        if plot_sweep(result, chart):
+            lines += ["", f"![inference time against m]({chart.name})"]
+        with atomic_file(report) as tmp:
+            Path(tmp).write_text("\n".join(lines) + "\n")
+    print(text)
+    return 0
+
+
 def _day(text: str) -> date:
     try:
         return date.fromisoformat(text)
@@ -426,6 +460,29 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--overwrite", action="store_true", help="replace an existing --runs")
     cp.add_argument("--quiet", action="store_true", help="no progress bars")
     cp.set_defaults(run=_compare)
+
+    bn = commands.add_parser(
+        "bench", help="time training and inference of every model (Table 4)",
+        description="On simulated data of a preset's shape: training and inference seconds per "
+                    "batch of every model (same hidden size), the NAR4Rec pipeline's "
+                    "single-request latency (p50, p99), the generator's GFLOP/s next to this "
+                    "machine's matrix-multiply peak, and NAR4Rec against Seq2Slate for m = 2..10.")
+    bn.add_argument("--preset", default="kuaishou", choices=["kuaishou", "avito"])
+    bn.add_argument("--models", default="nar4rec,seq2slate,pier,edge_rerank,prm,dcn,dnn")
+    bn.add_argument("--batch", type=_positive, default=1024)
+    bn.add_argument("--steps", type=_positive, default=100,
+                    help="timed steps per figure, after --warmup untimed ones (default 100)")
+    bn.add_argument("--warmup", type=_positive, default=5)
+    bn.add_argument("--latency-requests", type=_positive, default=1000,
+                    help="single requests timed through the pipeline (default 1000)")
+    bn.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (default: torch's choice)")
+    bn.add_argument("--workdir", help="keep the simulated data here (default: a temporary "
+                    "directory)")
+    bn.add_argument("--json", required=True, help="write every figure here")
+    bn.add_argument("--report", help="write Markdown tables here (and PATH-sweep.png)")
+    bn.add_argument("--quiet", action="store_true")
+    bn.set_defaults(run=_bench)
 
     sv = commands.add_parser(
         "serve", help="serve a run or an export over HTTP",

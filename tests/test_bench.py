@@ -1,0 +1,68 @@
+"""`nar4rec bench`: every figure is there and consistent (timings are not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nar4rec import cli
+from nar4rec.bench import BenchConfig, matmul_gflops, run_bench
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_measures_every_figure(tmp_path):
+    config = BenchConfig(preset="kuaishou", models=("nar4rec", "seq2slate", "dnn"), batch=32,
+                         steps=2, warmup=1, latency_requests=20, lengths=(2, 5, 6))
+    result = run_bench(config, tmp_path, log=lambda _: None)
+    assert result["batch"] == 32 and result["list_length"] == 6 and result["candidates"] == 60
+    rows = {row["model"]: row for row in result["rows"]}
+    assert set(rows) == {"nar4rec", "seq2slate", "dnn", "nar4rec_pipeline"}
+    for name in ("nar4rec", "seq2slate", "dnn"):
+        assert rows[name]["train_s_per_batch"] > 0 and rows[name]["infer_s_per_batch"] > 0
+    pipeline = rows["nar4rec_pipeline"]
+    assert 0 < pipeline["latency_ms_p50"] <= pipeline["latency_ms_p99"]
+    assert pipeline["latency_requests"] == 20
+    generator = result["generator"]
+    assert generator["flops_per_batch"] > 1e6 and result["matmul_gflops"] > 0
+    assert generator["gflops"] == pytest.approx(
+        generator["flops_per_batch"] / generator["forward_s"] / 1e9)
+    assert [row["m"] for row in result["sweep"]] == [2, 5, 6]
+    for row in result["sweep"]:
+        assert row["infer_ratio"] == pytest.approx(row["seq2slate_infer_s"]
+                                                   / row["nar4rec_infer_s"])
+        assert ("train_ratio" in row) == (row["m"] in (5, 6))      # trained where lists allow
+
+
+def test_generator_flops_grow_with_the_batch(tmp_path):
+    """The FLOP count is of the model, not a constant: twice the requests, twice the FLOPs."""
+    small = run_bench(BenchConfig(models=("nar4rec",), batch=16, steps=1, warmup=1,
+                                  latency_requests=2, lengths=()), tmp_path, log=lambda _: None)
+    large = run_bench(BenchConfig(models=("nar4rec",), batch=32, steps=1, warmup=1,
+                                  latency_requests=2, lengths=()), tmp_path, log=lambda _: None)
+    ratio = large["generator"]["flops_per_batch"] / small["generator"]["flops_per_batch"]
+    assert ratio == pytest.approx(2.0, rel=0.05)
+    assert matmul_gflops(size=128, repeats=2) > 0
+
+
+def test_bench_command(tmp_path, capsys):
+    out, report = tmp_path / "bench.json", tmp_path / "bench.md"
+    code = cli.main(["bench", "--preset", "avito", "--models", "nar4rec,seq2slate", "--batch",
+                     "16", "--steps", "1", "--warmup", "1", "--latency-requests", "5",
+                     "--json", str(out), "--report", str(report), "--quiet",
+                     "--workdir", str(tmp_path / "work")])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["preset"] == "avito" and result["list_length"] == 5
+    assert "Seq2Slate / NAR4Rec" in report.read_text()
+    assert (tmp_path / "bench-sweep.png").stat().st_size > 1000
+    assert "| nar4rec_pipeline |" in capsys.readouterr().out
+    assert cli.main(["bench", "--models", "nope", "--json", str(out)]) == 2
