@@ -19,12 +19,7 @@ from nar4rec.models.edge_rerank import EdgeRerank, EdgeRerankConfig
 SMALL = dict(d_model=16, heads=2, hidden=(32,), embedding_dim=8, list_length=5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,7 @@ from nar4rec.models.nar4rec import (
 SMALL = dict(d_model=16, heads=2, layers=2, ff_mult=2, embedding_dim=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and lose much on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from helpers import ragged, simulate_small
 from nar4rec.data.loader import FeatureSpace, RequestBatch, RequestLoader
 from nar4rec.models.seq2slate import Seq2Slate, Seq2SlateConfig
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -129,8 +129,7 @@ class PointwiseModel(ListModel):
 
     def loss(self, outputs: torch.Tensor, batch: RequestBatch
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = evaluator_loss(outputs, batch.feedback, batch.exposed_mask)
-        return loss, {"bce": float(loss.detach())}
+        return feedback_loss(outputs, batch)
 
     @torch.no_grad()
     def rerank(self, batch: RequestBatch) -> Ranking:
@@ -141,6 +140,14 @@ class PointwiseModel(ListModel):
     @torch.no_grad()
     def logged_click(self, batch: RequestBatch) -> torch.Tensor:
         return torch.sigmoid(self(batch)[..., 0])                      # (B, M)
+
+
+def feedback_loss(logits: torch.Tensor, batch: RequestBatch
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-behaviour binary cross-entropy of (B, M, K) logits of the logged items against their
+    feedback (`evaluator_loss`), with its value to log."""
+    loss = evaluator_loss(logits, batch.feedback, batch.exposed_mask)
+    return loss, {"bce": float(loss.detach())}
 
 
 def predicted_utility(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,14 @@ from torch import nn
 
 from nar4rec.data.loader import FeatureSpace, RequestBatch
 from nar4rec.decode import NO_ITEM
-from nar4rec.models.base import InputConfig, ListModel, Ranking, logged_index, predicted_utility
-from nar4rec.models.evaluator import evaluator_loss
+from nar4rec.models.base import (
+    InputConfig,
+    ListModel,
+    Ranking,
+    feedback_loss,
+    logged_index,
+    predicted_utility,
+)
 from nar4rec.models.layers import MLP, personalised_inputs
 
 
@@ -143,8 +149,7 @@ class EdgeRerank(ListModel):
 
     def loss(self, outputs: torch.Tensor, batch: RequestBatch
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = evaluator_loss(outputs, batch.feedback, batch.exposed_mask)
-        return loss, {"bce": float(loss.detach())}
+        return feedback_loss(outputs, batch)
 
     @torch.no_grad()
     def rerank(self, batch: RequestBatch) -> Ranking:
