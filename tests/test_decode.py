@@ -109,6 +109,21 @@ def test_contrastive_with_alpha_zero_is_greedy() -> None:
         assert torch.equal(lists, greedy(probs, cand_mask))
 
 
+def test_contrastive_with_one_alpha_per_row_equals_separate_calls() -> None:
+    """The pipeline decodes all its alphas in one pass over stacked copies of a batch."""
+    probs, cand_mask, item_repr = random_batch(50, 12, 5, seed=4)
+    alphas = torch.tensor([0.0, 0.3, 0.9])
+    stacked = contrastive(probs.repeat(3, 1, 1), item_repr.repeat(3, 1, 1),
+                          cand_mask.repeat(3, 1), alpha=alphas.repeat_interleave(50))
+    for index, alpha in enumerate(alphas.tolist()):
+        assert torch.equal(stacked[50 * index:50 * (index + 1)],
+                           contrastive(probs, item_repr, cand_mask, alpha=alpha))
+    with pytest.raises(ValueError, match="alpha"):
+        contrastive(probs, item_repr, cand_mask, alpha=alphas)           # wrong length
+    with pytest.raises(Nar4recError, match="alpha"):
+        contrastive(probs, item_repr, cand_mask, alpha=torch.full((50,), 1.5))
+
+
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])
 def test_contrastive_skips_a_near_duplicate(similarity: str) -> None:
     # Items 0 and 1 are near-duplicates and the two most probable at both positions; item 2

@@ -48,7 +48,7 @@ def greedy(probs: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def contrastive(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tensor, *,
-                alpha: float = 0.6, similarity: str = "cosine") -> torch.Tensor:
+                alpha: float | torch.Tensor = 0.6, similarity: str = "cosine") -> torch.Tensor:
     """NAR4Rec's contrastive decoding (section 4.3, eq. 16-17).
 
     y_t = argmax_x (1 - alpha) * p(x | position t) - alpha * max_{j < t} s(x, y_j), over the
@@ -59,7 +59,8 @@ def contrastive(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.T
         item_repr: (B, n, d) candidate representations (the candidates encoder's output).
         cand_mask: (B, n) True on real candidates.
         alpha: weight of the similarity penalty, in [0, 1]; the paper's best NDCG is near 0.6
-            (Fig. 4). alpha = 0 is greedy decoding.
+            (Fig. 4). alpha = 0 is greedy decoding. A (B,) tensor gives each row its own
+            weight (several alphas decoded in one pass over stacked copies of a batch).
         similarity: "cosine" (the paper, eq. 17) or "dot" (the authors' deployment, per their
             later writing). A dot product is not bounded, so the useful alpha depends on the
             scale of the representations.
@@ -67,8 +68,13 @@ def contrastive(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.T
         (B, m) candidate indices, NO_ITEM where a request has run out of candidates.
     """
     batch, n, m = _check(probs, cand_mask, item_repr)
-    if not 0.0 <= alpha <= 1.0:
+    weight = torch.as_tensor(alpha, dtype=probs.dtype, device=probs.device)
+    if weight.dim() > 1 or (weight.dim() == 1 and len(weight) != batch):
+        raise ValueError(f"alpha must be a number or a (B,) = ({batch},) tensor, got shape "
+                         f"{tuple(weight.shape)}")
+    if not bool(((weight >= 0) & (weight <= 1)).all()):
         raise Nar4recError(f"contrastive decoding: alpha must be in [0, 1], got {alpha}")
+    weight = weight[:, None] if weight.dim() == 1 else weight                # (B, 1) or ()
     if similarity not in SIMILARITIES:
         raise Nar4recError(f"contrastive decoding: similarity must be one of {SIMILARITIES}, "
                            f"got {similarity!r}")
@@ -78,7 +84,7 @@ def contrastive(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.T
     lists = torch.full((batch, m), NO_ITEM, dtype=torch.long, device=probs.device)
     penalty = torch.zeros(batch, n, dtype=vectors.dtype, device=probs.device)  # (B, n)
     for position in range(m):
-        scores = (1.0 - alpha) * probs[:, :, position] - alpha * penalty     # (B, n)
+        scores = (1.0 - weight) * probs[:, :, position] - weight * penalty   # (B, n)
         picked = _take_best(scores, available)                               # (B,)
         lists[:, position] = picked
         chosen = vectors[rows, picked.clamp_min(0)]                          # (B, d)

@@ -221,14 +221,19 @@ def request_keys(user_cat: torch.Tensor, cand_cat: torch.Tensor,
 
 
 def request_uniforms(keys: torch.Tensor, seed: int, draws: int, length: int) -> torch.Tensor:
-    """(B, draws, length) numbers in (0, 1): a Park-Miller stream per request key and seed."""
+    """(B, draws, length) numbers in (0, 1): a Park-Miller stream per request key and seed.
+
+    The k-th number of a stream is state * 48271^k mod (2^31 - 1), computed for every k at once
+    (the multipliers are below 2^31, so each product fits in int64).
+    """
     state = (keys * 48_271 + (seed % _PRIME) * 16_807 + 1) % _PRIME
-    state = state.clamp_min(1)
-    values = []
+    state = state.clamp_min(1)                                          # (B,)
+    multipliers, value = [], 1
     for _ in range(draws * length):
-        state = state * 48_271 % _PRIME
-        values.append(state)
-    stacked = torch.stack(values, dim=1).double() / _PRIME              # (B, draws * length)
+        value = value * 48_271 % _PRIME
+        multipliers.append(value)
+    powers = torch.tensor(multipliers, dtype=torch.long, device=keys.device)  # (draws * length,)
+    stacked = (state[:, None] * powers % _PRIME).double() / _PRIME     # (B, draws * length)
     return stacked.view(len(keys), draws, length)
 
 
@@ -240,18 +245,28 @@ def propose(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tenso
     alpha, then the top-k samples. With `keys` (B,) from `request_keys` each request's
     samples come from its own random stream (the same in any batch); without, from one
     generator seeded by `config.seed` for the whole batch."""
-    lists = [decode.contrastive(probs, item_repr, cand_mask, alpha=alpha,
-                                similarity=config.similarity) for alpha in config.alphas]
+    batch, m = len(probs), probs.shape[2]
+    # Every alpha in one decoding pass over stacked copies of the batch (copy a = alpha a),
+    # and every sample in one pass: 2 loops over the m positions instead of K.
+    alphas = torch.tensor(config.alphas, dtype=probs.dtype, device=probs.device)
+    copies = len(config.alphas)
+    decoded = decode.contrastive(
+        probs.repeat(copies, 1, 1), item_repr.repeat(copies, 1, 1), cand_mask.repeat(copies, 1),
+        alpha=alphas.repeat_interleave(batch), similarity=config.similarity)   # (A B, m)
+    lists = [decoded.view(copies, batch, m).transpose(0, 1)]           # (B, A, m)
     if config.samples:
-        m = probs.shape[2]
+        samples = config.samples
         if keys is not None:
-            uniforms = request_uniforms(keys, config.seed, config.samples, m).to(probs)
-            lists += [decode.top_k_sampling(probs, cand_mask, k=config.sample_k,
-                                            temperature=config.temperature,
-                                            uniform=uniforms[:, s]) for s in range(config.samples)]
+            uniform = request_uniforms(keys, config.seed, samples, m).to(probs)  # (B, S, m)
+            sampled = decode.top_k_sampling(
+                probs.repeat(samples, 1, 1), cand_mask.repeat(samples, 1), k=config.sample_k,
+                temperature=config.temperature,
+                uniform=uniform.transpose(0, 1).reshape(samples * batch, m))   # (S B, m)
+            lists.append(sampled.view(samples, batch, m).transpose(0, 1))  # (B, S, m)
         else:
             sampler = torch.Generator(device=probs.device).manual_seed(config.seed)
             lists += [decode.top_k_sampling(probs, cand_mask, k=config.sample_k,
-                                            temperature=config.temperature, generator=sampler)
-                      for _ in range(config.samples)]
-    return torch.stack(lists, dim=1)                                   # (B, K, m)
+                                            temperature=config.temperature,
+                                            generator=sampler).unsqueeze(1)
+                      for _ in range(samples)]
+    return torch.cat(lists, dim=1)                                     # (B, K, m)
