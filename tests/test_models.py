@@ -313,3 +313,24 @@ def test_generator_likelihood_training_beats_uniform(data):
         loss = likelihood_loss(model(valid), valid.exposed, valid.exposed_mask)
     cells = int(valid.exposed_mask.sum())
     assert float(loss) == pytest.approx(-learned * cells / len(valid), rel=1e-4)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_attend_equals_multihead_attention(cross):
+    """`layers.attend` is nn.MultiheadAttention's computation with its own parameters."""
+    from nar4rec.models.layers import attend
+    from nar4rec.models.nar4rec import key_padding_bias
+
+    torch.manual_seed(0)
+    module = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    query = torch.randn(5, 6, 16)
+    memory = torch.randn(5, 9, 16) if cross else query
+    padding = torch.zeros(5, memory.shape[1], dtype=torch.bool)
+    padding[1, 4:] = True
+    padding[3, 1:] = True
+    expected = module(query, memory, memory, key_padding_mask=padding, need_weights=False)[0]
+    ours = attend(module, query, memory, key_padding_bias(padding, query.dtype))
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attend(module, query, memory),
+                               module(query, memory, memory, need_weights=False)[0],
+                               atol=1e-5, rtol=1e-5)

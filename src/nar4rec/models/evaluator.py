@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nar4rec.data.loader import FeatureSpace, RequestBatch
-from nar4rec.models.layers import MLP, UPSTREAM_NORMS, personalised_inputs
+from nar4rec.models.layers import MLP, UPSTREAM_NORMS, attend, personalised_inputs
+from nar4rec.models.nar4rec import key_padding_bias
 
 
 @dataclass
@@ -87,14 +88,12 @@ class EvaluatorLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, h: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
-        """h (S, m, d), padding (S, m) True where padded -> (S, m, d)."""
+        """h (S, m, d), padding (S, m) -inf where padded, else 0 -> (S, m, d)."""
         if self.norm_first:
             normed = self.attention_norm(h)
-            h = h + self.dropout(self.attention(normed, normed, normed, key_padding_mask=padding,
-                                                need_weights=False)[0])
+            h = h + self.dropout(attend(self.attention, normed, normed, padding))
             return h + self.dropout(self.ffn(self.ffn_norm(h)))
-        h = self.attention_norm(h + self.dropout(self.attention(
-            h, h, h, key_padding_mask=padding, need_weights=False)[0]))
+        h = self.attention_norm(h + self.dropout(attend(self.attention, h, h, padding)))
         return self.ffn_norm(h + self.dropout(self.ffn(h)))
 
 
@@ -152,6 +151,7 @@ class Evaluator(nn.Module):
         h = h.reshape(batch_size * count, length, d)                   # (B * L, m, d)
         mask = list_mask.reshape(batch_size * count, length)           # (B * L, m)
         padding = ~mask & mask.any(1, keepdim=True)   # an all-padding list attends to all
+        padding = key_padding_bias(padding, h.dtype)                   # (B * L, m) 0 or -inf
         for layer in self.layers:
             h = layer(h, padding)                                      # (B * L, m, d)
         logits = self.heads(self.norm(h))                              # (B * L, m, K)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nar4rec.data.loader import PAD, FeatureSpace, RequestBatch
@@ -175,3 +176,34 @@ def standardise(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     variance = (((values - mean) * weight) ** 2).sum(1, keepdim=True) / count
     scaled = (values - mean) / variance.sqrt().clamp(min=1e-6)         # (B, N)
     return scaled * weight
+
+
+def attend(module: nn.MultiheadAttention, query: torch.Tensor, memory: torch.Tensor,
+           key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`module(query, memory, memory, key_padding_mask=key_bias)[0]`, computed batch-first
+    with the module's own parameters through `F.scaled_dot_product_attention`.
+
+    nn.MultiheadAttention's general path works sequence-first and copies every projection
+    into that layout; this one keeps (B, heads, L, d / heads) views and lets PyTorch pick its
+    fused CPU kernel: the same attention, about twice as fast on 2 cores (docs/benchmarks.md).
+
+    Args:
+        module: a batch-first nn.MultiheadAttention (its in_proj and out_proj are used).
+        query: (B, L, d); memory: (B, S, d), the keys and values (may be `query` itself).
+        key_bias: (B, S) added to the attention logits: 0, or -inf on padded keys.
+    Returns:
+        (B, L, d).
+    """
+    d, heads = module.embed_dim, module.num_heads
+    weight, bias = module.in_proj_weight, module.in_proj_bias
+    if query is memory:
+        q, k, v = F.linear(query, weight, bias).chunk(3, dim=-1)       # (B, L, d) each
+    else:
+        q = F.linear(query, weight[:d], bias[:d])                       # (B, L, d)
+        k, v = F.linear(memory, weight[d:], bias[d:]).chunk(2, dim=-1)  # (B, S, d) each
+    batch, length, _ = q.shape
+    q, k, v = (x.view(batch, -1, heads, d // heads).transpose(1, 2) for x in (q, k, v))
+    mask = key_bias[:, None, None, :] if key_bias is not None else None  # (B, 1, 1, S)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=module.dropout if module.training else 0.0)
+    return module.out_proj(out.transpose(1, 2).reshape(batch, length, d))  # (B, L, d)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nar4rec.data.loader import FeatureSpace, RequestBatch, RequestLoader
-from nar4rec.models.layers import MLP, UPSTREAM_NORMS, personalised_inputs
+from nar4rec.models.layers import MLP, UPSTREAM_NORMS, attend, personalised_inputs
 
 USER_CONDITIONINGS = ("add", "token")
 CROSS_ATTENTION_SOURCES = ("self_attention", "layer_output")
@@ -140,6 +140,13 @@ class GeneratorOutput:
     cand_mask: torch.Tensor
 
 
+def key_padding_bias(padding: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, n) bool, True where padded -> (B, n) float, -inf there and 0 elsewhere: the
+    key-padding mask nn.MultiheadAttention adds to its attention logits."""
+    return torch.zeros(padding.shape, dtype=dtype, device=padding.device).masked_fill(
+        padding, -torch.inf)
+
+
 class CandidateLayer(nn.Module):
     """One candidates-encoder layer: bidirectional self-attention (eqs. 7-9), then FFN (eq. 10).
 
@@ -161,15 +168,15 @@ class CandidateLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, padding: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, n, d), padding (B, n) True where padded -> (attended, output), both (B, n, d)."""
+        """x (B, n, d), padding (B, n) -inf where padded, else 0 (`key_padding_bias`) ->
+        (attended, output), both (B, n, d)."""
         if self.norm_first:
             h = self.attention_norm(x)
-            attended = x + self.dropout(self.attention(h, h, h, key_padding_mask=padding,
-                                                       need_weights=False)[0])
+            attended = x + self.dropout(attend(self.attention, h, h, padding))
             output = attended + self.dropout(self.ffn(self.ffn_norm(attended)))
         else:
-            attended = self.attention_norm(x + self.dropout(self.attention(
-                x, x, x, key_padding_mask=padding, need_weights=False)[0]))
+            attended = self.attention_norm(x + self.dropout(attend(self.attention, x, x,
+                                                                   padding)))
             output = self.ffn_norm(attended + self.dropout(self.ffn(attended)))
         return attended, output
 
@@ -196,23 +203,22 @@ class PositionLayer(nn.Module):
 
     def forward(self, t: torch.Tensor, memory: torch.Tensor, memory_padding: torch.Tensor
                 ) -> torch.Tensor:
-        """t (B, m, d), memory (B, n, d), memory_padding (B, n) True where padded -> (B, m, d).
+        """t (B, m, d), memory (B, n, d), memory_padding (B, n) -inf where padded, else 0 ->
+        (B, m, d).
 
         Q = T W^Q, K = X W^K, V = X W^V (eq. 11) with X = `memory`, the candidates encoder's
         state at the same layer.
         """
         if self.norm_first:
             h = self.self_norm(t)
-            t = t + self.dropout(self.self_attention(h, h, h, need_weights=False)[0])
+            t = t + self.dropout(attend(self.self_attention, h, h))
             keys = self.memory_norm(memory)
-            t = t + self.dropout(self.cross_attention(
-                self.cross_norm(t), keys, keys, key_padding_mask=memory_padding,
-                need_weights=False)[0])
+            t = t + self.dropout(attend(self.cross_attention, self.cross_norm(t), keys,
+                                        memory_padding))
             return t + self.dropout(self.ffn(self.ffn_norm(t)))
-        t = self.self_norm(t + self.dropout(self.self_attention(t, t, t,
-                                                                need_weights=False)[0]))
-        t = self.cross_norm(t + self.dropout(self.cross_attention(
-            t, memory, memory, key_padding_mask=memory_padding, need_weights=False)[0]))
+        t = self.self_norm(t + self.dropout(attend(self.self_attention, t, t)))
+        t = self.cross_norm(t + self.dropout(attend(self.cross_attention, t, memory,
+                                                    memory_padding)))
         return self.ffn_norm(t + self.dropout(self.ffn(t)))
 
 
@@ -260,6 +266,9 @@ class NAR4Rec(nn.Module):
                 x = torch.cat([user.unsqueeze(1), x], dim=1)           # (B, 1 + n, d)
                 padding = torch.cat([padding.new_zeros(batch_size, 1), padding], dim=1)
         t = self.dropout(t)
+        # An additive float mask (-inf on padding): `attend` passes it to PyTorch's fused
+        # attention kernel (a boolean key-padding mask takes a slower masked-softmax path).
+        padding = key_padding_bias(padding, x.dtype)                  # (B, n) 0 or -inf
         for candidate_layer, position_layer in zip(self.candidate_layers, self.position_layers,
                                                    strict=True):
             attended, x = candidate_layer(x, padding)                  # (B, n, d) each
