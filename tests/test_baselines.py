@@ -139,3 +139,16 @@ def test_learns_to_beat_random_lists(kuaishou, name):
     standard_error = difference.std(ddof=1) / np.sqrt(len(difference))
     assert difference.mean() > 3 * standard_error, \
         f"{name}: {chosen.mean():.3f} vs random {random.mean():.3f}"
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_logged_lists_longer_than_the_training_ones(kuaishou, name):
+    """A test or serving request may show a longer list than any training request (MIND's test
+    split does): positions past the model's list_length share its last position row."""
+    model = build(name, kuaishou["space"], 3).eval()
+    batch = kuaishou["train"][0]                                    # logged lists of 5
+    loss, _ = ListModel.step(model, batch)
+    assert torch.isfinite(loss)
+    click = model.logged_click(batch)
+    assert click.shape == batch.exposed.shape and torch.isfinite(click).all()
+    check_lists(model.rerank(batch).lists, batch, 3)

@@ -334,3 +334,11 @@ def test_attend_equals_multihead_attention(cross):
     torch.testing.assert_close(attend(module, query, memory),
                                module(query, memory, memory, need_weights=False)[0],
                                atol=1e-5, rtol=1e-5)
+
+
+def test_evaluator_scores_lists_longer_than_its_position_table(data):
+    batch = data["train"][0]                                        # logged lists of 6
+    evaluator = Evaluator(EvaluatorConfig(**{**SMALL, "list_length": 4}), data["space"]).eval()
+    with torch.no_grad():
+        logits = evaluator(batch)
+    assert logits.shape[:2] == batch.exposed.shape and torch.isfinite(logits).all()

@@ -36,7 +36,7 @@ from nar4rec.models.base import (
     logged_index,
     predicted_utility,
 )
-from nar4rec.models.layers import MLP, personalised_inputs
+from nar4rec.models.layers import MLP, personalised_inputs, position_rows
 
 
 @dataclass
@@ -111,7 +111,7 @@ class EdgeRerank(ListModel):
         (S, 1 + P, d) keys and (S, 1 + P) key padding (True on unplaced entries)."""
         rows, placed_count, d = placed.shape
         keys = torch.cat([self.empty.expand(rows, 1, d),
-                          placed + self.slots.weight[:placed_count]], dim=1)  # (S, 1 + P, d)
+                          placed + position_rows(self.slots, placed_count)], dim=1)  # (S, 1 + P, d)
         padding = torch.cat([placed_mask.new_zeros(rows, 1), ~placed_mask], dim=1)
         return keys, padding
 
@@ -137,15 +137,13 @@ class EdgeRerank(ListModel):
     def forward(self, batch: RequestBatch) -> torch.Tensor:
         """(B, M, K) logits of the logged items, each given the logged items above it."""
         length = batch.exposed.shape[1]
-        if length > self.config.list_length:
-            raise ValueError(f"logged lists of length {length} exceed list_length "
-                             f"{self.config.list_length}")
         items, user = self.items(batch, logged_index(batch))           # (B, M, d)
         keys, padding = self.context(items, batch.exposed_mask)        # (B, 1 + M, d)
         # slot j sees the empty token (key 0) and slots < j (keys 1..j)
         causal = torch.ones(length, length + 1, dtype=torch.bool,
                             device=items.device).triu(1)               # (M, 1 + M)
-        return self.logits_of(items + self.slots.weight[:length], user, keys, padding, causal)
+        return self.logits_of(items + position_rows(self.slots, length), user, keys, padding,
+                              causal)
 
     def loss(self, outputs: torch.Tensor, batch: RequestBatch
              ) -> tuple[torch.Tensor, dict[str, float]]:

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from nar4rec.data.loader import FeatureSpace, RequestBatch
-from nar4rec.models.layers import MLP, UPSTREAM_NORMS, attend, personalised_inputs
+from nar4rec.models.layers import (
+    MLP,
+    UPSTREAM_NORMS,
+    attend,
+    personalised_inputs,
+    position_rows,
+)
 from nar4rec.models.nar4rec import key_padding_bias
 
 
@@ -28,7 +34,8 @@ from nar4rec.models.nar4rec import key_padding_bias
 class EvaluatorConfig:
     """Every knob of the sequence evaluator (sizes are not given by the paper).
 
-    list_length: the longest list scored (rows of the position embedding table).
+    list_length: rows of the position embedding table (the longest training list);
+        positions past it share the last row.
     d_model, layers, heads, ff_mult, dropout: hidden size, number of self-attention + FFN
         layers ("a self-attention and a feed-forward layer": 1 by default), heads, FFN width
         d * ff_mult, dropout.
@@ -133,9 +140,6 @@ class Evaluator(nn.Module):
             return self.forward(batch, batch.exposed.unsqueeze(1),
                                 batch.exposed_mask.unsqueeze(1)).squeeze(1)
         batch_size, count, length = lists.shape
-        if length > self.config.list_length:
-            raise ValueError(f"lists of length {length} exceed list_length "
-                             f"{self.config.list_length}")
         if list_mask is None:
             list_mask = torch.ones_like(lists, dtype=torch.bool)
         index = lists.clamp(0, batch.cand_mask.shape[1] - 1).reshape(batch_size, count * length)
@@ -147,7 +151,7 @@ class Evaluator(nn.Module):
             if self.interaction is not None:
                 h = h + self.interaction(user * h)                     # (B, L, m, d)
             h = h + user                                               # (B, L, m, d)
-        h = h + self.positions.weight[:length]                         # (B, L, m, d)
+        h = h + position_rows(self.positions, length)                 # (B, L, m, d)
         h = h.reshape(batch_size * count, length, d)                   # (B * L, m, d)
         mask = list_mask.reshape(batch_size * count, length)           # (B * L, m)
         padding = ~mask & mask.any(1, keepdim=True)   # an all-padding list attends to all

@@ -207,3 +207,11 @@ def attend(module: nn.MultiheadAttention, query: torch.Tensor, memory: torch.Ten
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=module.dropout if module.training else 0.0)
     return module.out_proj(out.transpose(1, 2).reshape(batch, length, d))  # (B, L, d)
+
+
+def position_rows(table: nn.Embedding, length: int) -> torch.Tensor:
+    """(length, d) the embeddings of positions 0..length-1; positions past the table's last
+    row share it (a request at serving or test time may show a longer list than any in the
+    training split, which sized the table)."""
+    index = torch.arange(length, device=table.weight.device).clamp(max=table.num_embeddings - 1)
+    return table.weight[index]

@@ -42,7 +42,7 @@ from nar4rec.models.base import (
     top_m,
 )
 from nar4rec.models.evaluator import evaluator_loss, list_utility
-from nar4rec.models.layers import MLP, personalised_inputs, standardise
+from nar4rec.models.layers import MLP, personalised_inputs, position_rows, standardise
 from nar4rec.reranker import request_keys, request_uniforms
 
 SIMHASH_SEED = 20230206   # the projection is a fixed function of this seed, never trained
@@ -127,7 +127,8 @@ class DistanceAwareAttention(nn.Module):
         q, k, v = self.qkv(h).view(count, m, 3, self.heads, d // self.heads) \
             .permute(2, 0, 3, 1, 4)                                    # 3 x (S, H, m, d / H)
         position = torch.arange(m, device=h.device)
-        distance = (position[:, None] - position[None, :]).abs()      # (m, m)
+        distance = (position[:, None] - position[None, :]).abs().clamp(
+            max=self.distance_bias.shape[1] - 1)                      # (m, m)
         bias = torch.where(padding[:, None, None, :], -torch.inf,
                            self.distance_bias[:, distance])           # (S, H, m, m)
         attended = F.scaled_dot_product_attention(
@@ -189,15 +190,13 @@ class PIER(ListModel):
              list_mask: torch.Tensor) -> torch.Tensor:
         """OCPM: (B, L, m, K) behaviour logits of every item of lists (B, L, m) (mask (B, L, m))."""
         batch_size, count, m = lists.shape
-        if m > self.config.list_length:
-            raise ValueError(f"lists of length {m} exceed list_length {self.config.list_length}")
         h = gather_items(items, lists)                                 # (B, L, m, d)
         if user is not None:
             user = user[:, None, None, :]                              # (B, 1, 1, d)
             if self.interaction is not None:
                 h = h + self.interaction(user * h)
             h = h + user
-        h = (h + self.positions.weight[:m]).flatten(0, 1)              # (B * L, m, d)
+        h = (h + position_rows(self.positions, m)).flatten(0, 1)      # (B * L, m, d)
         padding = padding_rows(list_mask.flatten(0, 1))                # (B * L, m)
         for block in self.blocks:
             h = block(h, padding)                                      # (B * L, m, d)
@@ -230,7 +229,7 @@ class PIER(ListModel):
         else:
             interest = self.interest(user.detach())                     # (B, d)
         m = lists.shape[2]
-        h = gather_items(items.detach(), lists) + self.fpsm_positions.weight[:m]  # (B, L, m, d)
+        h = gather_items(items.detach(), lists) + position_rows(self.fpsm_positions, m)
         attention = (self.pool_key(h) @ interest[:, None, :, None]).squeeze(-1)  # (B, L, m)
         attention = attention.masked_fill(padding_rows(list_mask), -torch.inf)
         attention = (attention / h.shape[-1] ** 0.5).softmax(-1)       # (B, L, m)
