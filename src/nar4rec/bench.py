@@ -344,7 +344,7 @@ def plot_sweep(result: dict, out: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nar4rec.io import atomic_file
+    from nar4rec.report import save_figure
 
     lengths = [r["m"] for r in result["sweep"]]
     figure, axis = plt.subplots(figsize=(5.5, 3.6))
@@ -357,8 +357,5 @@ def plot_sweep(result: dict, out: Path) -> bool:
     axis.set_ylim(bottom=0)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    with atomic_file(out) as tmp:
-        figure.savefig(tmp, dpi=110, format="png")
-    plt.close(figure)
+    save_figure(figure, out)
     return True

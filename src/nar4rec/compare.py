@@ -334,6 +334,8 @@ def plot_lifts(result: dict, out: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from nar4rec.report import save_figure
+
     rows = result["rows"]
     if not all("captured_lift" in r["metrics"] for r in rows):
         return False
@@ -361,8 +363,5 @@ def plot_lifts(result: dict, out: Path) -> bool:
     right.axhline(0, color="black", lw=0.8)
     right.grid(axis="y", alpha=0.3)
     right.legend(fontsize=7)
-    figure.tight_layout()
-    with atomic_file(out) as tmp:
-        figure.savefig(tmp, dpi=110, format="png")
-    plt.close(figure)
+    save_figure(figure, out)
     return True

@@ -102,11 +102,18 @@ def plot_training_curves(run_dir: Path, out: Path) -> bool:
         axis.set_ylabel("loss")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
+    save_figure(figure, out)
+    return True
+
+
+def save_figure(figure, out: Path) -> None:
+    """Lay out a matplotlib figure, write it as a PNG atomically, and close it."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     with atomic_file(out) as tmp:
         figure.savefig(tmp, dpi=110, format="png")
     plt.close(figure)
-    return True
 
 
 def _records(path: Path) -> list[dict]:
