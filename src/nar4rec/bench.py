@@ -21,7 +21,8 @@ from torch import nn
 
 from nar4rec.data.loader import RequestBatch, RequestLoader
 from nar4rec.models.base import ListModel
-from nar4rec.models.nar4rec import generator_loss
+from nar4rec.models.nar4rec import utility_threshold
+from nar4rec.pipeline import check_models, evaluator_step, generator_step
 
 
 def seconds_per_call(call: Callable[[], object], *, warmup: int = 2, repeats: int = 5
@@ -43,19 +44,9 @@ def training_step_of(run) -> tuple[nn.Module, Callable]:
     if run.model is not None:
         return run.model, ListModel.step
     reranker = run.reranker
-    weights = run.space.utility_weights
     if reranker.generator is not None:
-        config = reranker.generator.config
-
-        def generator_step(network, batch):
-            terms = generator_loss(network(batch), batch, config, weights)
-            return terms.total, terms.as_dict()
-        return reranker.generator, generator_step
-    from nar4rec.models.evaluator import evaluator_loss
-
-    def evaluator_step(network, batch):
-        loss = evaluator_loss(network(batch), batch.feedback, batch.exposed_mask)
-        return loss, {}
+        return reranker.generator, generator_step(reranker.generator.config,
+                                                  run.space.utility_weights)
     return reranker.evaluator, evaluator_step
 
 
@@ -129,6 +120,7 @@ def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
     from nar4rec.sim.presets import preset_config
     from nar4rec.sim.simulate import simulate
 
+    check_models(config.models)
     if config.threads:
         torch.set_num_threads(config.threads)
     workdir = Path(workdir)
@@ -141,7 +133,7 @@ def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
     batch = next(iter(loader))
     single = list(RequestLoader([data / "test.parquet"], space, batch_size=1))
     m = batch.exposed.shape[1]
-    tau = _median_utility(batch, space)
+    tau = utility_threshold([batch], space.utility_weights, 0.5)   # the default tau
     timing = {"warmup": config.warmup, "repeats": config.steps}
     result = {"preset": config.preset, "batch": len(batch), "candidates":
               int(batch.cand_mask.shape[1]), "list_length": m, "threads":
@@ -180,15 +172,11 @@ def build_for_timing(name: str, space, m: int, tau: float
     if name == "nar4rec":
         config = NAR4RecConfig(list_length=m, tau=tau)
         generator = NAR4Rec(config, space).eval()
-        weights = space.utility_weights
-
-        def step(network, batch):
-            return generator_loss(network(batch), batch, config, weights).total, {}
 
         def infer(batch):                    # generation: forward + contrastive decoding
             out = generator(batch)
             return contrastive(out.probs, out.item_repr, out.cand_mask)
-        return generator, step, infer
+        return generator, generator_step(config, space.utility_weights), infer
     model_class, config_class = baseline(name)
     model = model_class(config_class(list_length=m), space).eval()
     return model, ListModel.step, model.rerank
@@ -273,13 +261,6 @@ def _cut(batch: RequestBatch, m: int) -> RequestBatch:
     return dataclasses.replace(batch, exposed=batch.exposed[:, :m],
                                exposed_mask=batch.exposed_mask[:, :m],
                                feedback=batch.feedback[:, :m])
-
-
-def _median_utility(batch: RequestBatch, space) -> float:
-    from nar4rec.models.nar4rec import utility_of_feedback
-
-    return float(utility_of_feedback(batch.feedback, space.utility_weights,
-                                     batch.exposed_mask).median())
 
 
 def machine() -> dict:

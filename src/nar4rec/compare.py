@@ -35,8 +35,8 @@ from nar4rec.data.loader import RequestLoader
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_file
 from nar4rec.pipeline import (
-    MODELS,
     RunConfig,
+    check_models,
     evaluate_run,
     load_run,
     phases_of,
@@ -71,10 +71,7 @@ def compare(data_dir: str | Path, runs_dir: str | Path, *, models=DEFAULT_MODELS
         overwrite: delete runs_dir first.
         time_batch: requests per batch in the Table 4 timings.
     """
-    unknown = [m for m in models if m not in MODELS or m == "evaluator"]
-    if unknown or not models:
-        raise Nar4recError(f"--models: unknown model {unknown[0] if unknown else '(none)'!r}; "
-                           f"choose from {', '.join(DEFAULT_MODELS)}")
+    check_models(models)
     if seeds < 1:
         raise Nar4recError(f"--seeds must be >= 1, not {seeds}")
     runs_dir = Path(runs_dir)
@@ -164,7 +161,7 @@ def tables(evaluations: dict[str, list[dict]], timings: dict[str, dict], *, data
     if simulated:
         reference = REFERENCE if REFERENCE in models else "logging"
         behaviours = list(next(iter(first["behaviour_means"].values())))
-        counts = {model: [r["per_request"][_method(r)] for r in evaluations[model]]
+        counts = {model: [r["per_request"][r["model"]] for r in evaluations[model]]
                   for model in models}
         counts["logging"] = [r["per_request"]["logging"] for r in evaluations[models[0]]]
         if "oracle" in first["per_request"]:
@@ -196,10 +193,6 @@ def tables(evaluations: dict[str, list[dict]], timings: dict[str, dict], *, data
                 {"decoding": label, **_variant_summary(evaluations["nar4rec"], variant)}
                 for label, variant in DECODERS.items()]
     return result
-
-
-def _method(evaluation: dict) -> str:
-    return evaluation["model"]
 
 
 def _utility_weights(evaluation: dict) -> np.ndarray:

@@ -182,11 +182,6 @@ def train_run(data_dir: str | Path, run_dir: str | Path, *, model: str = "nar4re
         else:
             torch.manual_seed(config.evaluator_train.seed)
             evaluator = Evaluator(config.evaluator, space)
-
-            def evaluator_step(net, batch):
-                loss = evaluator_loss(net(batch), batch.feedback, batch.exposed_mask)
-                return loss, {"loss": float(loss.detach())}
-
             result = _train_phase(evaluator, evaluator_step, "evaluator", "evaluator",
                                   config.evaluator, config.evaluator_train, space,
                                   train_paths, valid_paths, run_dir, resume, progress, context)
@@ -201,16 +196,36 @@ def train_run(data_dir: str | Path, run_dir: str | Path, *, model: str = "nar4re
             _write_run(run_dir, info, context)
         torch.manual_seed(config.train.seed)
         generator = NAR4Rec(generator_config, space)
-
-        def generator_step(net, batch):
-            terms = generator_loss(net(batch), batch, generator_config, weights)
-            return terms.total, terms.as_dict()
-
-        result = _train_phase(generator, generator_step, "generator", "nar4rec",
-                              generator_config, config.train, space, train_paths,
-                              valid_paths, run_dir, resume, progress, context)
+        result = _train_phase(generator, generator_step(generator_config, weights),
+                              "generator", "nar4rec", generator_config, config.train, space,
+                              train_paths, valid_paths, run_dir, resume, progress, context)
         info = _finish_phase(run_dir, info, "generator", result, context)
     return info
+
+
+def evaluator_step(network: torch.nn.Module, batch: RequestBatch
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The evaluator's LossFn for the training loop: per-behaviour BCE on the logged lists."""
+    loss = evaluator_loss(network(batch), batch.feedback, batch.exposed_mask)
+    return loss, {"loss": float(loss.detach())}
+
+
+def generator_step(config: NAR4RecConfig, weights: torch.Tensor):
+    """The generator's LossFn for the training loop, with its objective settings (tau set)."""
+    def step(network: torch.nn.Module, batch: RequestBatch
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        terms = generator_loss(network(batch), batch, config, weights)
+        return terms.total, terms.as_dict()
+    return step
+
+
+def check_models(models) -> None:
+    """`--models` of compare and bench: known models, the evaluator alone excepted."""
+    unknown = [m for m in models if m not in MODELS or m == "evaluator"]
+    if unknown or not models:
+        choices = ", ".join(m for m in MODELS if m != "evaluator")
+        raise Nar4recError(f"--models: unknown model {unknown[0] if unknown else '(none)'!r}; "
+                           f"choose from {choices}")
 
 
 def _start_run(run_dir: Path, data_dir, model: str, config: RunConfig, train_paths,
