@@ -20,6 +20,7 @@ import torch
 
 from nar4rec import decode
 from nar4rec.data.loader import RequestBatch
+from nar4rec.models.base import top_m
 from nar4rec.models.evaluator import Evaluator
 from nar4rec.models.nar4rec import GeneratorOutput, NAR4Rec
 
@@ -168,8 +169,7 @@ class Reranker:
         evaluator's list awareness is meant to beat.
         """
         scores = self.item_wise_scores(batch)                                   # (B, n)
-        probs = scores.unsqueeze(-1).expand(-1, -1, self.list_length)
-        lists = decode.greedy(probs, batch.cand_mask)                           # (B, m)
+        lists = top_m(scores, batch.cand_mask, self.list_length)                # (B, m)
         item_scores = scores.gather(1, lists.clamp_min(0)).masked_fill(lists < 0, 0.0)
         utility = self.item_utility(batch, lists.unsqueeze(1)).sum(-1).squeeze(1)  # (B,)
         return Reranked(lists, utility, item_scores, lists.unsqueeze(1),

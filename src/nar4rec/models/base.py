@@ -176,6 +176,13 @@ def top_m(scores: torch.Tensor, cand_mask: torch.Tensor, m: int) -> torch.Tensor
     return lists
 
 
+def initial_order(batch: RequestBatch) -> torch.Tensor:
+    """(B, n) the ranking stage's order of each request's candidates: descending upstream
+    score, ties to the lower index, padding last (the "initial list" of PRM and Seq2Slate)."""
+    upstream = batch.upstream_score.float().masked_fill(~batch.cand_mask, -torch.inf)
+    return upstream.argsort(dim=1, descending=True, stable=True)
+
+
 def logged_index(batch: RequestBatch) -> torch.Tensor:
     """(B, M) the logged list's candidate indices, padding clamped to 0 (mask with
     `batch.exposed_mask`)."""

@@ -28,6 +28,7 @@ from nar4rec.models.base import (
     InputConfig,
     ListModel,
     Ranking,
+    initial_order,
     logged_index,
     padding_rows,
     predicted_utility,
@@ -119,8 +120,7 @@ class PRM(ListModel):
         """(B, n, K) behaviour logits of every candidate, in the batch's candidate order."""
         mask = batch.cand_mask                                         # (B, n)
         n = mask.shape[1]
-        upstream = batch.upstream_score.float().masked_fill(~mask, -torch.inf)
-        order = upstream.argsort(dim=1, descending=True, stable=True)  # (B, n) initial list
+        order = initial_order(batch)                                   # (B, n) initial list
         items = self.candidates(batch, order)                          # (B, n, d)
         if self.pv is not None:
             user = self.user(batch).unsqueeze(1).expand_as(items)      # (B, n, d)

@@ -28,7 +28,14 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from nar4rec.data.loader import FeatureSpace, RequestBatch
 from nar4rec.decode import NO_ITEM
-from nar4rec.models.base import InputConfig, ListModel, Ranking, item_utility_targets, logged_index
+from nar4rec.models.base import (
+    InputConfig,
+    ListModel,
+    Ranking,
+    initial_order,
+    item_utility_targets,
+    logged_index,
+)
 from nar4rec.models.layers import personalised_inputs
 
 DECODINGS = ("greedy", "beam")
@@ -100,8 +107,7 @@ class Seq2Slate(ListModel):
             if self.interaction is not None:
                 items = items + self.interaction(user * items)
             items = items + user
-        order = batch.upstream_score.masked_fill(~mask, -torch.inf).argsort(
-            dim=1, descending=True, stable=True)                        # (B, n) initial order
+        order = initial_order(batch)                                    # (B, n) initial order
         d = items.shape[-1]
         packed = pack_padded_sequence(items.gather(1, order[..., None].expand(-1, -1, d)),
                                       mask.sum(1).clamp_min(1).cpu(), batch_first=True,
