@@ -49,9 +49,12 @@ def test_probabilities_and_logits_agree_on_random_requests(exported, batch, n):
     np.testing.assert_allclose(onnx_logits, logits.numpy(), atol=1e-4)
 
 
-def test_the_same_lists_on_simulated_requests_padded_ones_included(exported):
+@pytest.mark.parametrize("graph", ["pipeline", "generator and evaluator"])
+def test_the_same_lists_on_simulated_requests_padded_ones_included(exported, graph):
     run = load_run(exported / "run")
     onnx = OnnxReranker(exported / "onnx")
+    if graph != "pipeline":              # an export without the one-graph pipeline (format 1)
+        del onnx.sessions["pipeline"]
     batch = next(iter(RequestLoader([exported / "data" / "test.parquet"], run.space,
                                     batch_size=64)))
     mask = batch.cand_mask.clone()
@@ -63,12 +66,15 @@ def test_the_same_lists_on_simulated_requests_padded_ones_included(exported):
     np.testing.assert_array_equal(lists, expected.lists.numpy())
     np.testing.assert_allclose(utility, expected.utility.numpy(), atol=1e-4)
     assert (lists[0, 3:] == -1).all()
+    for row in (0, 5):                                      # one request at a time, as served
+        one = {k: getattr(batch, k)[row:row + 1].numpy() for k in FEATURE_INPUTS}
+        np.testing.assert_array_equal(onnx.rerank(one)[0][0], expected.lists[row].numpy())
 
 
 def test_manifest_and_command(exported, tmp_path):
     manifest = json.loads((exported / "onnx" / "manifest.json").read_text())
-    assert manifest["list_length"] == 5 and set(manifest["graphs"]) == {"generator",
-                                                                       "evaluator"}
+    assert manifest["list_length"] == 5 and set(manifest["graphs"]) == {
+        "generator", "evaluator", "pipeline"}
     assert manifest["inputs"]["cand_mask"] == {"dtype": "bool",
                                                "axes": ["batch", "candidates"]}
     assert "item_id" in manifest["space"]["cand_cat"]

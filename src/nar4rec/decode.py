@@ -72,7 +72,8 @@ def contrastive(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.T
     if weight.dim() > 1 or (weight.dim() == 1 and len(weight) != batch):
         raise ValueError(f"alpha must be a number or a (B,) = ({batch},) tensor, got shape "
                          f"{tuple(weight.shape)}")
-    if not bool(((weight >= 0) & (weight <= 1)).all()):
+    # (a traced graph, as in `nar4rec export`, cannot branch on data; its alphas were checked)
+    if not torch.compiler.is_compiling() and not bool(((weight >= 0) & (weight <= 1)).all()):
         raise Nar4recError(f"contrastive decoding: alpha must be in [0, 1], got {alpha}")
     weight = weight[:, None] if weight.dim() == 1 else weight                # (B, 1) or ()
     if similarity not in SIMILARITIES:

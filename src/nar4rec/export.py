@@ -6,14 +6,17 @@
                      -> probs (B, n, m), item_repr (B, n, d)
     evaluator.onnx   (the same six inputs, lists (B, L, m), list_mask (B, L, m))
                      -> logits (B, L, m, K)
+    pipeline.onnx    (the six inputs) -> list (B, m), item_scores (B, m), utility (B,): the
+                     generator, the reranker's proposals, the evaluator and the choice in one
+                     graph (when the run has both models and selects by the evaluator)
     manifest.json    the inputs and outputs with their dtypes and axes, the list length m,
                      the behaviours and their utility weights, the reranker settings, and the
                      FeatureSpace (vocabularies, numeric scaling) that turns raw requests into
                      the inputs
 
-with the batch size B, the candidate count n and the number of lists L dynamic. Decoding stays
-outside the graphs (`nar4rec.decode` runs on the generator's outputs, NumPy or torch alike), so
-one exported generator serves every decoder.
+with the batch size B, the candidate count n and the number of lists L dynamic. The generator
+graph leaves decoding outside (`nar4rec.decode` runs on its outputs), so it serves every
+decoder; `OnnxReranker` answers with the pipeline graph, one onnxruntime call per batch.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ from nar4rec.data.loader import RequestBatch
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_dir
 from nar4rec.pipeline import load_run
+from nar4rec.reranker import Reranker, best_of, propose, request_keys
 
 FEATURE_INPUTS = ("user_cat", "user_num", "cand_cat", "cand_num", "upstream_score", "cand_mask")
 LIST_INPUTS = ("lists", "list_mask")
+PIPELINE_OUTPUTS = ("list", "item_scores", "utility")
 OPSET = 18
 MANIFEST = "manifest.json"
 
@@ -75,6 +80,34 @@ class EvaluatorGraph(nn.Module):
                                      cand_mask), lists, list_mask)
 
 
+class PipelineGraph(nn.Module):
+    """The whole generator-evaluator pipeline in one graph: -> (list (B, m), item_scores (B, m),
+    utility (B,)), what `Reranker.rerank` returns.
+
+    Decoding the proposals (`reranker.propose`: contrastive at every alpha, seeded top-k
+    samples) and choosing the best (`reranker.best_of`) run inside the graph, from the same
+    code as in PyTorch: at batch 1 a separate decoding step in Python costs more than the
+    generator itself (docs/benchmarks.md).
+    """
+
+    def __init__(self, reranker: Reranker):
+        super().__init__()
+        self.generator, self.evaluator = reranker.generator, reranker.evaluator
+        self.config = reranker.config
+        self.register_buffer("weights", reranker.weights.float(), persistent=False)
+
+    def forward(self, user_cat, user_num, cand_cat, cand_num, upstream_score, cand_mask):
+        batch = _batch(user_cat, user_num, cand_cat, cand_num, upstream_score, cand_mask)
+        out = self.generator(batch)
+        proposals = propose(out.probs, out.item_repr, cand_mask, self.config,
+                            request_keys(user_cat, cand_cat, cand_mask))   # (B, K, m)
+        mask = proposals >= 0
+        logits = self.evaluator(batch, proposals.clamp_min(0), mask)       # (B, K, m, K_b)
+        item_utility = torch.sigmoid(logits) @ self.weights * mask         # (B, K, m)
+        lists, utility, item_scores, _ = best_of(proposals, item_utility)
+        return lists, item_scores, utility
+
+
 def example_inputs(space, batch: int = 2, n: int = 7, m: int = 3, lists: int = 2,
                    seed: int = 0) -> dict[str, torch.Tensor]:
     """Random valid inputs of the given sizes (the last candidates of row 0 padded)."""
@@ -108,7 +141,8 @@ def _axes(names: tuple[str, ...]) -> dict[str, dict[int, str]]:
             "cand_mask": {0: "batch", 1: "candidates"},
             "lists": {0: "batch", 1: "lists"}, "list_mask": {0: "batch", 1: "lists"},
             "probs": {0: "batch", 1: "candidates"}, "item_repr": {0: "batch", 1: "candidates"},
-            "logits": {0: "batch", 1: "lists"}}
+            "logits": {0: "batch", 1: "lists"},
+            "list": {0: "batch"}, "item_scores": {0: "batch"}, "utility": {0: "batch"}}
     return {name: axes[name] for name in names}
 
 
@@ -134,7 +168,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
     inputs = example_inputs(space, batch=3, n=max(m + 2, 8), m=m)
     features = {k: inputs[k] for k in FEATURE_INPUTS}
     manifest = {
-        "format": 1, "model": run.info["model"], "list_length": m,
+        "format": 2, "model": run.info["model"], "list_length": m,
         "behaviours": list(space.behaviours),
         "utility_weights": [float(w) for w in space.utility_weights],
         "reranker": dataclasses.asdict(run.config.reranker),
@@ -157,6 +191,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
             manifest["graphs"]["evaluator"] = {
                 "file": "evaluator.onnx", "inputs": [*FEATURE_INPUTS, *LIST_INPUTS],
                 "outputs": {"logits": ["batch", "lists", m, len(space.behaviours)]}}
+            if reranker.generator is not None and reranker.config.select == "evaluator":
+                _export(PipelineGraph(reranker), features, PIPELINE_OUTPUTS,
+                        tmp / "pipeline.onnx")
+                manifest["graphs"]["pipeline"] = {
+                    "file": "pipeline.onnx", "inputs": list(FEATURE_INPUTS),
+                    "outputs": {"list": ["batch", m], "item_scores": ["batch", m],
+                                "utility": ["batch"]}}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     except torch.onnx.errors.OnnxExporterError as exc:
         raise Nar4recError(f"ONNX export failed: {exc}") from None
@@ -209,10 +250,12 @@ class OnnxReranker:
 
     def rerank(self, inputs: dict[str, np.ndarray], *, with_scores: bool = False) -> tuple:
         """(lists (B, m), utility (B,)); with_scores: (lists, item scores (B, m), utility)."""
-        from nar4rec.reranker import best_of, propose, request_keys
-
         if "generator" not in self.sessions:
             raise Nar4recError("this export holds no generator")
+        if "pipeline" in self.sessions:                 # one graph call (exports since v2)
+            best, item_scores, utility = self.sessions["pipeline"].run(
+                None, {k: inputs[k] for k in FEATURE_INPUTS})
+            return (best, item_scores, utility) if with_scores else (best, utility)
         probs, item_repr = self.generator(inputs)
         cand_mask = torch.from_numpy(inputs["cand_mask"])
         keys = request_keys(torch.from_numpy(inputs["user_cat"]),

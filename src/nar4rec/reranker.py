@@ -250,9 +250,11 @@ def propose(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tenso
     # and every sample in one pass: 2 loops over the m positions instead of K.
     alphas = torch.tensor(config.alphas, dtype=probs.dtype, device=probs.device)
     copies = len(config.alphas)
+    # (expand, not repeat_interleave: the ONNX exporter bakes the latter's batch size in)
+    row_alpha = alphas[:, None].expand(copies, batch).reshape(-1)      # (A B,)
     decoded = decode.contrastive(
         probs.repeat(copies, 1, 1), item_repr.repeat(copies, 1, 1), cand_mask.repeat(copies, 1),
-        alpha=alphas.repeat_interleave(batch), similarity=config.similarity)   # (A B, m)
+        alpha=row_alpha, similarity=config.similarity)                 # (A B, m)
     lists = [decoded.view(copies, batch, m).transpose(0, 1)]           # (B, A, m)
     if config.samples:
         samples = config.samples
