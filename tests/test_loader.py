@@ -135,3 +135,36 @@ def test_missing_numbers_do_not_pose_as_values(tmp_path):
     batch = space.encode(pq.read_table(path))
     assert batch.cand_num[1, 2, 0] == 0.0                    # the mean, after scaling
     assert torch.isnan(batch.log_propensity[1]) and batch.log_propensity[0] == -1.0
+
+
+def assert_same_batch(a, b) -> None:
+    for name in ("user_cat", "user_num", "cand_cat", "cand_num", "upstream_score", "cand_mask",
+                 "exposed", "exposed_mask", "feedback"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(a.log_propensity.isnan(), b.log_propensity.isnan())
+    for name in ("request_id", "user_id", "item_id"):
+        assert getattr(a, name).tolist() == getattr(b, name).tolist(), name
+
+
+@pytest.mark.parametrize("source", ["ragged strings", "simulated"])
+def test_python_rows_encode_as_the_table_does(tmp_path, data, source):
+    if source == "ragged strings":
+        path = tmp_path / "ragged.parquet"
+        table = ragged_file(path)
+        space = FeatureSpace.fit([path])
+    else:
+        table = pq.read_table(data / "test.parquet").slice(0, 50)
+        space = FeatureSpace.fit([data / "train.parquet"])      # test items include unseen
+    rows = table.to_pylist()
+    assert_same_batch(space.encode_rows(rows), space.encode(table))
+    served = [{k: v for k, v in row.items() if not k.startswith(("exposed", "feedback_"))}
+              for row in rows]                                   # what the service passes
+    bare = space.encode_rows(served)
+    assert not bare.exposed_mask.any()
+    assert torch.equal(bare.cand_cat, space.encode(table).cand_cat)
+    assert torch.equal(bare.cand_num, space.encode(table).cand_num)
+    # a category matches by its text, in a list as in an Arrow array
+    vocab = space.cand_cat["item_id"]
+    assert vocab.encode([str(vocab.values[0]), None, "never seen"]).tolist() == \
+        vocab.encode(pa.array([str(vocab.values[0]), None, "never seen"])).tolist() == \
+        [2, UNKNOWN, UNKNOWN]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import threading
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -10,9 +12,18 @@ import pytest
 from fastapi.testclient import TestClient
 
 from helpers import train_tiny
-from nar4rec.data.loader import RequestLoader
+from nar4rec.data.format import CAND_NUM, ITEM_ID
+from nar4rec.data.loader import UNKNOWN, RequestLoader
 from nar4rec.pipeline import load_run
-from nar4rec.serve import Backend, create_app, request_json
+from nar4rec.serve import (
+    Backend,
+    BadInput,
+    Batcher,
+    RerankRequest,
+    create_app,
+    request_json,
+    request_row,
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +93,10 @@ BAD = {
         {**r["candidates"][0], "item_id": i} for i in range(31)]), 413, "at most 30"),
     "oversized": (lambda r: r.__setitem__("candidates", [
         {**r["candidates"][0], "item_id": i} for i in range(400)]), 413, "body over"),
+    "huge integer": (lambda r: r["candidates"][1]["features"].__setitem__(
+        "duration", 10**400), 422, "candidates[1].features.duration"),
+    "huge score": (lambda r: r["candidates"][1].__setitem__("upstream_score", 10**400), 422,
+                   "upstream_score"),
     "no candidates": (lambda r: r.__setitem__("candidates", []), 422, "candidates"),
 }
 
@@ -95,6 +110,15 @@ def test_bad_input_gets_a_4xx_naming_the_problem(served, case):
     assert message in answer.json()["detail"]
 
 
+def test_an_oversized_body_sent_in_chunks_is_refused(served):
+    _, client, _ = served
+    chunks = iter([b'{"user": "' + b"x" * 40_000, b"x" * 40_000 + b'"}'])   # no Content-Length
+    answer = client.post("/v1/rerank", content=chunks,
+                         headers={"content-type": "application/json"})
+    assert answer.status_code == 413 and "body over 60000 bytes" in answer.json()["detail"]
+    assert client.post("/v1/rerank", json=body(served)).status_code == 200   # still alive
+
+
 def test_garbage_bodies_and_health(served):
     _, client, _ = served
     answer = client.post("/v1/rerank", content=b"{not json",
@@ -104,3 +128,76 @@ def test_garbage_bodies_and_health(served):
     assert client.post("/v1/rerank", json=body(served)).status_code == 200   # still alive
     assert "/v1/rerank" in client.get("/openapi.json").json()["paths"]
     assert client.get("/metrics").json()["requests"]["bad_input"] >= 1
+
+
+class HeldBackend:
+    """A backend whose rerank waits while `gate` is closed, so that later requests queue up."""
+
+    def __init__(self, backend: Backend):
+        self.backend, self.space = backend, backend.space
+        self.gate, self.sizes = threading.Event(), []
+
+    def rerank(self, batch):
+        self.gate.wait(timeout=30)
+        self.sizes.append(len(batch))
+        return self.backend.rerank(batch)
+
+
+def held_batch(batcher: Batcher, backend: HeldBackend, first: dict, rows: list) -> list:
+    """Answers to `first`, served alone while the others queue, then to `rows`."""
+    backend.gate.clear()
+    futures = [batcher.submit(first)]
+    while batcher.queue.qsize():                    # the worker has taken `first` and waits
+        time.sleep(0.01)
+    futures += [batcher.submit(row) for row in rows]
+    backend.gate.set()
+    return [f.result(timeout=30) for f in futures]
+
+
+def test_concurrent_requests_are_reranked_together_each_getting_its_own_list(served):
+    root, _, table = served
+    run = load_run(root / "run")
+    backend = HeldBackend(Backend(run=root / "run"))
+    batcher = Batcher(backend)
+    bodies = [RerankRequest.model_validate(request_json(table, row, run.space))
+              for row in range(5)]
+    bodies[4].candidates = [c.model_copy(update={"item_id": f"s{c.item_id}"})
+                            for c in bodies[4].candidates]    # string ids: no batch with
+    rows = [request_row(b, run.space, 4, 30) for b in bodies]  # integer ones
+    answers = held_batch(batcher, backend, rows[0], rows[1:4])
+    assert backend.sizes == [1, 3]                             # 1, 2 and 3 in one call
+    loader = RequestLoader([root / "data" / "test.parquet"], run.space, batch_size=1)
+    for (placed, scores, _, unseen), batch in zip(answers, loader, strict=False):
+        expected = run.reranker.rerank(batch)
+        np.testing.assert_array_equal(placed, expected.lists[0].numpy())
+        np.testing.assert_allclose(scores, expected.item_scores[0].numpy(), rtol=1e-4,
+                                   atol=1e-5)
+        assert unseen == (batch.cand_cat == UNKNOWN).sum() + (batch.user_cat == UNKNOWN).sum()
+    alone = batcher.submit(rows[4]).result(timeout=30)
+    assert alone[3] == len(rows[4][ITEM_ID])                  # every string id is unseen
+    backend.sizes.clear()
+    mixed = held_batch(batcher, backend, rows[0], rows[3:5])  # integer and string ids
+    assert backend.sizes == [1, 2]
+    np.testing.assert_array_equal(mixed[1][0], answers[3][0])
+    np.testing.assert_array_equal(mixed[2][0], alone[0])
+
+
+def test_a_request_that_cannot_be_encoded_fails_alone(served):
+    root, _, table = served
+    run = load_run(root / "run")
+    backend = HeldBackend(Backend(run=root / "run"))
+    batcher = Batcher(backend)
+    rows = [request_row(RerankRequest.model_validate(request_json(table, row, run.space)),
+                        run.space, 4, 30) for row in range(3)]
+    bad = {**rows[2], CAND_NUM + "duration": ["long"] * len(rows[2][ITEM_ID])}
+    backend.gate.clear()
+    futures = [batcher.submit(rows[0])]
+    while batcher.queue.qsize():
+        time.sleep(0.01)
+    futures += [batcher.submit(rows[1]), batcher.submit(bad)]
+    backend.gate.set()
+    assert futures[0].result(timeout=30)[0].shape == (4,)
+    assert futures[1].result(timeout=30)[0].shape == (4,)
+    with pytest.raises(BadInput, match="do not fit the model's features"):
+        futures[2].result(timeout=30)
+    assert backend.sizes == [1, 1]               # the batch failed to encode; row 1 alone did not

@@ -12,21 +12,28 @@ item or a body over `max_body_bytes` gets a 4xx whose `detail` says what and whe
 categorical value never seen in training is not an error: it maps to the "unknown" row, as in
 training, and is counted in /metrics. The raw request becomes model inputs through the same
 FeatureSpace encoding as training (one Arrow row in the request-log format).
+
+Requests that arrive while the model is busy are encoded and reranked together, in one call
+(`Batcher`): a request alone waits for nothing, and under load the per-call costs are shared.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import pyarrow as pa
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
@@ -34,8 +41,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 from nar4rec.data.format import (
     CAND_CAT,
     CAND_NUM,
-    EXPOSED,
-    FEEDBACK,
     ITEM_ID,
     REQUEST_ID,
     UPSTREAM_SCORE,
@@ -151,9 +156,9 @@ class Stats:
                 "latency_ms": {**percentiles, "count": len(latencies)}}
 
 
-def encode_request(request: RerankRequest, space: FeatureSpace, list_length: int,
-                   max_candidates: int) -> tuple[RequestBatch, int]:
-    """One request -> a RequestBatch of one row; also the number of unseen categorical values.
+def request_row(request: RerankRequest, space: FeatureSpace, list_length: int,
+                max_candidates: int) -> dict[str, object]:
+    """Check one request against the model; return it as one request-log row (column -> value).
 
     Raises BadInput naming the field when the request does not fit the model.
     """
@@ -170,43 +175,68 @@ def encode_request(request: RerankRequest, space: FeatureSpace, list_length: int
         raise BadInput("candidates: an item_id appears twice")
     if len({type(i) for i in ids}) > 1:
         raise BadInput("candidates: item ids mix integers and strings")
-    user_columns = _feature_columns("user.features", request.user.features, spec.user_cat,
-                                    spec.user_num)
-    cand_columns: dict[str, list] = {f: [] for f in (*spec.cand_cat, *spec.cand_num)}
+    user = _feature_columns("user.features", request.user.features, spec.user_cat,
+                            spec.user_num)
+    known = {*spec.cand_cat, *spec.cand_num}
     for index, candidate in enumerate(candidates):
-        values = _feature_columns(f"candidates[{index}].features", candidate.features,
-                                  spec.cand_cat, spec.cand_num)
-        for name, value in values.items():
-            cand_columns[name].append(value)
+        if candidate.features.keys() != known:
+            _feature_columns(f"candidates[{index}].features", candidate.features,
+                             spec.cand_cat, spec.cand_num)   # raises, naming the feature
+    row: dict[str, object] = {REQUEST_ID: 0, USER_ID: request.user.user_id, ITEM_ID: ids}
+    for name in spec.user_cat:
+        row[USER_CAT + name] = user[name]
+    for name in spec.user_num:
+        row[USER_NUM + name] = user[name]
+    for name in spec.cand_cat:
+        values = [c.features[name] for c in candidates]
+        bad = next((i for i, v in enumerate(values) if isinstance(v, float)), None)
+        if bad is not None:
+            raise BadInput(f"candidates[{bad}].features.{name}: an integer or string category "
+                           f"expected, got {values[bad]!r}")
+        row[CAND_CAT + name] = values
+    for name in spec.cand_num:
+        values = [c.features[name] for c in candidates]
+        bad = next((i for i, v in enumerate(values) if not _number_or_null(v)), None)
+        if bad is not None:
+            raise BadInput(f"candidates[{bad}].features.{name}: a finite number or null "
+                           f"expected, got {values[bad]!r}")
+        row[CAND_NUM + name] = values
     scores = [c.upstream_score for c in candidates]
     if spec.has_upstream_score and any(s is None for s in scores):
         missing = next(i for i, s in enumerate(scores) if s is None)
         raise BadInput(f"candidates[{missing}].upstream_score: required by this model")
-    if any(s is not None and not math.isfinite(s) for s in scores):
+    if any(s is not None and not _finite(s) for s in scores):
         raise BadInput("upstream_score: must be a finite number")
-    columns: dict[str, pa.Array] = {
-        REQUEST_ID: pa.array([0]), USER_ID: pa.array([request.user.user_id]),
-        ITEM_ID: pa.array([ids])}
-    for name in spec.user_cat:
-        columns[USER_CAT + name] = pa.array([user_columns[name]])
-    for name in spec.user_num:
-        columns[USER_NUM + name] = pa.array([user_columns[name]], pa.float64())
-    for name in spec.cand_cat:
-        columns[CAND_CAT + name] = pa.array([cand_columns[name]])
-    for name in spec.cand_num:
-        columns[CAND_NUM + name] = pa.array([cand_columns[name]], pa.list_(pa.float64()))
     if spec.has_upstream_score:
-        columns[UPSTREAM_SCORE] = pa.array([[float(s) for s in scores]], pa.list_(pa.float64()))
-    columns[EXPOSED] = pa.array([[]], pa.list_(pa.int32()))
-    for behaviour in spec.behaviours:
-        columns[FEEDBACK + behaviour] = pa.array([[]], pa.list_(pa.float32()))
+        row[UPSTREAM_SCORE] = [float(s) for s in scores]
+    return row
+
+
+def encode_rows(rows: list[dict[str, object]], space: FeatureSpace) -> RequestBatch:
+    """Rows from `request_row` -> one RequestBatch, with the FeatureSpace encoding of training
+    (`FeatureSpace.encode_rows`). Raises BadInput when the values do not fit."""
     try:
-        batch = space.encode(pa.table(columns))
-    except (pa.ArrowException, ValueError, TypeError) as exc:
+        return space.encode_rows(rows)
+    except (ValueError, TypeError, OverflowError) as exc:
         raise BadInput(f"the request's values do not fit the model's features ({exc})") \
             from None
-    unseen = int((batch.cand_cat == UNKNOWN).sum() + (batch.user_cat == UNKNOWN).sum())
-    return batch, unseen
+
+
+def unseen_values(batch: RequestBatch) -> np.ndarray:
+    """(B,) categorical values of each request that the model never saw in training."""
+    return ((batch.cand_cat.numpy() == UNKNOWN).sum(axis=(1, 2))
+            + (batch.user_cat.numpy() == UNKNOWN).sum(axis=1))
+
+
+def _number_or_null(value) -> bool:
+    return value is None or (not isinstance(value, str) and _finite(value))
+
+
+def _finite(value: float | int) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:                   # an integer too large for a float
+        return False
 
 
 def _feature_columns(where: str, given: dict, categorical, numeric) -> dict:
@@ -222,7 +252,7 @@ def _feature_columns(where: str, given: dict, categorical, numeric) -> dict:
                        "value)")
     for name in numeric:
         value = given[name]
-        if value is not None and (isinstance(value, str) or not math.isfinite(value)):
+        if not _number_or_null(value):
             raise BadInput(f"{where}.{name}: a finite number or null expected, got {value!r}")
     for name in categorical:
         value = given[name]
@@ -232,21 +262,109 @@ def _feature_columns(where: str, given: dict, categorical, numeric) -> dict:
     return given
 
 
+class Batcher:
+    """Serves the requests that arrive while the model is busy as one batch.
+
+    Each request is queued; one worker thread takes everything queued (up to `max_batch`),
+    encodes it in one FeatureSpace call and reranks it in one model call, then answers each
+    request. Alone, a request is served at once (no waiting window); under load, the cost of
+    encoding and of the model's fixed per-call overhead is shared by the batch. A batch whose
+    encoding fails is retried request by request, so one bad request fails alone.
+    """
+
+    def __init__(self, backend: Backend, max_batch: int = 64):
+        self.backend, self.max_batch = backend, max_batch
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._work, name="nar4rec-batcher", daemon=True).start()
+
+    def submit(self, row: dict[str, object]) -> Future:
+        """Queue one row from `request_row`; the future gets (list, scores, utility, unseen)
+        or raises BadInput / the model's error."""
+        future: Future = Future()
+        self.queue.put((row, future))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            pending = [self.queue.get()]
+            while len(pending) < self.max_batch:
+                try:
+                    pending.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._serve(pending)
+
+    def _serve(self, pending: list[tuple[dict, Future]]) -> None:
+        try:
+            batch = encode_rows([row for row, _ in pending], self.backend.space)
+        except BadInput as exc:
+            if len(pending) > 1:
+                for one in pending:
+                    self._serve([one])
+            else:
+                pending[0][1].set_exception(exc)
+            return
+        try:
+            lists, scores, utility = self.backend.rerank(batch)
+        except Exception as exc:                          # the model failed: a 500 for each
+            for _, future in pending:
+                future.set_exception(exc)
+            return
+        unseen = unseen_values(batch)
+        for i, (_, future) in enumerate(pending):
+            future.set_result((lists[i], scores[i], float(utility[i]), int(unseen[i])))
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes calls `refuse` (which raises the 413),
+    judged by its Content-Length or, for a body sent in chunks, as soon as the bytes read so
+    far pass the limit. (A plain ASGI layer: Starlette's @app.middleware("http") costs about
+    a millisecond per request.)"""
+
+    def __init__(self, app, *, limit: int, refuse: Callable[[], None]):
+        self.app, self.limit, self.refuse = app, limit, refuse
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refused(scope, receive, send)
+        received = 0
+
+        async def counted() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                self.refuse()
+            return message
+
+        return await self.app(scope, counted, send)
+
+    async def _refused(self, scope, receive, send) -> None:
+        try:
+            self.refuse()
+        except HTTPException as exc:
+            response = JSONResponse({"detail": exc.detail}, exc.status_code)
+            await response(scope, receive, send)
+
+
 def create_app(backend: Backend, *, max_candidates: int = 1000,
-               max_body_bytes: int = 1_000_000) -> FastAPI:
-    """The FastAPI application around a loaded backend."""
+               max_body_bytes: int = 1_000_000, max_batch: int = 64) -> FastAPI:
+    """The FastAPI application around a loaded backend; concurrent requests are reranked
+    together, at most `max_batch` per model call (`Batcher`)."""
     app = FastAPI(title="nar4rec", version="1",
                   description="NAR4Rec reranking: POST a request's candidates, get the list.")
     stats = Stats()
+    batcher = Batcher(backend, max_batch=max_batch)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            with stats.lock:
-                stats.counts["bad_input"] += 1
-            return JSONResponse({"detail": f"body over {max_body_bytes} bytes"}, 413)
-        return await call_next(request)
+    def too_large() -> None:
+        with stats.lock:
+            stats.counts["bad_input"] += 1
+        raise HTTPException(413, f"body over {max_body_bytes} bytes")
+
+    app.add_middleware(BodyLimit, limit=max_body_bytes, refuse=too_large)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -264,27 +382,28 @@ def create_app(backend: Backend, *, max_candidates: int = 1000,
         return JSONResponse({"detail": str(exc)}, exc.status)
 
     @app.post("/v1/rerank", response_model=RerankResponse)
-    def rerank(body: RerankRequest) -> RerankResponse:
+    async def rerank(body: RerankRequest) -> RerankResponse:
         started = time.perf_counter()
-        batch, unseen = encode_request(body, backend.space, backend.list_length,
-                                       max_candidates)
+        row = request_row(body, backend.space, backend.list_length, max_candidates)
         try:
-            lists, scores, utility = backend.rerank(batch)
+            placed_list, scores, utility, unseen = await asyncio.wrap_future(
+                batcher.submit(row))
+        except BadInput:
+            raise
         except Exception:
             with stats.lock:
                 stats.counts["error"] += 1
             raise
-        row = lists[0]
-        placed = row >= 0
-        items = [body.candidates[int(i)].item_id for i in row[placed]]
+        placed = placed_list >= 0
+        items = [body.candidates[int(i)].item_id for i in placed_list[placed]]
         latency = (time.perf_counter() - started) * 1000
         with stats.lock:
             stats.counts["ok"] += 1
             stats.unseen_values += unseen
             stats.latencies.append(latency)
         return RerankResponse(request_id=body.request_id, items=items,
-                              scores=[float(s) for s in scores[0][placed]],
-                              predicted_utility=float(utility[0]), latency_ms=latency)
+                              scores=[float(s) for s in scores[placed]],
+                              predicted_utility=utility, latency_ms=latency)
 
     @app.get("/healthz")
     def healthz() -> dict:
