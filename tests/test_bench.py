@@ -14,7 +14,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_bench_measures_every_figure(tmp_path):
     config = BenchConfig(preset="kuaishou", models=("nar4rec", "seq2slate", "dnn"), batch=32,
-                         steps=2, warmup=1, latency_requests=20, lengths=(2, 5, 6))
+                         steps=2, warmup=1, latency_requests=20, lengths=(2, 5, 6),
+                         onnx=False)
     result = run_bench(config, tmp_path, log=lambda _: None)
     assert result["batch"] == 32 and result["list_length"] == 6 and result["candidates"] == 60
     rows = {row["model"]: row for row in result["rows"]}
@@ -38,9 +39,11 @@ def test_bench_measures_every_figure(tmp_path):
 def test_generator_flops_grow_with_the_batch(tmp_path):
     """The FLOP count is of the model, not a constant: twice the requests, twice the FLOPs."""
     small = run_bench(BenchConfig(models=("nar4rec",), batch=16, steps=1, warmup=1,
-                                  latency_requests=2, lengths=()), tmp_path, log=lambda _: None)
+                                  latency_requests=2, lengths=(), onnx=False), tmp_path,
+                      log=lambda _: None)
     large = run_bench(BenchConfig(models=("nar4rec",), batch=32, steps=1, warmup=1,
-                                  latency_requests=2, lengths=()), tmp_path, log=lambda _: None)
+                                  latency_requests=2, lengths=(), onnx=False), tmp_path,
+                      log=lambda _: None)
     ratio = large["generator"]["flops_per_batch"] / small["generator"]["flops_per_batch"]
     assert ratio == pytest.approx(2.0, rel=0.05)
     assert matmul_gflops(size=128, repeats=2) > 0
@@ -57,5 +60,9 @@ def test_bench_command(tmp_path, capsys):
     assert result["preset"] == "avito" and result["list_length"] == 5
     assert "Seq2Slate / NAR4Rec" in report.read_text()
     assert (tmp_path / "bench-sweep.png").stat().st_size > 1000
-    assert "| nar4rec_pipeline |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| nar4rec_pipeline |" in printed and "| nar4rec_pipeline_onnx |" in printed
+    onnx = next(row for row in result["rows"] if row["model"] == "nar4rec_pipeline_onnx")
+    assert 0 < onnx["latency_ms_p50"] <= onnx["latency_ms_p99"] and onnx["infer_s_per_batch"] > 0
+    assert onnx["latency_requests"] == 5
     assert cli.main(["bench", "--models", "nope", "--json", str(out)]) == 2

@@ -101,7 +101,9 @@ class BenchConfig:
     steps, warmup: timed and untimed calls per figure (the paper averages 100 steps).
     latency_requests: single requests timed through the whole NAR4Rec pipeline.
     lengths: the list lengths m of the NAR4Rec / Seq2Slate inference sweep.
-    threads: torch intra-op threads (0: torch's default).
+    threads: torch intra-op threads (0: torch's default); onnxruntime gets as many.
+    onnx: also time the pipeline exported as one ONNX graph under onnxruntime (the export
+        takes a minute or two).
     """
 
     preset: str = "kuaishou"
@@ -112,6 +114,7 @@ class BenchConfig:
     latency_requests: int = 1000
     lengths: tuple[int, ...] = SWEEP
     threads: int = 0
+    onnx: bool = True
 
 
 def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
@@ -149,7 +152,7 @@ def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
         log(f"{name}: train {row['train_s_per_batch']:.4f} s, infer "
             f"{row['infer_s_per_batch']:.4f} s per batch of {len(batch)}")
     if "nar4rec" in config.models:
-        result["rows"].append(_pipeline_row(space, m, tau, batch, single, config, timing))
+        result["rows"] += _pipeline_rows(space, m, tau, batch, single, config, workdir, timing)
         result["generator"] = _generator_figures(space, m, tau, batch, timing)
         log(f"generator {result['generator']['gflops']:.1f} GFLOP/s "
             f"({result['generator']['share_of_peak']:.0%} of the peak); decoding "
@@ -182,9 +185,10 @@ def build_for_timing(name: str, space, m: int, tau: float
     return model, ListModel.step, model.rerank
 
 
-def _pipeline_row(space, m, tau, batch, single, config: BenchConfig, timing) -> dict:
+def _pipeline_rows(space, m, tau, batch, single, config: BenchConfig, workdir: Path,
+                   timing) -> list[dict]:
     """The whole NAR4Rec pipeline (generator, K proposals, evaluator choosing): per batch, and
-    p50/p99 latency of single requests."""
+    p50/p99 latency of single requests; in PyTorch, and exported to onnxruntime."""
     from nar4rec.models.evaluator import Evaluator, EvaluatorConfig
     from nar4rec.models.nar4rec import NAR4Rec, NAR4RecConfig
     from nar4rec.reranker import Reranker
@@ -202,14 +206,50 @@ def _pipeline_row(space, m, tau, batch, single, config: BenchConfig, timing) -> 
             start = time.perf_counter()
             reranker.rerank(request)
             latencies.append(time.perf_counter() - start)
-    latencies_ms = 1000 * np.array(latencies)
-    return {"model": "nar4rec_pipeline", "preset": config.preset,
+    rows = [{"model": "nar4rec_pipeline", "preset": config.preset, "train_s_per_batch": None,
+             "infer_s_per_batch": time_inference(reranker.rerank, batch, **timing),
+             "proposals": reranker.config.proposals, **_latency(latencies)}]
+    if config.onnx:
+        rows.append(_onnx_pipeline_row(reranker, space, m, requests, batch, config, workdir,
+                                       timing))
+    return rows
+
+
+def _onnx_pipeline_row(reranker, space, m, requests, batch, config: BenchConfig,
+                       workdir: Path, timing) -> dict:
+    """The same pipeline exported as one graph (`nar4rec export`'s pipeline.onnx) and run by
+    onnxruntime with as many threads as torch has."""
+    from nar4rec.export import FEATURE_INPUTS, cpu_session, export_pipeline
+
+    path = workdir / f"{config.preset}-pipeline.onnx"
+    export_pipeline(reranker, space, m, path)
+    session = cpu_session(path, threads=torch.get_num_threads())
+
+    def feeds(batch: RequestBatch) -> dict[str, np.ndarray]:
+        return {k: getattr(batch, k).numpy() for k in FEATURE_INPUTS}
+
+    single = [feeds(request) for request in requests]
+    for inputs in single[:config.warmup * 10]:
+        session.run(None, inputs)
+    latencies = []
+    for inputs in single:
+        start = time.perf_counter()
+        session.run(None, inputs)
+        latencies.append(time.perf_counter() - start)
+    whole = feeds(batch)
+    return {"model": "nar4rec_pipeline_onnx", "preset": config.preset,
             "train_s_per_batch": None,
-            "infer_s_per_batch": time_inference(reranker.rerank, batch, **timing),
-            "proposals": reranker.config.proposals,
-            "latency_ms_p50": float(np.percentile(latencies_ms, 50)),
-            "latency_ms_p99": float(np.percentile(latencies_ms, 99)),
-            "latency_requests": len(latencies)}
+            "infer_s_per_batch": statistics.median(seconds_per_call(
+                lambda: session.run(None, whole), warmup=timing["warmup"],
+                repeats=timing["repeats"])),
+            "proposals": reranker.config.proposals, **_latency(latencies)}
+
+
+def _latency(seconds: list[float]) -> dict:
+    milliseconds = 1000 * np.array(seconds)
+    return {"latency_ms_p50": float(np.percentile(milliseconds, 50)),
+            "latency_ms_p99": float(np.percentile(milliseconds, 99)),
+            "latency_requests": len(seconds)}
 
 
 def _generator_figures(space, m, tau, batch, timing) -> dict:

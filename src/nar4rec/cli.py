@@ -241,7 +241,7 @@ def _bench(args: argparse.Namespace) -> int:
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     config = BenchConfig(preset=args.preset, models=models, batch=args.batch, steps=args.steps,
                          warmup=args.warmup, latency_requests=args.latency_requests,
-                         threads=args.threads)
+                         threads=args.threads, onnx=args.onnx)
     log = (lambda _: None) if args.quiet else print
     if args.workdir:
         result = run_bench(config, args.workdir, log=log)
@@ -462,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="time training and inference of every model (Table 4)",
         description="On simulated data of a preset's shape: training and inference seconds per "
                     "batch of every model (same hidden size), the NAR4Rec pipeline's "
-                    "single-request latency (p50, p99), the generator's GFLOP/s next to this "
+                    "single-request latency (p50, p99) in PyTorch and under onnxruntime, the "
+                    "generator's GFLOP/s next to this "
                     "machine's matrix-multiply peak, and NAR4Rec against Seq2Slate for m = 2..10.")
     bn.add_argument("--preset", default="kuaishou", choices=["kuaishou", "avito"])
     bn.add_argument("--models", default="nar4rec,seq2slate,pier,edge_rerank,prm,dcn,dnn")
@@ -473,7 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--latency-requests", type=_positive, default=1000,
                     help="single requests timed through the pipeline (default 1000)")
     bn.add_argument("--threads", type=int, default=0,
-                    help="torch intra-op threads (default: torch's choice)")
+                    help="torch intra-op threads (default: torch's choice); onnxruntime gets "
+                         "as many")
+    bn.add_argument("--no-onnx", dest="onnx", action="store_false",
+                    help="skip the pipeline under onnxruntime (its export takes a minute)")
     bn.add_argument("--workdir", help="keep the simulated data here (default: a temporary "
                     "directory)")
     bn.add_argument("--json", required=True, help="write every figure here")

@@ -192,8 +192,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
                 "file": "evaluator.onnx", "inputs": [*FEATURE_INPUTS, *LIST_INPUTS],
                 "outputs": {"logits": ["batch", "lists", m, len(space.behaviours)]}}
             if reranker.generator is not None and reranker.config.select == "evaluator":
-                _export(PipelineGraph(reranker), features, PIPELINE_OUTPUTS,
-                        tmp / "pipeline.onnx")
+                export_pipeline(reranker, space, m, tmp / "pipeline.onnx")
                 manifest["graphs"]["pipeline"] = {
                     "file": "pipeline.onnx", "inputs": list(FEATURE_INPUTS),
                     "outputs": {"list": ["batch", m], "item_scores": ["batch", m],
@@ -202,6 +201,25 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
     except torch.onnx.errors.OnnxExporterError as exc:
         raise Nar4recError(f"ONNX export failed: {exc}") from None
     return manifest
+
+
+def export_pipeline(reranker: Reranker, space, list_length: int, path: str | Path) -> None:
+    """Write the reranker's whole pipeline (`PipelineGraph`) as one ONNX model."""
+    inputs = example_inputs(space, batch=3, n=max(list_length + 2, 8), m=list_length)
+    _export(PipelineGraph(reranker), {k: inputs[k] for k in FEATURE_INPUTS}, PIPELINE_OUTPUTS,
+            Path(path))
+
+
+def cpu_session(path: str | Path, *, threads: int = 0):
+    """An onnxruntime session of the model at `path` on the CPU, with `threads` intra-op
+    threads (0: onnxruntime's default)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(str(path), options,
+                                        providers=["CPUExecutionProvider"])
 
 
 def _axis_names(name: str, rank: int) -> list:
@@ -218,8 +236,6 @@ class OnnxReranker:
     """
 
     def __init__(self, export_dir: str | Path, *, threads: int = 0):
-        import onnxruntime
-
         from nar4rec.reranker import RerankerConfig
 
         export_dir = Path(export_dir)
@@ -227,13 +243,8 @@ class OnnxReranker:
         if not manifest_path.exists():
             raise Nar4recError(f"{export_dir}: no {MANIFEST}; not an export directory")
         self.manifest = json.loads(manifest_path.read_text())
-        options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.sessions = {
-            name: onnxruntime.InferenceSession(str(export_dir / graph["file"]), options,
-                                               providers=["CPUExecutionProvider"])
-            for name, graph in self.manifest["graphs"].items()}
+        self.sessions = {name: cpu_session(export_dir / graph["file"], threads=threads)
+                         for name, graph in self.manifest["graphs"].items()}
         self.weights = np.asarray(self.manifest["utility_weights"], dtype=np.float32)
         self.config = RerankerConfig(**self.manifest["reranker"])
 
