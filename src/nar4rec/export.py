@@ -44,6 +44,7 @@ LIST_INPUTS = ("lists", "list_mask")
 PIPELINE_OUTPUTS = ("list", "item_scores", "utility")
 OPSET = 18
 MANIFEST = "manifest.json"
+QUIET_LOGGERS = ("torch.onnx", "onnx_ir", "onnxscript")
 
 
 def _batch(user_cat, user_num, cand_cat, cand_num, upstream_score, cand_mask) -> RequestBatch:
@@ -149,15 +150,20 @@ def _axes(names: tuple[str, ...]) -> dict[str, dict[int, str]]:
 def _export(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: tuple[str, ...],
             path: Path) -> None:
     names = tuple(inputs)
-    quiet = logging.getLogger("torch.onnx")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), tuple(inputs.values()), str(path), input_names=names,
-                          output_names=outputs, dynamic_axes=_axes(names + outputs),
-                          opset_version=OPSET, dynamo=True, verbose=False)
-    quiet.setLevel(level)
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:           # the exporter's progress and notes; failures still raise
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module.eval(), tuple(inputs.values()), str(path),
+                              input_names=names, output_names=outputs,
+                              dynamic_axes=_axes(names + outputs), opset_version=OPSET,
+                              dynamo=True, verbose=False)
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> dict:
