@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from datetime import date
@@ -208,6 +209,13 @@ def _serve(args: argparse.Namespace) -> int:
     backend = Backend(run=args.run_dir, export=args.export, threads=args.threads)
     app = create_app(backend, max_candidates=args.max_candidates,
                      max_body_bytes=args.max_body_bytes)
+    # Two threads share the GIL, the event loop and the batcher: a 0.5 ms switch interval
+    # (5 ms by default) lets a parsed request reach the batcher sooner, and freezing what is
+    # loaded keeps the garbage collector's full passes short (both measured with
+    # benchmarks/load_test.py, docs/benchmarks.md).
+    gc.collect()
+    gc.freeze()
+    sys.setswitchinterval(0.0005)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
