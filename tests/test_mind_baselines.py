@@ -52,7 +52,7 @@ def test_trains_and_reranks_the_mind_sample(mind, name):
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     quarter = len(losses) // 4
     assert sum(losses[-quarter:]) < sum(losses[:quarter]), f"{name}: {losses}"
