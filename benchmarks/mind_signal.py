@@ -8,7 +8,7 @@ impressions that have a click: random lists, the impression's listed order and i
 and each model trained on the training days, with every impression's candidates shuffled in
 training and test (so neither the listed order nor index tie-breaking helps or hurts). Prints
 each list's mean NDCG@10 and its paired difference from the random lists in standard errors,
-and how many candidates have a known category.
+and how many test candidates have a known category and how many are news unseen in training.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ def main() -> None:
     space = FeatureSpace.fit([out / "train.parquet"])
     test = list(RequestLoader([out / "test.parquet"], space, batch_size=256))
     category = torch.cat([b.cand_cat[..., 1][b.cand_mask] for b in test])
-    print(f"test candidates with a known category: {(category != UNKNOWN).float().mean():.1%}")
+    items = torch.cat([b.cand_cat[..., 0][b.cand_mask] for b in test])
+    print(f"test candidates with a known category: {(category != UNKNOWN).float().mean():.1%};"
+          f" news unseen in training: {(items == UNKNOWN).float().mean():.1%}")
     generator = torch.Generator().manual_seed(1)
     clicks = [clicks_by_candidate(b) for b in test]
     clicked = [c.sum(1) > 0 for c in clicks]
