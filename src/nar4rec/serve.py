@@ -175,32 +175,25 @@ def request_row(request: RerankRequest, space: FeatureSpace, list_length: int,
         raise BadInput("candidates: an item_id appears twice")
     if len({type(i) for i in ids}) > 1:
         raise BadInput("candidates: item ids mix integers and strings")
-    user = _feature_columns("user.features", request.user.features, spec.user_cat,
-                            spec.user_num)
+    user = request.user.features
+    _check_names("user.features", user, spec.user_cat, spec.user_num)
     known = {*spec.cand_cat, *spec.cand_num}
     for index, candidate in enumerate(candidates):
         if candidate.features.keys() != known:
-            _feature_columns(f"candidates[{index}].features", candidate.features,
-                             spec.cand_cat, spec.cand_num)   # raises, naming the feature
+            _check_names(f"candidates[{index}].features", candidate.features, spec.cand_cat,
+                         spec.cand_num)                      # raises, naming the feature
     row: dict[str, object] = {REQUEST_ID: 0, USER_ID: request.user.user_id, ITEM_ID: ids}
-    for name in spec.user_cat:
-        row[USER_CAT + name] = user[name]
-    for name in spec.user_num:
-        row[USER_NUM + name] = user[name]
-    for name in spec.cand_cat:
-        values = [c.features[name] for c in candidates]
-        bad = next((i for i, v in enumerate(values) if isinstance(v, float)), None)
-        if bad is not None:
-            raise BadInput(f"candidates[{bad}].features.{name}: an integer or string category "
-                           f"expected, got {values[bad]!r}")
-        row[CAND_CAT + name] = values
-    for name in spec.cand_num:
-        values = [c.features[name] for c in candidates]
-        bad = next((i for i, v in enumerate(values) if not _number_or_null(v)), None)
-        if bad is not None:
-            raise BadInput(f"candidates[{bad}].features.{name}: a finite number or null "
-                           f"expected, got {values[bad]!r}")
-        row[CAND_NUM + name] = values
+    for prefix, names, numeric in ((USER_CAT, spec.user_cat, False),
+                                   (USER_NUM, spec.user_num, True)):
+        for name in names:
+            _check_values(lambda _: "user.features", name, [user[name]], numeric)
+            row[prefix + name] = user[name]
+    for prefix, names, numeric in ((CAND_CAT, spec.cand_cat, False),
+                                   (CAND_NUM, spec.cand_num, True)):
+        for name in names:
+            values = [c.features[name] for c in candidates]
+            _check_values(lambda i: f"candidates[{i}].features", name, values, numeric)
+            row[prefix + name] = values
     scores = [c.upstream_score for c in candidates]
     if spec.has_upstream_score and any(s is None for s in scores):
         missing = next(i for i, s in enumerate(scores) if s is None)
@@ -239,8 +232,8 @@ def _finite(value: float | int) -> bool:
         return False
 
 
-def _feature_columns(where: str, given: dict, categorical, numeric) -> dict:
-    """Check one user's or candidate's features against the model's; return them by name."""
+def _check_names(where: str, given: dict, categorical, numeric) -> None:
+    """One user's or candidate's features must be exactly the model's."""
     known = set(categorical) | set(numeric)
     unknown = sorted(set(given) - known)
     if unknown:
@@ -250,16 +243,18 @@ def _feature_columns(where: str, given: dict, categorical, numeric) -> dict:
     if missing:
         raise BadInput(f"{where}: missing feature {missing[0]!r} (use null for an unknown "
                        "value)")
-    for name in numeric:
-        value = given[name]
-        if not _number_or_null(value):
-            raise BadInput(f"{where}.{name}: a finite number or null expected, got {value!r}")
-    for name in categorical:
-        value = given[name]
-        if isinstance(value, float):
-            raise BadInput(f"{where}.{name}: an integer or string category expected, got "
+
+
+def _check_values(where: Callable[[int], str], name: str, values: list, numeric: bool) -> None:
+    """Values of one feature (the i-th at `where(i)`): a numeric feature takes finite numbers
+    or null, a categorical one integers, strings or null; the first misfit raises BadInput."""
+    for index, value in enumerate(values):
+        if numeric and not _number_or_null(value):
+            raise BadInput(f"{where(index)}.{name}: a finite number or null expected, got "
                            f"{value!r}")
-    return given
+        if not numeric and isinstance(value, float):
+            raise BadInput(f"{where(index)}.{name}: an integer or string category expected, "
+                           f"got {value!r}")
 
 
 class Batcher:
@@ -316,20 +311,26 @@ class Batcher:
 
 
 class BodyLimit:
-    """ASGI middleware: a body over `limit` bytes calls `refuse` (which raises the 413),
-    judged by its Content-Length or, for a body sent in chunks, as soon as the bytes read so
-    far pass the limit. (A plain ASGI layer: Starlette's @app.middleware("http") costs about
-    a millisecond per request.)"""
+    """ASGI middleware: a body over `limit` bytes gets a 413, judged by its Content-Length
+    or, for a body sent in chunks, as soon as the bytes read so far pass the limit;
+    `on_refuse` is called for each refusal. (A plain ASGI layer: Starlette's
+    @app.middleware("http") costs about a millisecond per request.)"""
 
-    def __init__(self, app, *, limit: int, refuse: Callable[[], None]):
-        self.app, self.limit, self.refuse = app, limit, refuse
+    def __init__(self, app, *, limit: int, on_refuse: Callable[[], None]):
+        self.app, self.limit, self.on_refuse = app, limit, on_refuse
+
+    def refusal(self) -> HTTPException:
+        self.on_refuse()
+        return HTTPException(413, f"body over {self.limit} bytes")
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await self._refused(scope, receive, send)
+            refused = self.refusal()
+            response = JSONResponse({"detail": refused.detail}, refused.status_code)
+            return await response(scope, receive, send)
         received = 0
 
         async def counted() -> dict:
@@ -337,17 +338,10 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:
-                self.refuse()
+                raise self.refusal()       # FastAPI answers an HTTPException from the body
             return message
 
         return await self.app(scope, counted, send)
-
-    async def _refused(self, scope, receive, send) -> None:
-        try:
-            self.refuse()
-        except HTTPException as exc:
-            response = JSONResponse({"detail": exc.detail}, exc.status_code)
-            await response(scope, receive, send)
 
 
 def create_app(backend: Backend, *, max_candidates: int = 1000,
@@ -359,12 +353,11 @@ def create_app(backend: Backend, *, max_candidates: int = 1000,
     stats = Stats()
     batcher = Batcher(backend, max_batch=max_batch)
 
-    def too_large() -> None:
+    def count_refusal() -> None:
         with stats.lock:
             stats.counts["bad_input"] += 1
-        raise HTTPException(413, f"body over {max_body_bytes} bytes")
 
-    app.add_middleware(BodyLimit, limit=max_body_bytes, refuse=too_large)
+    app.add_middleware(BodyLimit, limit=max_body_bytes, on_refuse=count_refusal)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
