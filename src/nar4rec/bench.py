@@ -199,16 +199,10 @@ def _pipeline_rows(space, m, tau, batch, single, config: BenchConfig, workdir: P
                         space.utility_weights)
     requests = [single[i % len(single)] for i in range(config.latency_requests)]
     with torch.no_grad():
-        for request in requests[:config.warmup * 10]:
-            reranker.rerank(request)
-        latencies = []
-        for request in requests:
-            start = time.perf_counter()
-            reranker.rerank(request)
-            latencies.append(time.perf_counter() - start)
+        latencies = _latencies(reranker.rerank, requests, warmup=config.warmup * 10)
     rows = [{"model": "nar4rec_pipeline", "preset": config.preset, "train_s_per_batch": None,
              "infer_s_per_batch": time_inference(reranker.rerank, batch, **timing),
-             "proposals": reranker.config.proposals, **_latency(latencies)}]
+             "proposals": reranker.config.proposals, **latencies}]
     if config.onnx:
         rows.append(_onnx_pipeline_row(reranker, space, m, requests, batch, config, workdir,
                                        timing))
@@ -228,24 +222,28 @@ def _onnx_pipeline_row(reranker, space, m, requests, batch, config: BenchConfig,
     def feeds(batch: RequestBatch) -> dict[str, np.ndarray]:
         return {k: getattr(batch, k).numpy() for k in FEATURE_INPUTS}
 
-    single = [feeds(request) for request in requests]
-    for inputs in single[:config.warmup * 10]:
-        session.run(None, inputs)
-    latencies = []
-    for inputs in single:
-        start = time.perf_counter()
-        session.run(None, inputs)
-        latencies.append(time.perf_counter() - start)
+    latencies = _latencies(lambda inputs: session.run(None, inputs),
+                           [feeds(request) for request in requests],
+                           warmup=config.warmup * 10)
     whole = feeds(batch)
     return {"model": "nar4rec_pipeline_onnx", "preset": config.preset,
             "train_s_per_batch": None,
             "infer_s_per_batch": statistics.median(seconds_per_call(
                 lambda: session.run(None, whole), warmup=timing["warmup"],
                 repeats=timing["repeats"])),
-            "proposals": reranker.config.proposals, **_latency(latencies)}
+            "proposals": reranker.config.proposals, **latencies}
 
 
-def _latency(seconds: list[float]) -> dict:
+def _latencies(call: Callable, requests: list, *, warmup: int) -> dict:
+    """p50 and p99 milliseconds of `call` on each request, after `warmup` untimed calls on
+    the first ones."""
+    for request in requests[:warmup]:
+        call(request)
+    seconds = []
+    for request in requests:
+        start = time.perf_counter()
+        call(request)
+        seconds.append(time.perf_counter() - start)
     milliseconds = 1000 * np.array(seconds)
     return {"latency_ms_p50": float(np.percentile(milliseconds, 50)),
             "latency_ms_p99": float(np.percentile(milliseconds, 99)),

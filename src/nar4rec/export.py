@@ -171,7 +171,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
     run = load_run(run_dir)
     space, reranker = run.space, run.reranker
     m = run.info["list_length"]
-    inputs = example_inputs(space, batch=3, n=max(m + 2, 8), m=m)
+    inputs = _tracing_inputs(space, m)
     features = {k: inputs[k] for k in FEATURE_INPUTS}
     manifest = {
         "format": 2, "model": run.info["model"], "list_length": m,
@@ -211,9 +211,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = Fa
 
 def export_pipeline(reranker: Reranker, space, list_length: int, path: str | Path) -> None:
     """Write the reranker's whole pipeline (`PipelineGraph`) as one ONNX model."""
-    inputs = example_inputs(space, batch=3, n=max(list_length + 2, 8), m=list_length)
+    inputs = _tracing_inputs(space, list_length)
     _export(PipelineGraph(reranker), {k: inputs[k] for k in FEATURE_INPUTS}, PIPELINE_OUTPUTS,
             Path(path))
+
+
+def _tracing_inputs(space, list_length: int) -> dict[str, torch.Tensor]:
+    """The example inputs every graph is traced with: more candidates than positions, padding
+    in one request, batch and sizes above 1 so that the exporter keeps them dynamic."""
+    return example_inputs(space, batch=3, n=max(list_length + 2, 8), m=list_length)
 
 
 def cpu_session(path: str | Path, *, threads: int = 0):
