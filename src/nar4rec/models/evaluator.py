@@ -42,6 +42,8 @@ class EvaluatorConfig:
     embedding_dim: width of every categorical feature table.
     activation: FFN activation, "gelu", "relu" or "silu".
     norm_first: pre-LayerNorm layers (False: post-LN).
+    causal: each item attends only to itself and the items above it (a user meets a list from
+        the top), instead of the whole list (the paper's plain self-attention, the default).
     personalised: add the user vector to every item of the list.
     user_interaction: also add a learned projection of the element-wise product of the user
         and each item vector (a factorisation-machine style user-item term).
@@ -58,6 +60,7 @@ class EvaluatorConfig:
     embedding_dim: int = 16
     activation: str = "gelu"
     norm_first: bool = True
+    causal: bool = False
     personalised: bool = True
     user_interaction: bool = False
     use_upstream_score: bool = True
@@ -156,6 +159,9 @@ class Evaluator(nn.Module):
         mask = list_mask.reshape(batch_size * count, length)           # (B * L, m)
         padding = ~mask & mask.any(1, keepdim=True)   # an all-padding list attends to all
         padding = key_padding_bias(padding, h.dtype)                   # (B * L, m) 0 or -inf
+        if self.config.causal:
+            above = torch.ones(length, length, dtype=torch.bool, device=h.device).triu(1)
+            padding = padding[:, None, :].masked_fill(above, -torch.inf)  # (B * L, m, m)
         for layer in self.layers:
             h = layer(h, padding)                                      # (B * L, m, d)
         logits = self.heads(self.norm(h))                              # (B * L, m, K)

@@ -190,7 +190,8 @@ def attend(module: nn.MultiheadAttention, query: torch.Tensor, memory: torch.Ten
     Args:
         module: a batch-first nn.MultiheadAttention (its in_proj and out_proj are used).
         query: (B, L, d); memory: (B, S, d), the keys and values (may be `query` itself).
-        key_bias: (B, S) added to the attention logits: 0, or -inf on padded keys.
+        key_bias: (B, S) added to the attention logits: 0, or -inf on padded keys; or
+            (B, L, S), a bias per query (for example a causal mask on top of the padding).
     Returns:
         (B, L, d).
     """
@@ -203,7 +204,8 @@ def attend(module: nn.MultiheadAttention, query: torch.Tensor, memory: torch.Ten
         k, v = F.linear(memory, weight[d:], bias[d:]).chunk(2, dim=-1)  # (B, S, d) each
     batch, length, _ = q.shape
     q, k, v = (x.view(batch, -1, heads, d // heads).transpose(1, 2) for x in (q, k, v))
-    mask = key_bias[:, None, None, :] if key_bias is not None else None  # (B, 1, 1, S)
+    mask = None if key_bias is None else (key_bias[:, None, None, :] if key_bias.dim() == 2
+                                          else key_bias[:, None])  # (B, 1, 1 or L, S)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=module.dropout if module.training else 0.0)
     return module.out_proj(out.transpose(1, 2).reshape(batch, length, d))  # (B, L, d)
