@@ -19,7 +19,9 @@ from nar4rec.models.nar4rec import (
     exposed_log_probs,
     generator_loss,
     likelihood_loss,
+    list_log_probs,
     resolve_tau,
+    self_critical_loss,
     unlikelihood_loss,
     utility_of_feedback,
     utility_threshold,
@@ -342,3 +344,80 @@ def test_evaluator_scores_lists_longer_than_its_position_table(data):
     with torch.no_grad():
         logits = evaluator(batch)
     assert logits.shape[:2] == batch.exposed.shape and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_causal_evaluator_reads_only_the_items_above(data, causal):
+    """With `causal`, changing the last item of a list leaves every prediction above it
+    unchanged; plain self-attention lets it change them."""
+    batch = data["train"][0]
+    torch.manual_seed(0)
+    evaluator = Evaluator(EvaluatorConfig(**SMALL, causal=causal), data["space"]).eval()
+    lists = torch.arange(6).expand(len(batch), 1, 6).clone()                  # (B, 1, 6)
+    changed = lists.clone()
+    changed[:, :, -1] = 40
+    with torch.no_grad():
+        before, after = evaluator(batch, lists), evaluator(batch, changed)
+    above = (after[:, :, :-1] - before[:, :, :-1]).abs().max()
+    assert (above < 1e-6) if causal else (above > 1e-4), float(above)
+    assert (after[:, :, -1] - before[:, :, -1]).abs().max() > 1e-4
+
+
+def test_list_log_probs_of_several_lists(data):
+    batch = ragged(data["train"][0], [60, 10, 3, 2])
+    with torch.no_grad():
+        out = generator(data["space"]).eval()(batch)
+    lists = torch.stack([batch.exposed, batch.exposed.flip(1)], dim=1)        # (B, 2, 6)
+    log_p, log_not_p = list_log_probs(out, lists)
+    for k in range(2):
+        p = out.probs.gather(1, lists[:, k].unsqueeze(1)).squeeze(1)            # (B, 6)
+        torch.testing.assert_close(log_p[:, k].exp(), p)
+        torch.testing.assert_close(log_not_p[:, k].exp(), 1 - p)
+
+
+class FavoursLowIndices(torch.nn.Module):
+    """A stand-in evaluator: every behaviour's logit falls with the candidate index, so a
+    list of low-index candidates has the highest utility."""
+
+    def forward(self, batch, lists, mask):
+        return (-0.2 * lists.float())[..., None].expand(*lists.shape, batch.feedback.shape[-1])
+
+
+def test_self_critical_training_moves_the_generator_towards_the_evaluators_choice(data):
+    batch = ragged(data["train"][1], [60] * 16)
+    model = generator(data["space"], dropout=0.0)
+    judge, weights = FavoursLowIndices(), data["space"].utility_weights
+
+    def greedy_index() -> float:
+        with torch.no_grad():
+            out = model.eval()(batch)
+        return float(out.probs[:, :, 0].argmax(1).float().mean())
+
+    before = greedy_index()
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(1)
+    shares = []
+    for _ in range(30):
+        model.train()
+        optimiser.zero_grad()
+        loss, positive = self_critical_loss(model(batch), batch, judge, weights, count=8)
+        loss.backward()
+        optimiser.step()
+        shares.append(float(positive))
+    assert 0 < shares[0] < 1                 # some samples beat the greedy list, some do not
+    assert greedy_index() < before - 5, (before, greedy_index())
+
+
+def test_generator_loss_with_evaluator_lists(data):
+    batch = data["train"][0]
+    model = generator(data["space"], evaluator_lists=4, tau=1.0)
+    weights = data["space"].utility_weights
+    with pytest.raises(ValueError, match="evaluator"):
+        generator_loss(model(batch), batch, model.config, weights)
+    seeded = [generator_loss(model(batch), batch, model.config, weights, FavoursLowIndices(),
+                             torch.Generator().manual_seed(0)) for _ in range(2)]
+    plain = generator_loss(model(batch), batch, dataclasses.replace(model.config,
+                                                                    evaluator_lists=0), weights)
+    assert float(seeded[0].sampled.detach()) > 0 and float(plain.sampled) == 0
+    assert float(seeded[0].total.detach()) == float(seeded[1].total.detach())   # same draws
+    torch.testing.assert_close(seeded[0].total - seeded[0].sampled, plain.total)

@@ -268,3 +268,27 @@ def test_commands_end_to_end_and_their_errors(run, data, tmp_path):
     done = cli("train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2"))
     assert done.returncode == 2 and "no such data directory" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_training_on_the_generators_own_lists(run, data, tmp_path):
+    """`generator.evaluator_lists`: the generator trains with the run's evaluator judging its
+    sampled lists, and validation reports the evaluator's utility for its greedy lists."""
+    from nar4rec.models.nar4rec import greedy_judged_utility
+
+    out = tmp_path / "self_critical"
+    config = load_overrides(RunConfig(), None, [*SMALL, "train.epochs=1",
+                                                "generator.evaluator_lists=4"])
+    train_run(data, out, config=config, evaluator_from=run, progress=False)
+    system = load_run(out)
+    valid_loss = json.loads((out / "generator" / "metrics.jsonl").read_text()
+                            .splitlines()[0])["valid_loss"]
+    reranker = system.reranker
+    judged, count = 0.0, 0
+    with torch.no_grad():
+        for batch in RequestLoader([data / "valid.parquet"], system.space, batch_size=256):
+            judged += float(greedy_judged_utility(reranker.generator(batch), batch,
+                                                  reranker.evaluator,
+                                                  system.space.utility_weights)) * len(batch)
+            count += len(batch)
+    assert valid_loss == pytest.approx(-judged / count, rel=1e-4)
+    assert judged / count > 0

@@ -36,7 +36,13 @@ from nar4rec.io import atomic_file
 from nar4rec.models import BASELINES, baseline
 from nar4rec.models.base import ListModel, Ranking
 from nar4rec.models.evaluator import Evaluator, EvaluatorConfig, evaluator_loss
-from nar4rec.models.nar4rec import NAR4Rec, NAR4RecConfig, generator_loss, resolve_tau
+from nar4rec.models.nar4rec import (
+    NAR4Rec,
+    NAR4RecConfig,
+    generator_loss,
+    greedy_judged_utility,
+    resolve_tau,
+)
 from nar4rec.reranker import Reranker, RerankerConfig, request_keys, request_uniforms
 from nar4rec.train import (
     BEST,
@@ -194,9 +200,11 @@ def train_run(data_dir: str | Path, run_dir: str | Path, *, model: str = "nar4re
             generator_config = resolve_tau(generator_config, loader, max_requests=TAU_REQUESTS)
             info["config"]["generator"] = dataclasses.asdict(generator_config)
             _write_run(run_dir, info, context)
+        judge = _load_model(run_dir / "evaluator" / BEST, Evaluator, EvaluatorConfig,
+                            space).to(context.device) if generator_config.evaluator_lists else None
         torch.manual_seed(config.train.seed)
         generator = NAR4Rec(generator_config, space)
-        result = _train_phase(generator, generator_step(generator_config, weights),
+        result = _train_phase(generator, generator_step(generator_config, weights, judge),
                               "generator", "nar4rec", generator_config, config.train, space,
                               train_paths, valid_paths, run_dir, resume, progress, context)
         info = _finish_phase(run_dir, info, "generator", result, context)
@@ -210,11 +218,24 @@ def evaluator_step(network: torch.nn.Module, batch: RequestBatch
     return loss, {"loss": float(loss.detach())}
 
 
-def generator_step(config: NAR4RecConfig, weights: torch.Tensor):
-    """The generator's LossFn for the training loop, with its objective settings (tau set)."""
+def generator_step(config: NAR4RecConfig, weights: torch.Tensor,
+                   evaluator: Evaluator | None = None):
+    """The generator's LossFn for the training loop, with its objective settings (tau set)
+    and, for `evaluator_lists`, the trained evaluator (frozen).
+
+    With the evaluator, the validation loss is minus the evaluator's mean utility for the
+    generator's greedy lists: what that training optimises (its loss on sampled lists is
+    relative to the greedy list and does not compare epochs)."""
+    if evaluator is not None:
+        evaluator.requires_grad_(False)
+
     def step(network: torch.nn.Module, batch: RequestBatch
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        terms = generator_loss(network(batch), batch, config, weights)
+        out = network(batch)
+        if evaluator is not None and not network.training:
+            judged = greedy_judged_utility(out, batch, evaluator, weights)
+            return -judged, {"greedy_judged_utility": float(judged)}
+        terms = generator_loss(out, batch, config, weights, evaluator)
         return terms.total, terms.as_dict()
     return step
 

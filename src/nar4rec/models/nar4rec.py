@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nar4rec import decode
 from nar4rec.data.loader import FeatureSpace, RequestBatch, RequestLoader
 from nar4rec.models.layers import MLP, UPSTREAM_NORMS, attend, personalised_inputs
 
@@ -73,6 +74,18 @@ class NAR4RecConfig:
         rho: margin of the contrastive losses (eqs. 18-19), in [-1, 1]; 0.5 as in Fig. 4.
         omega: weight of L_item + L_position (NOTES.md: eq. 20 has none, section 5.2.3 varies
             it); 0.01 as in Fig. 4.
+
+    Beyond the paper (off by default):
+        evaluator_lists: K > 0 also applies eq. 15 to K lists sampled from the generator's own
+            probability matrix at every training step (temperature 1, no candidate twice),
+            with R(u, Y) estimated by the trained evaluator and a threshold per request: the
+            evaluator's estimate for the generator's greedy list (self-critical training,
+            Rennie et al. 2017; a list that ties with it is left out). The logged lists teach
+            what the logging policy showed and one bit of how it went; these teach which of
+            the generator's own lists the evaluator prefers. 0: the paper's training on the
+            logged lists only. Validation then scores each epoch by the evaluator's utility
+            for the generator's greedy lists (pipeline.generator_step).
+        evaluator_weight: weight of that term next to L_ul on the logged lists.
     """
 
     list_length: int = 6
@@ -96,6 +109,8 @@ class NAR4RecConfig:
     tau_quantile: float = 0.5
     rho: float = 0.5
     omega: float = 0.01
+    evaluator_lists: int = 0
+    evaluator_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, str):           # `--set tau=...` on a field whose default is None
@@ -118,6 +133,9 @@ class NAR4RecConfig:
             problems.append(f"tau_quantile must be in [0, 1], not {self.tau_quantile}")
         if not -1.0 <= self.rho <= 1.0:
             problems.append(f"rho must be in [-1, 1], not {self.rho}")
+        if self.evaluator_lists < 0 or self.evaluator_weight < 0:
+            problems.append("evaluator_lists and evaluator_weight must be >= 0, not "
+                            f"{self.evaluator_lists} and {self.evaluator_weight}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -297,6 +315,8 @@ class GeneratorLoss:
     sequence: L_ul (eq. 15) or, with objective "likelihood", eq. 13 on every list.
     item, position: the contrastive margin losses over candidate and position representations.
     positive_fraction: () share of the batch's lists with R(u, Y) >= tau (1 for "likelihood").
+    sampled, sampled_positive: the self-critical term on the generator's own lists and the
+        share of them judged positive (0 without `evaluator_lists`).
     """
 
     total: torch.Tensor
@@ -304,35 +324,48 @@ class GeneratorLoss:
     item: torch.Tensor
     position: torch.Tensor
     positive_fraction: torch.Tensor
+    sampled: torch.Tensor
+    sampled_positive: torch.Tensor
 
     def as_dict(self) -> dict[str, float]:
         """Plain floats for logging."""
         return {name: float(getattr(self, name).detach()) for name in
-                ("total", "sequence", "item", "position", "positive_fraction")}
+                ("total", "sequence", "item", "position", "positive_fraction", "sampled",
+                 "sampled_positive")}
 
 
 def exposed_log_probs(out: GeneratorOutput, exposed: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p and log(1 - p) of the exposed candidate at each position, from the logits.
+    """log p and log(1 - p) of the exposed candidate at each position: `list_log_probs` of
+    one list per request, exposed (B, M) -> (B, M) each."""
+    log_p, log_not_p = list_log_probs(out, exposed.unsqueeze(1))
+    return log_p.squeeze(1), log_not_p.squeeze(1)
+
+
+def list_log_probs(out: GeneratorOutput, lists: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p and log(1 - p) of each list's candidate at each position, from the logits.
 
     log(1 - p_ij) = logsumexp_{k != i} l_kj - logsumexp_k l_kj, which stays finite and has
     useful gradients as p -> 1 (unlike log(1 - softmax)).
 
     Args:
         out: the generator's output; its m must be >= M.
-        exposed: (B, M) candidate index shown at each position (any value where padded).
+        lists: (B, L, M) candidate index at each position of L lists per request (any value
+            where padded).
     Returns:
-        log_p, log_not_p: (B, M) each.
+        log_p, log_not_p: (B, L, M) each.
     """
-    m, width = out.logits.shape[2], exposed.shape[1]
+    m, count, width = out.logits.shape[2], lists.shape[1], lists.shape[2]
     if width > m:
-        raise ValueError(f"logged lists have {width} positions, the model generates {m}")
+        raise ValueError(f"lists have {width} positions, the model generates {m}")
     scores = out.logits[:, :, :width].transpose(1, 2)                  # (B, M, n)
-    index = exposed.clamp(0, scores.shape[2] - 1).unsqueeze(-1)        # (B, M, 1)
-    log_norm = torch.logsumexp(scores, dim=-1)                         # (B, M)
-    log_p = scores.gather(-1, index).squeeze(-1) - log_norm            # (B, M)
-    others = scores.scatter(-1, index, torch.finfo(scores.dtype).min)  # (B, M, n)
-    log_not_p = torch.logsumexp(others, dim=-1) - log_norm             # (B, M)
+    log_norm = torch.logsumexp(scores, dim=-1).unsqueeze(1)            # (B, 1, M)
+    scores = scores.unsqueeze(1).expand(-1, count, -1, -1)             # (B, L, M, n)
+    index = lists.clamp(0, scores.shape[3] - 1).unsqueeze(-1)          # (B, L, M, 1)
+    log_p = scores.gather(-1, index).squeeze(-1) - log_norm            # (B, L, M)
+    others = scores.scatter(-1, index, torch.finfo(scores.dtype).min)  # (B, L, M, n)
+    log_not_p = torch.logsumexp(others, dim=-1) - log_norm             # (B, L, M)
     return log_p, log_not_p
 
 
@@ -364,11 +397,74 @@ def unlikelihood_loss(out: GeneratorOutput, exposed: torch.Tensor, exposed_mask:
         tau: the threshold.
     """
     log_p, log_not_p = exposed_log_probs(out, exposed)                 # (B, M) each
-    negative = (utility < tau).unsqueeze(1)                            # (B, 1)
-    alternatives = out.cand_mask.sum(1, keepdim=True) >= 2             # (B, 1)
-    valid = exposed_mask & (~negative | alternatives)                  # (B, M)
-    cell = torch.where(negative, -log_not_p, -log_p)                   # (B, M)
-    return torch.where(valid, cell, torch.zeros_like(cell)).sum() / max(exposed.shape[0], 1)
+    return _unlikelihood(out, log_p, log_not_p, exposed_mask, (utility < tau).unsqueeze(1))
+
+
+def _unlikelihood(out: GeneratorOutput, log_p: torch.Tensor, log_not_p: torch.Tensor,
+                  mask: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Eq. 15 from the log probabilities (B, ..., M) of lists, their real positions `mask`
+    and which lists are negative (broadcastable to them); summed, divided by B."""
+    alternatives = out.cand_mask.sum(1) >= 2                           # (B,)
+    alternatives = alternatives.view(-1, *([1] * (log_p.dim() - 1)))   # (B, 1, ...)
+    valid = mask & (~negative | alternatives)                          # (B, ..., M)
+    cell = torch.where(negative, -log_not_p, -log_p)                   # (B, ..., M)
+    return torch.where(valid, cell, torch.zeros_like(cell)).sum() / max(log_p.shape[0], 1)
+
+
+@torch.no_grad()
+def sample_lists(out: GeneratorOutput, count: int,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, count, m) lists drawn from the probability matrix (temperature 1, every
+    candidate allowed, none twice), for `evaluator_lists`."""
+    batch, n, m = out.probs.shape
+    probs = out.probs.detach().repeat(count, 1, 1)                     # (count B, n, m)
+    drawn = decode.top_k_sampling(probs, out.cand_mask.repeat(count, 1), k=max(n, 1),
+                                  generator=generator)                 # (count B, m)
+    return drawn.view(count, batch, m).transpose(0, 1)                 # (B, count, m)
+
+
+@torch.no_grad()
+def judged_utility(evaluator: nn.Module, batch: RequestBatch, lists: torch.Tensor,
+                   weights: torch.Tensor) -> torch.Tensor:
+    """(B, L) the evaluator's utility for lists (B, L, m) (NO_ITEM positions add nothing)."""
+    mask = lists >= 0
+    logits = evaluator(batch, lists, mask)                             # (B, L, m, K)
+    return ((torch.sigmoid(logits) @ weights.to(logits)) * mask).sum(-1)
+
+
+@torch.no_grad()
+def greedy_judged_utility(out: GeneratorOutput, batch: RequestBatch, evaluator: nn.Module,
+                          weights: torch.Tensor) -> torch.Tensor:
+    """() the mean over requests of the evaluator's utility for the generator's greedy lists:
+    the validation loss's measure (negated) when the generator trains on its own lists."""
+    greedy = decode.greedy(out.probs, out.cand_mask)                   # (B, m)
+    return judged_utility(evaluator, batch, greedy.unsqueeze(1), weights).mean()
+
+
+def self_critical_loss(out: GeneratorOutput, batch: RequestBatch, evaluator: nn.Module,
+                       weights: torch.Tensor, count: int,
+                       generator: torch.Generator | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 15 on `count` lists sampled from the generator, judged by the evaluator.
+
+    A sampled list is positive when the evaluator's utility for it is above its utility for
+    the generator's greedy list of the same request, negative when below; a list that ties
+    (usually the greedy list itself, drawn again) is left out (`NAR4RecConfig.evaluator_lists`).
+
+    Returns:
+        the loss, and the share of positive sampled lists.
+    """
+    sampled = sample_lists(out, count, generator)                      # (B, L, m)
+    with torch.no_grad():
+        greedy = decode.greedy(out.probs.detach(), out.cand_mask)      # (B, m)
+        lists = torch.cat([greedy.unsqueeze(1), sampled], dim=1)       # (B, 1 + L, m)
+        utility = judged_utility(evaluator, batch, lists, weights)     # (B, 1 + L)
+        negative = utility[:, 1:] < utility[:, :1]                     # (B, L)
+        positive = utility[:, 1:] > utility[:, :1]                     # (B, L)
+    log_p, log_not_p = list_log_probs(out, sampled)                    # (B, L, m) each
+    judged = (sampled >= 0) & (positive | negative).unsqueeze(-1)      # a tie teaches nothing
+    loss = _unlikelihood(out, log_p, log_not_p, judged, negative.unsqueeze(-1))
+    return loss / count, positive.float().mean()
 
 
 def contrastive_loss(representation: torch.Tensor, mask: torch.Tensor | None,
@@ -449,7 +545,8 @@ def resolve_tau(config: NAR4RecConfig, loader: RequestLoader, *,
 
 
 def generator_loss(out: GeneratorOutput, batch: RequestBatch, config: NAR4RecConfig,
-                   weights: torch.Tensor) -> GeneratorLoss:
+                   weights: torch.Tensor, evaluator: nn.Module | None = None,
+                   generator: torch.Generator | None = None) -> GeneratorLoss:
     """Eq. 20 with the weight omega: L_seq + omega * (L_item + L_position).
 
     L_seq is L_ul (eq. 15) with the threshold `config.tau`, or with objective "likelihood"
@@ -459,8 +556,10 @@ def generator_loss(out: GeneratorOutput, batch: RequestBatch, config: NAR4RecCon
     Args:
         out: the generator's output for `batch`.
         batch: the requests, with their logged lists and feedback.
-        config: reads objective, tau, rho, omega.
+        config: reads objective, tau, rho, omega, evaluator_lists, evaluator_weight.
         weights: (K,) utility weight of each behaviour (`FeatureSpace.utility_weights`).
+        evaluator: the trained evaluator, needed when config.evaluator_lists > 0.
+        generator: random numbers for the sampled lists (None: the global generator).
     """
     if config.objective == "unlikelihood":
         if config.tau is None:
@@ -473,8 +572,15 @@ def generator_loss(out: GeneratorOutput, batch: RequestBatch, config: NAR4RecCon
     else:
         sequence = likelihood_loss(out, batch.exposed, batch.exposed_mask)
         positive_fraction = torch.ones((), device=sequence.device)
+    sampled = sampled_positive = torch.zeros((), device=sequence.device)
+    if config.evaluator_lists:
+        if evaluator is None:
+            raise ValueError("evaluator_lists > 0 needs the trained evaluator")
+        sampled, sampled_positive = self_critical_loss(out, batch, evaluator, weights,
+                                                       config.evaluator_lists, generator)
     item = contrastive_loss(out.item_repr, out.cand_mask, config.rho)
     position = contrastive_loss(out.position_repr, None, config.rho)
-    total = sequence + config.omega * (item + position)
+    total = sequence + config.evaluator_weight * sampled + config.omega * (item + position)
     return GeneratorLoss(total=total, sequence=sequence, item=item, position=position,
-                         positive_fraction=positive_fraction)
+                         positive_fraction=positive_fraction, sampled=sampled,
+                         sampled_positive=sampled_positive)
