@@ -320,8 +320,7 @@ def test_generator_likelihood_training_beats_uniform(data):
 @pytest.mark.parametrize("cross", [False, True])
 def test_attend_equals_multihead_attention(cross):
     """`layers.attend` is nn.MultiheadAttention's computation with its own parameters."""
-    from nar4rec.models.layers import attend
-    from nar4rec.models.nar4rec import key_padding_bias
+    from nar4rec.models.layers import attend, key_padding_bias
 
     torch.manual_seed(0)
     module = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()

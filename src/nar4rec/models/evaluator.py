@@ -24,10 +24,10 @@ from nar4rec.models.layers import (
     MLP,
     UPSTREAM_NORMS,
     attend,
+    key_padding_bias,
     personalised_inputs,
     position_rows,
 )
-from nar4rec.models.nar4rec import key_padding_bias
 
 
 @dataclass

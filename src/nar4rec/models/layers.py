@@ -178,6 +178,13 @@ def standardise(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return scaled * weight
 
 
+def key_padding_bias(padding: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, n) bool, True where padded -> (B, n) float, -inf there and 0 elsewhere: the
+    key-padding mask nn.MultiheadAttention adds to its attention logits."""
+    return torch.zeros(padding.shape, dtype=dtype, device=padding.device).masked_fill(
+        padding, -torch.inf)
+
+
 def attend(module: nn.MultiheadAttention, query: torch.Tensor, memory: torch.Tensor,
            key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """`module(query, memory, memory, key_padding_mask=key_bias)[0]`, computed batch-first

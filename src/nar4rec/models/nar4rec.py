@@ -27,7 +27,14 @@ from torch import nn
 
 from nar4rec import decode
 from nar4rec.data.loader import FeatureSpace, RequestBatch, RequestLoader
-from nar4rec.models.layers import MLP, UPSTREAM_NORMS, attend, personalised_inputs
+from nar4rec.models.evaluator import list_utility
+from nar4rec.models.layers import (
+    MLP,
+    UPSTREAM_NORMS,
+    attend,
+    key_padding_bias,
+    personalised_inputs,
+)
 
 USER_CONDITIONINGS = ("add", "token")
 CROSS_ATTENTION_SOURCES = ("self_attention", "layer_output")
@@ -156,13 +163,6 @@ class GeneratorOutput:
     item_repr: torch.Tensor
     position_repr: torch.Tensor
     cand_mask: torch.Tensor
-
-
-def key_padding_bias(padding: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, n) bool, True where padded -> (B, n) float, -inf there and 0 elsewhere: the
-    key-padding mask nn.MultiheadAttention adds to its attention logits."""
-    return torch.zeros(padding.shape, dtype=dtype, device=padding.device).masked_fill(
-        padding, -torch.inf)
 
 
 class CandidateLayer(nn.Module):
@@ -428,8 +428,7 @@ def judged_utility(evaluator: nn.Module, batch: RequestBatch, lists: torch.Tenso
                    weights: torch.Tensor) -> torch.Tensor:
     """(B, L) the evaluator's utility for lists (B, L, m) (NO_ITEM positions add nothing)."""
     mask = lists >= 0
-    logits = evaluator(batch, lists, mask)                             # (B, L, m, K)
-    return ((torch.sigmoid(logits) @ weights.to(logits)) * mask).sum(-1)
+    return list_utility(evaluator(batch, lists, mask), weights, mask)
 
 
 @torch.no_grad()
