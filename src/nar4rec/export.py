@@ -36,6 +36,7 @@ from torch import nn
 from nar4rec.data.loader import RequestBatch
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_dir
+from nar4rec.models.base import predicted_utility
 from nar4rec.pipeline import load_run
 from nar4rec.reranker import Reranker, best_of, propose, request_keys
 
@@ -104,7 +105,7 @@ class PipelineGraph(nn.Module):
                             request_keys(user_cat, cand_cat, cand_mask))   # (B, K, m)
         mask = proposals >= 0
         logits = self.evaluator(batch, proposals.clamp_min(0), mask)       # (B, K, m, K_b)
-        item_utility = torch.sigmoid(logits) @ self.weights * mask         # (B, K, m)
+        item_utility = predicted_utility(logits, self.weights) * mask     # (B, K, m)
         lists, utility, item_scores, _ = best_of(proposals, item_utility)
         return lists, item_scores, utility
 

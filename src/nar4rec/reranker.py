@@ -20,7 +20,7 @@ import torch
 
 from nar4rec import decode
 from nar4rec.data.loader import RequestBatch
-from nar4rec.models.base import top_m
+from nar4rec.models.base import predicted_utility, top_m
 from nar4rec.models.evaluator import Evaluator
 from nar4rec.models.nar4rec import GeneratorOutput, NAR4Rec
 
@@ -158,7 +158,7 @@ class Reranker:
         NO_ITEM positions."""
         mask = lists >= 0
         logits = self.evaluator(batch, lists, mask)                    # (B, L, m, K)
-        return torch.sigmoid(logits) @ self.weights.to(logits) * mask
+        return predicted_utility(logits, self.weights) * mask
 
     @torch.no_grad()
     def evaluator_top_m(self, batch: RequestBatch) -> Reranked:
