@@ -68,14 +68,20 @@ def contrastive(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.T
         (B, m) candidate indices, NO_ITEM where a request has run out of candidates.
     """
     batch, n, m = _check(probs, cand_mask, item_repr)
-    weight = torch.as_tensor(alpha, dtype=probs.dtype, device=probs.device)
-    if weight.dim() > 1 or (weight.dim() == 1 and len(weight) != batch):
-        raise ValueError(f"alpha must be a number or a (B,) = ({batch},) tensor, got shape "
-                         f"{tuple(weight.shape)}")
-    # (a traced graph, as in `nar4rec export`, cannot branch on data; its alphas were checked)
-    if not torch.compiler.is_compiling() and not bool(((weight >= 0) & (weight <= 1)).all()):
-        raise Nar4recError(f"contrastive decoding: alpha must be in [0, 1], got {alpha}")
-    weight = weight[:, None] if weight.dim() == 1 else weight                # (B, 1) or ()
+    if isinstance(alpha, torch.Tensor):
+        weight = alpha.to(probs.dtype)
+        if weight.dim() > 1 or (weight.dim() == 1 and len(weight) != batch):
+            raise ValueError(f"alpha must be a number or a (B,) = ({batch},) tensor, got "
+                             f"shape {tuple(weight.shape)}")
+        # (a traced or captured graph, as in `nar4rec export` and `cuda_graphs`, cannot
+        # branch on data; its alphas were checked)
+        if not _in_graph() and not bool(((weight >= 0) & (weight <= 1)).all()):
+            raise Nar4recError(f"contrastive decoding: alpha must be in [0, 1], got {alpha}")
+        weight = weight[:, None] if weight.dim() == 1 else weight            # (B, 1) or ()
+    else:                   # a number stays one: no tensor copied to the device per call
+        if not 0.0 <= alpha <= 1.0:
+            raise Nar4recError(f"contrastive decoding: alpha must be in [0, 1], got {alpha}")
+        weight = float(alpha)
     if similarity not in SIMILARITIES:
         raise Nar4recError(f"contrastive decoding: similarity must be one of {SIMILARITIES}, "
                            f"got {similarity!r}")
@@ -170,7 +176,6 @@ def top_k_sampling(probs: torch.Tensor, cand_mask: torch.Tensor, *, k: int = 5,
     if not temperature > 0:
         raise Nar4recError(f"top-k sampling: temperature must be > 0, got {temperature}")
     device = probs.device
-    rows = torch.arange(batch, device=device)
     available = cand_mask.clone()
     lists = torch.full((batch, m), NO_ITEM, dtype=torch.long, device=device)
     if n == 0:
@@ -193,7 +198,8 @@ def top_k_sampling(probs: torch.Tensor, cand_mask: torch.Tensor, *, k: int = 5,
             # never a disallowed slot: those have probability 0 and sit after the allowed ones
             draw = torch.minimum(draw, (allowed.sum(1, keepdim=True) - 1).clamp_min(0))
         picked = torch.where(has_any, top_index.gather(1, draw).squeeze(1), NO_ITEM)  # (B,)
-        available[rows, picked.clamp_min(0)] = False
+        available.scatter_(1, picked.clamp_min(0)[:, None], False)   # (no host copy: a CUDA
+        # graph can hold it)
         lists[:, position] = picked
     return lists
 
@@ -298,6 +304,12 @@ def _check(probs: torch.Tensor, cand_mask: torch.Tensor,
     return batch, n, m
 
 
+def _in_graph() -> bool:
+    """True while a graph is traced (torch.compile, ONNX export) or a CUDA graph captured."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available()
+                                             and torch.cuda.is_current_stream_capturing())
+
+
 def _take_best(scores: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
     """Argmax of scores (B, n) over available candidates, which it marks used: (B,).
 
@@ -310,5 +322,6 @@ def _take_best(scores: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
     # An available candidate scored -inf ties with the used ones: take the first available.
     picked = torch.where(available[rows, picked], picked, available.byte().argmax(dim=1))
     has_any = available.any(dim=1)
-    available[rows, picked] = False
+    available.scatter_(1, picked[:, None], False)     # (indexed assignment of a Python bool
+    # copies it from the host, which a CUDA graph cannot hold)
     return torch.where(has_any, picked, NO_ITEM)

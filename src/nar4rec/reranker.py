@@ -14,6 +14,7 @@ item-wise scores (`evaluator_top_m`), the "rank by a point-wise model" strategy.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,14 @@ class Reranker:
             list_length = (generator or evaluator).config.list_length
         self.list_length = list_length
 
+    def to(self, device: torch.device | str) -> Reranker:
+        """Moves the generator, the evaluator and the weights to `device`; returns self."""
+        for model in (self.generator, self.evaluator):
+            if model is not None:
+                model.to(device)
+        self.weights = self.weights.to(device)
+        return self
+
     @torch.no_grad()
     def rerank(self, batch: RequestBatch) -> Reranked:
         """The best list of each request of the batch."""
@@ -133,9 +142,9 @@ class Reranker:
         if self.evaluator is None or self.config.select == "first":
             lists = proposals[:, 0]
             placed = out.probs.gather(1, lists.clamp_min(0).unsqueeze(1)).squeeze(1)  # (B, m)
-            utility = torch.full((len(lists),), torch.nan)
+            utility = torch.full((len(lists),), torch.nan, device=lists.device)
             return Reranked(lists, utility, placed.masked_fill(lists < 0, 0.0), proposals,
-                            torch.zeros(len(lists), dtype=torch.long))
+                            torch.zeros(len(lists), dtype=torch.long, device=lists.device))
         lists, utility, item_scores, chosen = best_of(proposals,
                                                       self.item_utility(batch, proposals))
         return Reranked(lists, utility, item_scores, proposals, chosen)
@@ -173,7 +182,7 @@ class Reranker:
         item_scores = scores.gather(1, lists.clamp_min(0)).masked_fill(lists < 0, 0.0)
         utility = self.item_utility(batch, lists.unsqueeze(1)).sum(-1).squeeze(1)  # (B,)
         return Reranked(lists, utility, item_scores, lists.unsqueeze(1),
-                        torch.zeros(len(lists), dtype=torch.long))
+                        torch.zeros(len(lists), dtype=torch.long, device=lists.device))
 
     @torch.no_grad()
     def item_wise_scores(self, batch: RequestBatch) -> torch.Tensor:
@@ -181,7 +190,8 @@ class Reranker:
         padded candidates."""
         if self.evaluator is None:
             raise ValueError("item-wise scores need an evaluator")
-        single = torch.arange(batch.cand_mask.shape[1]).expand(len(batch), -1)  # (B, n)
+        n = batch.cand_mask.shape[1]
+        single = torch.arange(n, device=batch.cand_mask.device).expand(len(batch), -1)  # (B, n)
         scores = self.item_utility(batch, single.unsqueeze(-1)).squeeze(-1)     # (B, n)
         return scores.masked_fill(~batch.cand_mask, -torch.inf)
 
@@ -197,7 +207,7 @@ def best_of(proposals: torch.Tensor, item_utility: torch.Tensor
     """
     utility = item_utility.sum(-1)                                     # (B, K)
     chosen = utility.argmax(dim=1)                                     # (B,)
-    rows = torch.arange(len(chosen))
+    rows = torch.arange(len(chosen), device=chosen.device)
     return (proposals[rows, chosen], utility[rows, chosen], item_utility[rows, chosen],
             chosen)
 
@@ -228,13 +238,38 @@ def request_uniforms(keys: torch.Tensor, seed: int, draws: int, length: int) -> 
     """
     state = (keys * 48_271 + (seed % _PRIME) * 16_807 + 1) % _PRIME
     state = state.clamp_min(1)                                          # (B,)
-    multipliers, value = [], 1
-    for _ in range(draws * length):
-        value = value * 48_271 % _PRIME
-        multipliers.append(value)
-    powers = torch.tensor(multipliers, dtype=torch.long, device=keys.device)  # (draws * length,)
+    powers = _stream_multipliers(draws * length, keys.device)          # (draws * length,)
     stacked = (state[:, None] * powers % _PRIME).double() / _PRIME     # (B, draws * length)
     return stacked.view(len(keys), draws, length)
+
+
+def _stream_multipliers(count: int, device: torch.device) -> torch.Tensor:
+    """(count,) 48271^k mod (2^31 - 1) for k = 1..count on `device`, made once per count and
+    device (no host-to-device copy per call, which a CUDA graph could not hold)."""
+    return _constant(_multipliers(count), torch.long, device)
+
+
+@functools.cache
+def _multipliers(count: int) -> tuple[int, ...]:
+    multipliers, value = [], 1
+    for _ in range(count):
+        value = value * 48_271 % _PRIME
+        multipliers.append(value)
+    return tuple(multipliers)
+
+
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of `values`, kept per device so that eager calls copy it there once. While a
+    graph is traced (torch.compile, the ONNX export) it is made afresh: a traced tensor must
+    not outlive its trace."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _cached_constant(values, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 @torch.no_grad()
@@ -248,7 +283,7 @@ def propose(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tenso
     batch, m = len(probs), probs.shape[2]
     # Every alpha in one decoding pass over stacked copies of the batch (copy a = alpha a),
     # and every sample in one pass: 2 loops over the m positions instead of K.
-    alphas = torch.tensor(config.alphas, dtype=probs.dtype, device=probs.device)
+    alphas = _constant(config.alphas, probs.dtype, probs.device)
     copies = len(config.alphas)
     # (expand, not repeat_interleave: the ONNX exporter bakes the latter's batch size in)
     row_alpha = alphas[:, None].expand(copies, batch).reshape(-1)      # (A B,)

@@ -287,7 +287,7 @@ class PIER(ListModel):
         utility = list_utility(self.ocpm(items, user, kept_lists, kept_lists >= 0),
                                self.weights, kept_lists >= 0)           # (B, k)
         best = utility.argmax(1)                                        # first of ties
-        return Ranking(kept_lists[torch.arange(len(kept_lists)), best], scores)
+        return Ranking(kept_lists[torch.arange(len(kept_lists), device=best.device), best], scores)
 
     @torch.no_grad()
     def logged_click(self, batch: RequestBatch) -> torch.Tensor:
