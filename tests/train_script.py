@@ -37,7 +37,7 @@ def main(data: Path, run: Path, epochs: int, resume: bool) -> None:
     train(model, evaluator_task, loaders[0], loaders[1], config, run,
           describe={"model": "evaluator", "space": space.to_dict()}, resume=resume,
           context=context, progress=False)
-    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes()
+    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes()
                                      for p in model.parameters())).hexdigest()
     run.mkdir(parents=True, exist_ok=True)
     (run / f"weights-rank{context.rank}.txt").write_text(digest)

@@ -74,7 +74,10 @@ def distributed_context() -> DistributedContext:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return DistributedContext(device=device)
     rank = int(os.environ["RANK"])
-    if torch.cuda.is_available():
+    # one GPU per process, or none: with fewer GPUs than processes on this node (torchrun's
+    # LOCAL_WORLD_SIZE) every rank trains on the CPU, since all ranks must share a backend
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.is_available() and torch.cuda.device_count() >= local_world:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
