@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from nar4rec import cli
-from nar4rec.bench import BenchConfig, matmul_gflops, run_bench
+from nar4rec.bench import BenchConfig, format_bench, matmul_gflops, run_bench
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,3 +67,29 @@ def test_bench_command(tmp_path, capsys):
     assert 0 < onnx["latency_ms_p50"] <= onnx["latency_ms_p99"] and onnx["infer_s_per_batch"] > 0
     assert onnx["latency_requests"] == 5
     assert cli.main(["bench", "--models", "nope", "--json", str(out)]) == 2
+
+
+def test_bench_on_a_missing_gpu_is_a_clear_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the error cannot arise")
+    code = cli.main(["bench", "--device", "cuda", "--json", str(tmp_path / "bench.json")])
+    assert code == 2 and "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_on_the_gpu(tmp_path):
+    config = BenchConfig(preset="avito", models=("nar4rec", "seq2slate", "pier"), batch=64,
+                         steps=2, warmup=1, latency_requests=10, lengths=(5,), device="cuda")
+    result = run_bench(config, tmp_path, log=lambda _: None)
+    assert result["device"] == "cuda" and result["machine"]["gpu"]
+    rows = {row["model"]: row for row in result["rows"]}
+    assert set(rows) == {"nar4rec", "seq2slate", "pier", "nar4rec_pipeline",
+                         "nar4rec_pipeline_cuda_graph"}                      # no onnx row
+    assert all(row["infer_s_per_batch"] > 0 for row in rows.values())
+    assert rows["nar4rec"]["infer_s_per_batch_cuda_graph"] > 0
+    graphed = rows["nar4rec_pipeline_cuda_graph"]
+    assert 0 < graphed["latency_ms_p50"] <= graphed["latency_ms_p99"]
+    assert result["generator"]["share_of_peak"] > 0
+    assert result["generator"]["gflops_graph"] > 0
+    assert "CUDA graph" in format_bench(result)

@@ -3,8 +3,9 @@ NAR4Rec pipeline, and the machine's matrix-multiply peak to compare them with (`
 bench`, the paper's Table 4).
 
 Every figure is a median over repeated calls after warm-up calls, measured with
-`time.perf_counter` on the current thread settings; the numbers are only comparable within
-one run on one machine (say which in any document that quotes them).
+`time.perf_counter` on the current thread settings (on a GPU, with the device synchronised
+before the clock starts and before it stops); the numbers are only comparable within one run on
+one machine (say which in any document that quotes them).
 """
 
 from __future__ import annotations
@@ -20,22 +21,40 @@ import torch
 from torch import nn
 
 from nar4rec.data.loader import RequestBatch, RequestLoader
+from nar4rec.errors import Nar4recError
 from nar4rec.models.base import ListModel
 from nar4rec.models.nar4rec import utility_threshold
 from nar4rec.pipeline import check_models, evaluator_step, generator_step
 
 
-def seconds_per_call(call: Callable[[], object], *, warmup: int = 2, repeats: int = 5
-                     ) -> list[float]:
-    """Wall seconds of each of `repeats` calls, after `warmup` calls that are not counted."""
+def seconds_per_call(call: Callable[[], object], *, warmup: int = 2, repeats: int = 5,
+                     device: torch.device | str | None = None) -> list[float]:
+    """Wall seconds of each of `repeats` calls, after `warmup` calls that are not counted.
+
+    On a CUDA `device` the clock starts after the device has finished earlier work and stops
+    when the call's kernels have finished, not when they were queued.
+    """
+    sync = _synchroniser(device)
     for _ in range(warmup):
         call()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         call()
+        sync()
         times.append(time.perf_counter() - start)
     return times
+
+
+def _synchroniser(device: torch.device | str | None) -> Callable[[], None]:
+    if device is not None and torch.device(device).type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def device_of(batch: RequestBatch) -> torch.device:
+    return batch.cand_mask.device
 
 
 def training_step_of(run) -> tuple[nn.Module, Callable]:
@@ -59,6 +78,9 @@ def time_training(module: nn.Module, step: Callable, batch: RequestBatch, *,
     import copy
 
     model = copy.deepcopy(module).train()
+    for layer in model.modules():           # a copy's recurrent weights are no longer one
+        if isinstance(layer, nn.RNNBase):   # block, which cuDNN would compact at every call
+            layer.flatten_parameters()
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
 
     def one_step():
@@ -67,7 +89,8 @@ def time_training(module: nn.Module, step: Callable, batch: RequestBatch, *,
         loss.backward()
         optimiser.step()
 
-    return statistics.median(seconds_per_call(one_step, warmup=warmup, repeats=repeats))
+    return statistics.median(seconds_per_call(one_step, warmup=warmup, repeats=repeats,
+                                              device=device_of(batch)))
 
 
 def time_inference(rerank: Callable[[RequestBatch], object], batch: RequestBatch, *,
@@ -75,13 +98,19 @@ def time_inference(rerank: Callable[[RequestBatch], object], batch: RequestBatch
     """Median seconds of `rerank(batch)` without gradients."""
     with torch.no_grad():
         return statistics.median(seconds_per_call(lambda: rerank(batch), warmup=warmup,
-                                                  repeats=repeats))
+                                                  repeats=repeats, device=device_of(batch)))
 
 
-def matmul_gflops(size: int = 1024, *, repeats: int = 10) -> float:
-    """The best GFLOP/s of a float32 (size x size) @ (size x size) product on this machine."""
-    left, right = torch.randn(size, size), torch.randn(size, size)
-    best = min(seconds_per_call(lambda: left @ right, warmup=2, repeats=repeats))
+def matmul_gflops(size: int | None = None, *, repeats: int = 10,
+                  device: torch.device | str = "cpu") -> float:
+    """The best GFLOP/s of a float32 (size x size) @ (size x size) product on `device` (size:
+    1024 on a CPU, 8192 on a GPU, large enough to reach its peak), in torch's default float32
+    precision (no TF32), the precision the models run in."""
+    device = torch.device(device)
+    size = size or (8192 if device.type == "cuda" else 1024)
+    left = torch.randn(size, size, device=device)
+    right = torch.randn(size, size, device=device)
+    best = min(seconds_per_call(lambda: left @ right, warmup=2, repeats=repeats, device=device))
     return 2 * size ** 3 / best / 1e9
 
 
@@ -103,7 +132,8 @@ class BenchConfig:
     lengths: the list lengths m of the NAR4Rec / Seq2Slate inference sweep.
     threads: torch intra-op threads (0: torch's default); onnxruntime gets as many.
     onnx: also time the pipeline exported as one ONNX graph under onnxruntime (the export
-        takes a minute or two).
+        takes a minute or two); on the CPU only (onnxruntime's CPU package is the dependency).
+    device: "cpu", "cuda" or "auto" (CUDA when there is one, as training does).
     """
 
     preset: str = "kuaishou"
@@ -115,6 +145,17 @@ class BenchConfig:
     lengths: tuple[int, ...] = SWEEP
     threads: int = 0
     onnx: bool = True
+    device: str = "cpu"
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto": CUDA when torch sees a GPU, else the CPU; otherwise the device named."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Nar4recError("--device cuda, but torch sees no CUDA device here")
+    return device
 
 
 def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
@@ -124,6 +165,7 @@ def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
     from nar4rec.sim.simulate import simulate
 
     check_models(config.models)
+    device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
     workdir = Path(workdir)
@@ -133,24 +175,30 @@ def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
                  overwrite=True, progress=False)
     space = FeatureSpace.fit([data / "train.parquet"])
     loader = RequestLoader([data / "train.parquet"], space, batch_size=config.batch)
-    batch = next(iter(loader))
-    single = list(RequestLoader([data / "test.parquet"], space, batch_size=1))
+    batch = next(iter(loader)).to(device)
+    single = [request.to(device)
+              for request in RequestLoader([data / "test.parquet"], space, batch_size=1)]
     m = batch.exposed.shape[1]
     tau = utility_threshold([batch], space.utility_weights, 0.5)   # the default tau
     timing = {"warmup": config.warmup, "repeats": config.steps}
     result = {"preset": config.preset, "batch": len(batch), "candidates":
               int(batch.cand_mask.shape[1]), "list_length": m, "threads":
               torch.get_num_threads(), "steps": config.steps, "machine": machine(),
-              "matmul_gflops": matmul_gflops(), "rows": []}
-    log(f"matrix-multiply peak {result['matmul_gflops']:.1f} GFLOP/s")
+              "device": device.type, "matmul_gflops": matmul_gflops(device=device),
+              "rows": []}
+    log(f"{device.type}: float32 matrix-multiply peak {result['matmul_gflops']:.1f} GFLOP/s")
     for name in config.models:
-        module, step, infer = build_for_timing(name, space, m, tau)
+        module, step, infer = build_for_timing(name, space, m, tau, device)
         row = {"model": name, "preset": config.preset,
                "train_s_per_batch": time_training(module, step, batch, **timing),
                "infer_s_per_batch": time_inference(infer, batch, **timing)}
+        if device.type == "cuda":
+            row["infer_s_per_batch_cuda_graph"] = time_graphed(infer, batch, timing, log, name)
         result["rows"].append(row)
         log(f"{name}: train {row['train_s_per_batch']:.4f} s, infer "
-            f"{row['infer_s_per_batch']:.4f} s per batch of {len(batch)}")
+            f"{row['infer_s_per_batch']:.4f} s per batch of {len(batch)}"
+            + (f" ({_seconds(row['infer_s_per_batch_cuda_graph'])} from a CUDA graph)"
+               if device.type == "cuda" else ""))
     if "nar4rec" in config.models:
         result["rows"] += _pipeline_rows(space, m, tau, batch, single, config, workdir, timing)
         result["generator"] = _generator_figures(space, m, tau, batch, timing)
@@ -163,10 +211,32 @@ def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
     return result
 
 
-def build_for_timing(name: str, space, m: int, tau: float
+def time_graphed(infer: Callable[[RequestBatch], object], batch: RequestBatch, timing: dict,
+                 log=print, name: str = "") -> float | None:
+    """Median seconds of `infer(batch)` replayed from a CUDA graph (`cuda_graphs`): the cost
+    of its kernels without Python's launch overhead. None, and a logged reason, where the
+    call cannot be captured (it synchronises with the host)."""
+    from nar4rec.cuda_graphs import CudaGraphed
+
+    graphed = CudaGraphed(infer, device_of(batch))
+    try:
+        graphed(batch)
+    except RuntimeError as exc:
+        torch.cuda.synchronize(device_of(batch))
+        log(f"{name}: no CUDA graph ({str(exc).splitlines()[0]})")
+        return None
+    return time_inference(graphed, batch, **timing)
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f} s"
+
+
+def build_for_timing(name: str, space, m: int, tau: float, device: torch.device | str = "cpu"
                      ) -> tuple[nn.Module, Callable, Callable]:
-    """An untrained model at its default size (d_model 64 for all), its loss function and the
-    call that produces lists: (module, step, infer). Weights do not change the cost."""
+    """An untrained model at its default size (d_model 64 for all) on `device`, its loss
+    function and the call that produces lists: (module, step, infer). Weights do not change
+    the cost."""
     from nar4rec.decode import contrastive
     from nar4rec.models import baseline
     from nar4rec.models.nar4rec import NAR4Rec, NAR4RecConfig
@@ -174,14 +244,14 @@ def build_for_timing(name: str, space, m: int, tau: float
     torch.manual_seed(0)
     if name == "nar4rec":
         config = NAR4RecConfig(list_length=m, tau=tau)
-        generator = NAR4Rec(config, space).eval()
+        generator = NAR4Rec(config, space).to(device).eval()
 
         def infer(batch):                    # generation: forward + contrastive decoding
             out = generator(batch)
             return contrastive(out.probs, out.item_repr, out.cand_mask)
         return generator, generator_step(config, space.utility_weights), infer
     model_class, config_class = baseline(name)
-    model = model_class(config_class(list_length=m), space).eval()
+    model = model_class(config_class(list_length=m), space).to(device).eval()
     return model, ListModel.step, model.rerank
 
 
@@ -196,14 +266,17 @@ def _pipeline_rows(space, m, tau, batch, single, config: BenchConfig, workdir: P
     torch.manual_seed(0)
     reranker = Reranker(NAR4Rec(NAR4RecConfig(list_length=m, tau=tau), space),
                         Evaluator(EvaluatorConfig(list_length=m), space),
-                        space.utility_weights)
+                        space.utility_weights).to(device_of(batch))
     requests = [single[i % len(single)] for i in range(config.latency_requests)]
     with torch.no_grad():
-        latencies = _latencies(reranker.rerank, requests, warmup=config.warmup * 10)
+        latencies = _latencies(reranker.rerank, requests, warmup=config.warmup * 10,
+                               device=device_of(batch))
     rows = [{"model": "nar4rec_pipeline", "preset": config.preset, "train_s_per_batch": None,
              "infer_s_per_batch": time_inference(reranker.rerank, batch, **timing),
              "proposals": reranker.config.proposals, **latencies}]
-    if config.onnx:
+    if device_of(batch).type == "cuda":
+        rows.append(_cuda_graph_row(reranker, requests, batch, config, timing))
+    if config.onnx and device_of(batch).type == "cpu":
         rows.append(_onnx_pipeline_row(reranker, space, m, requests, batch, config, workdir,
                                        timing))
     return rows
@@ -234,15 +307,33 @@ def _onnx_pipeline_row(reranker, space, m, requests, batch, config: BenchConfig,
             "proposals": reranker.config.proposals, **latencies}
 
 
-def _latencies(call: Callable, requests: list, *, warmup: int) -> dict:
+def _cuda_graph_row(reranker, requests, batch, config: BenchConfig, timing) -> dict:
+    """The same pipeline replayed from CUDA graphs (`cuda_graphs.GraphedReranker`), which
+    launches its kernels in one call instead of several hundred."""
+    from nar4rec.cuda_graphs import GraphedReranker
+
+    graphed = GraphedReranker(reranker)
+    latencies = _latencies(graphed.rerank, requests, warmup=config.warmup * 10,
+                           device=device_of(batch))
+    return {"model": "nar4rec_pipeline_cuda_graph", "preset": config.preset,
+            "train_s_per_batch": None,
+            "infer_s_per_batch": time_inference(graphed.rerank, batch, **timing),
+            "proposals": reranker.config.proposals, **latencies}
+
+
+def _latencies(call: Callable, requests: list, *, warmup: int,
+               device: torch.device | None = None) -> dict:
     """p50 and p99 milliseconds of `call` on each request, after `warmup` untimed calls on
-    the first ones."""
+    the first ones (on a GPU, until the call's kernels have finished)."""
+    sync = _synchroniser(device)
     for request in requests[:warmup]:
         call(request)
     seconds = []
     for request in requests:
+        sync()
         start = time.perf_counter()
         call(request)
+        sync()
         seconds.append(time.perf_counter() - start)
     milliseconds = 1000 * np.array(seconds)
     return {"latency_ms_p50": float(np.percentile(milliseconds, 50)),
@@ -257,7 +348,8 @@ def _generator_figures(space, m, tau, batch, timing) -> dict:
 
     from nar4rec.decode import contrastive
 
-    generator, _, _ = build_for_timing("nar4rec", space, m, tau)
+    device = device_of(batch)
+    generator, _, _ = build_for_timing("nar4rec", space, m, tau, device)
     with torch.no_grad():
         with FlopCounterMode(display=False) as counter:
             out = generator(batch)
@@ -265,10 +357,18 @@ def _generator_figures(space, m, tau, batch, timing) -> dict:
         forward = time_inference(generator, batch, **timing)
         decode = time_inference(lambda _: contrastive(out.probs, out.item_repr, out.cand_mask),
                                 batch, **timing)
-    peak = matmul_gflops()
-    return {"flops_per_batch": flops, "forward_s": forward, "gflops": flops / forward / 1e9,
-            "matmul_gflops": peak, "share_of_peak": flops / forward / 1e9 / peak,
-            "decode_s": decode}
+    peak = matmul_gflops(device=device)
+    figures = {"flops_per_batch": flops, "forward_s": forward, "gflops": flops / forward / 1e9,
+               "matmul_gflops": peak, "share_of_peak": flops / forward / 1e9 / peak,
+               "decode_s": decode}
+    if device.type == "cuda":
+        forward_graph = time_graphed(generator, batch, timing, name="generator")
+        figures["forward_graph_s"] = forward_graph
+        figures["gflops_graph"] = flops / forward_graph / 1e9 if forward_graph else None
+        figures["decode_graph_s"] = time_graphed(
+            lambda _: contrastive(out.probs, out.item_repr, out.cand_mask), batch, timing,
+            name="contrastive decoding")
+    return figures
 
 
 def _sweep(space, tau, batch, config: BenchConfig, timing, log) -> list[dict]:
@@ -280,7 +380,7 @@ def _sweep(space, tau, batch, config: BenchConfig, timing, log) -> list[dict]:
     for m in config.lengths:
         row = {"m": m}
         for name in ("nar4rec", "seq2slate"):
-            module, step, infer = build_for_timing(name, space, m, tau)
+            module, step, infer = build_for_timing(name, space, m, tau, device_of(batch))
             row[f"{name}_infer_s"] = time_inference(infer, batch, **timing)
             row[f"{name}_train_s"] = time_training(module, step, _cut(batch, m), **timing) \
                 if m <= logged and m in (5, 6) else None
@@ -324,16 +424,24 @@ def format_bench(result: dict) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     m = result["machine"]
+    where = f"on the GPU ({m['gpu']})" if result.get("device") == "cuda" else "on the CPU"
     lines = [f"Preset {result['preset']} (n = {result['candidates']}, m = "
              f"{result['list_length']}), batch {result['batch']}, {result['steps']} timed "
-             f"steps after warm-up; {m['cpu']}, {m['cores']} cores, {result['threads']} torch "
-             f"threads, torch {m['torch']}; matrix-multiply peak "
-             f"{result['matmul_gflops']:.1f} GFLOP/s.", "",
-             "| model | training s/batch | inference s/batch | p50 ms (batch 1) | "
-             "p99 ms (batch 1) |", "|---|---|---|---|---|"]
+             f"steps after warm-up; {where}; {m['cpu']}, {m['cores']} cores, "
+             f"{result['threads']} torch threads, torch {m['torch']}; float32 matrix-multiply "
+             f"peak {result['matmul_gflops']:.1f} GFLOP/s.", ""]
+    graphs = result.get("device") == "cuda"
+    if graphs:
+        lines += ["| model | training s/batch | inference s/batch | inference s/batch (CUDA "
+                  "graph) | p50 ms (batch 1) | p99 ms (batch 1) |", "|---|---|---|---|---|---|"]
+    else:
+        lines += ["| model | training s/batch | inference s/batch | p50 ms (batch 1) | "
+                  "p99 ms (batch 1) |", "|---|---|---|---|---|"]
     for row in result["rows"]:
+        graph = f"{cell(row.get('infer_s_per_batch_cuda_graph'))} | " if graphs else ""
         lines.append(f"| {row['model']} | {cell(row['train_s_per_batch'])} | "
-                     f"{cell(row['infer_s_per_batch'])} | {cell(row.get('latency_ms_p50'), 2)}"
+                     f"{cell(row['infer_s_per_batch'])} | {graph}"
+                     f"{cell(row.get('latency_ms_p50'), 2)}"
                      f" | {cell(row.get('latency_ms_p99'), 2)} |")
     if "generator" in result:
         g = result["generator"]
@@ -343,6 +451,11 @@ def format_bench(result: dict) -> str:
                   f"({g['matmul_gflops']:.1f} GFLOP/s). Contrastive decoding of the batch: "
                   f"{g['decode_s']:.4f} s ({g['decode_s'] / g['forward_s']:.2f}x the forward "
                   "pass)."]
+        if g.get("forward_graph_s"):
+            lines[-1] += (f" From a CUDA graph: forward {g['forward_graph_s']:.4f} s = "
+                          f"{g['gflops_graph']:.1f} GFLOP/s "
+                          f"({100 * g['gflops_graph'] / g['matmul_gflops']:.0f}% of the peak), "
+                          f"decoding {cell(g.get('decode_graph_s'))} s.")
     if "sweep" in result:
         lines += ["", "| m | NAR4Rec inference s | Seq2Slate inference s | Seq2Slate / NAR4Rec "
                   "| NAR4Rec training s | Seq2Slate training s | ratio |",

@@ -249,7 +249,7 @@ def _bench(args: argparse.Namespace) -> int:
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     config = BenchConfig(preset=args.preset, models=models, batch=args.batch, steps=args.steps,
                          warmup=args.warmup, latency_requests=args.latency_requests,
-                         threads=args.threads, onnx=args.onnx)
+                         threads=args.threads, onnx=args.onnx, device=args.device)
     log = (lambda _: None) if args.quiet else print
     if args.workdir:
         result = run_bench(config, args.workdir, log=log)
@@ -486,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "as many")
     bn.add_argument("--no-onnx", dest="onnx", action="store_false",
                     help="skip the pipeline under onnxruntime (its export takes a minute)")
+    bn.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                    help="where the models run (default cpu; auto: CUDA when there is one); "
+                         "the onnxruntime row is measured on the CPU only")
     bn.add_argument("--workdir", help="keep the simulated data here (default: a temporary "
                     "directory)")
     bn.add_argument("--json", required=True, help="write every figure here")

@@ -1,0 +1,59 @@
+"""CUDA graphs replay exactly what the eager pipeline computes (GPU only), and refuse a CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from helpers import simulate_small
+from nar4rec.cuda_graphs import GraphedReranker
+from nar4rec.data.loader import FeatureSpace, RequestLoader
+from nar4rec.errors import Nar4recError
+from nar4rec.models.evaluator import Evaluator, EvaluatorConfig
+from nar4rec.models.nar4rec import NAR4Rec, NAR4RecConfig
+from nar4rec.reranker import Reranker
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    data = tmp_path_factory.mktemp("graphs") / "data"
+    simulate_small(data, requests=400)
+    space = FeatureSpace.fit([data / "train.parquet"])
+    torch.manual_seed(0)
+    reranker = Reranker(NAR4Rec(NAR4RecConfig(list_length=6, d_model=32), space),
+                        Evaluator(EvaluatorConfig(list_length=6, d_model=32), space),
+                        space.utility_weights)
+    batch = next(iter(RequestLoader([data / "test.parquet"], space, batch_size=16)))
+    return reranker, batch
+
+
+def test_a_reranker_on_the_cpu_is_refused(untrained):
+    reranker, _ = untrained
+    with pytest.raises(Nar4recError, match="CUDA device"):
+        GraphedReranker(reranker)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_replayed_graphs_give_the_eager_answers(untrained):
+    reranker, batch = untrained
+    reranker.to("cuda")
+    graphed = GraphedReranker(reranker)
+    mask = batch.cand_mask.clone()
+    mask[0, 4:] = False                                  # fewer candidates than positions
+    mask[3, 20:] = False
+    padded = dataclasses.replace(batch, cand_mask=mask).to("cuda")
+    singles = [batch.to("cuda")] + [dataclasses.replace(
+        padded, **{field.name: getattr(padded, field.name)[row:row + 1]
+                   for field in dataclasses.fields(padded)}) for row in range(4)]
+    for request in [padded, *singles, padded]:          # shapes seen again replay their graph
+        expected = reranker.rerank(request)
+        got = graphed.rerank(request)
+        assert torch.equal(got.lists, expected.lists)
+        torch.testing.assert_close(got.utility, expected.utility, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.item_scores, expected.item_scores, rtol=1e-5,
+                                   atol=1e-5)
+    assert len(graphed.graphs) == 2                     # batch 16 and batch 1
+    answers = {tuple(graphed.rerank(one).lists[0].tolist()) for one in singles[1:]}
+    assert len(answers) > 1                             # the inputs are copied in, not frozen
