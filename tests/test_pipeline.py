@@ -273,6 +273,7 @@ def test_commands_end_to_end_and_their_errors(run, data, tmp_path):
 def test_training_on_the_generators_own_lists(run, data, tmp_path):
     """`generator.evaluator_lists`: the generator trains with the run's evaluator judging its
     sampled lists, and validation reports the evaluator's utility for its greedy lists."""
+    from nar4rec.bench import time_training, training_step_of
     from nar4rec.models.nar4rec import greedy_judged_utility
 
     out = tmp_path / "self_critical"
@@ -292,3 +293,6 @@ def test_training_on_the_generators_own_lists(run, data, tmp_path):
             count += len(batch)
     assert valid_loss == pytest.approx(-judged / count, rel=1e-4)
     assert judged / count > 0
+    # `nar4rec compare` and `bench` time such a run's training step with its evaluator judging
+    module, step = training_step_of(system)
+    assert time_training(module, step, batch, warmup=1, repeats=1) > 0

@@ -63,9 +63,10 @@ def training_step_of(run) -> tuple[nn.Module, Callable]:
     if run.model is not None:
         return run.model, ListModel.step
     reranker = run.reranker
-    if reranker.generator is not None:
+    if reranker.generator is not None:      # (trained on its own lists: judged by the evaluator)
+        judge = reranker.evaluator if reranker.generator.config.evaluator_lists else None
         return reranker.generator, generator_step(reranker.generator.config,
-                                                  run.space.utility_weights)
+                                                  run.space.utility_weights, judge)
     return reranker.evaluator, evaluator_step
 
 
