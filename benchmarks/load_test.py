@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=60.0, help="per level")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1, help="the service's model threads")
+    parser.add_argument("--device", default="cpu", help="the service's --device (a run's)")
     parser.add_argument("--json", help="also write the levels here")
     args = parser.parse_args()
 
@@ -119,7 +120,7 @@ def main() -> None:
               for row in range(table.num_rows)]
     port = free_port()
     command = [sys.executable, "-m", "nar4rec", "serve", "--host", "127.0.0.1", "--port",
-               str(port), "--threads", str(args.threads),
+               str(port), "--threads", str(args.threads), "--device", args.device,
                *(["--run", args.run] if args.run else ["--export", args.export])]
     server = subprocess.Popen(command)
     try:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import simulate_small
-from nar4rec.cuda_graphs import GraphedReranker
+from nar4rec.cuda_graphs import GraphedReranker, bucket_shape, pad_batch
 from nar4rec.data.loader import FeatureSpace, RequestLoader
 from nar4rec.errors import Nar4recError
 from nar4rec.models.evaluator import Evaluator, EvaluatorConfig
@@ -57,3 +57,27 @@ def test_replayed_graphs_give_the_eager_answers(untrained):
     assert len(graphed.graphs) == 2                     # batch 16 and batch 1
     answers = {tuple(graphed.rerank(one).lists[0].tolist()) for one in singles[1:]}
     assert len(answers) > 1                             # the inputs are copied in, not frozen
+
+
+def test_bucket_shapes():
+    assert [bucket_shape(rows, 60) for rows in (1, 2, 3, 8, 9)] == [
+        (1, 64), (2, 64), (4, 64), (8, 64), (16, 64)]
+    assert bucket_shape(5, 5) == (8, 16) and bucket_shape(1, 16) == (1, 16)
+
+
+def test_padding_a_batch_changes_no_answer(untrained):
+    """What `GraphedReranker(buckets=True)` relies on, checked eagerly on any device."""
+    reranker, batch = untrained
+    reranker.to("cpu")
+    mask = batch.cand_mask.clone()
+    mask[1, 3:] = False                                 # fewer candidates than positions
+    some = dataclasses.replace(batch, cand_mask=mask)
+    some = dataclasses.replace(some, **{field.name: getattr(some, field.name)[:5]
+                                        for field in dataclasses.fields(some)})
+    padded = pad_batch(some, 8, some.cand_mask.shape[1] + 11)
+    assert padded.cand_cat.shape[:2] == (8, 71) and len(padded) == 8
+    assert not padded.cand_mask[:, -11:].any() and padded.item_id.shape[:2] == (8, 71)
+    expected, got = reranker.rerank(some), reranker.rerank(padded)
+    assert torch.equal(got.lists[:5], expected.lists)
+    torch.testing.assert_close(got.utility[:5], expected.utility)
+    torch.testing.assert_close(got.item_scores[:5], expected.item_scores)

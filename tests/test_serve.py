@@ -9,11 +9,13 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from helpers import train_tiny
 from nar4rec.data.format import CAND_NUM, ITEM_ID
 from nar4rec.data.loader import UNKNOWN, RequestLoader
+from nar4rec.errors import Nar4recError
 from nar4rec.pipeline import load_run
 from nar4rec.serve import (
     Backend,
@@ -201,3 +203,31 @@ def test_a_request_that_cannot_be_encoded_fails_alone(served):
     with pytest.raises(BadInput, match="do not fit the model's features"):
         futures[2].result(timeout=30)
     assert backend.sizes == [1, 1]               # the batch failed to encode; row 1 alone did not
+
+
+def test_a_device_that_is_not_there_is_a_clear_error(served):
+    root, _, _ = served
+    with pytest.raises(Nar4recError, match="an export runs on the CPU"):
+        Backend(export=root / "no-export", device="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(Nar4recError, match="no CUDA device"):
+            Backend(run=root / "run", device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_service_on_a_gpu_returns_the_library_lists(served):
+    root, _, table = served
+    run = load_run(root / "run")
+    backend = Backend(run=root / "run", device="cuda")
+    client = TestClient(create_app(backend, max_candidates=30))
+    loader = RequestLoader([root / "data" / "test.parquet"], run.space, batch_size=5)
+    for batch in list(loader)[:3]:                     # 5 requests: padded to a graph of 8
+        expected = run.reranker.rerank(batch)
+        lists, scores, utility = backend.rerank(batch)
+        np.testing.assert_array_equal(lists, expected.lists.numpy())
+        np.testing.assert_allclose(scores, expected.item_scores.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(utility, expected.utility.numpy(), rtol=1e-4, atol=1e-5)
+    assert len(backend.graphed.graphs) == 7            # batch 1 to 64 for 16 candidate slots
+    answer = client.post("/v1/rerank", json=request_json(table, 0, run.space))
+    assert answer.status_code == 200, answer.text
+    assert client.get("/healthz").json()["backend"] == "pytorch, CUDA graphs"

@@ -206,7 +206,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from nar4rec.serve import Backend, create_app
 
-    backend = Backend(run=args.run_dir, export=args.export, threads=args.threads)
+    backend = Backend(run=args.run_dir, export=args.export, threads=args.threads,
+                      device=args.device)
     app = create_app(backend, max_candidates=args.max_candidates,
                      max_body_bytes=args.max_body_bytes)
     # Two threads share the GIL, the event loop and the batcher: a 0.5 ms switch interval
@@ -506,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--threads", type=_positive, default=1,
                     help="intra-op threads of the model (default 1)")
+    sv.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                    help="where a run's models run (default cpu); on a GPU, requests are "
+                         "replayed from CUDA graphs")
     sv.add_argument("--max-candidates", type=_positive, default=1000)
     sv.add_argument("--max-body-bytes", type=_positive, default=1_000_000)
     sv.set_defaults(run=_serve)

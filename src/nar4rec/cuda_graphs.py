@@ -10,10 +10,14 @@ programming guide, "CUDA Graphs").
 A graph holds fixed shapes and fixed memory: `CudaGraphed` keeps one graph per input shape
 (batch size, candidates, feature counts), captured the first time a shape is seen; every later
 call copies the batch into that graph's input tensors, replays it and copies the outputs out.
-Pad requests to a few fixed shapes (say n = 60 candidates, batch 1 or 8) to keep the number of
-graphs small. Results are the eager call's: the same kernels run on the same numbers (a test
-checks lists and scores against eager calls). A call that synchronises with the host (reads a
-tensor's value in Python) cannot be captured; the capture then fails with PyTorch's error.
+`GraphedReranker(buckets=True)` (what `nar4rec serve --device cuda` uses) pads each batch to a
+power-of-two number of requests and a multiple of 16 candidates, so that a service sees a few
+graphs, not one per request size; padding changes no real request's answer (masked
+candidates are never placed, and each request is decoded and scored on its own).
+
+Results are the eager call's: the same kernels run on the same numbers (a test checks lists and
+scores against eager calls). A call that synchronises with the host (reads a tensor's value in
+Python) cannot be captured; the capture then fails with PyTorch's error.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from nar4rec.data.loader import RequestBatch
 from nar4rec.errors import Nar4recError
 from nar4rec.export import FEATURE_INPUTS
-from nar4rec.reranker import Reranker
+from nar4rec.reranker import Reranked, Reranker
 
 
 @dataclasses.dataclass
@@ -105,17 +110,82 @@ def _cloned(outputs):
 
 class GraphedReranker(CudaGraphed):
     """`Reranker.rerank` on a CUDA device, replayed from captured graphs: the same answers as
-    `reranker.rerank(batch)`, with one launch per call instead of several hundred."""
+    `reranker.rerank(batch)`, with one launch per call instead of several hundred.
 
-    def __init__(self, reranker: Reranker, *, warmup: int = 3, max_graphs: int = 16):
+    buckets: pad each batch to `bucket_shape` first (fewer, reused graphs; the answers are
+        cut back to the batch's own requests). The first batch of a new candidate width
+        captures the graphs of every batch size up to `max_batch` for it at once, so that a
+        service under load does not pause to capture (about 50 ms each).
+    """
+
+    def __init__(self, reranker: Reranker, *, buckets: bool = False, max_batch: int = 64,
+                 warmup: int = 3, max_graphs: int = 32):
         module = reranker.generator or reranker.evaluator
         super().__init__(reranker.rerank, next(module.parameters()).device, warmup=warmup,
                          max_graphs=max_graphs)
-        self.reranker = reranker
+        self.reranker, self.buckets, self.max_batch = reranker, buckets, max_batch
+        self.widths: set[int] = set()
 
     @property
     def list_length(self) -> int:
         return self.reranker.list_length
 
-    def rerank(self, batch: RequestBatch):
-        return self(batch)
+    def rerank(self, batch: RequestBatch) -> Reranked:
+        if not self.buckets:
+            return self(batch)
+        rows, width = bucket_shape(len(batch), batch.cand_mask.shape[1])
+        if width not in self.widths:                    # capture every batch size for it
+            self.widths.add(width)
+            first = dataclasses.replace(batch, **{field.name: getattr(batch, field.name)[:1]
+                                                  for field in dataclasses.fields(batch)})
+            largest = bucket_shape(self.max_batch, 1)[0]
+            for size in (1 << k for k in range(largest.bit_length())):
+                self(pad_batch(first, size, width))
+        out = self(pad_batch(batch, rows, width))
+        return Reranked(*(getattr(out, field.name)[:len(batch)]
+                          for field in dataclasses.fields(Reranked)))
+
+
+def bucket_shape(rows: int, width: int, *, step: int = 16) -> tuple[int, int]:
+    """The padded (requests, candidates) of a batch: the next power of two, the next multiple
+    of `step`."""
+    return 1 << max(rows - 1, 0).bit_length(), -(-max(width, 1) // step) * step
+
+
+def pad_batch(batch: RequestBatch, rows: int, width: int) -> RequestBatch:
+    """`batch` grown to `rows` requests (copies of its first) and `width` candidate slots
+    (masked: no features, never placed); the real requests' answers do not change."""
+    extra_rows, extra_width = rows - len(batch), width - batch.cand_mask.shape[1]
+    if extra_rows < 0 or extra_width < 0:
+        raise ValueError(f"cannot pad a batch of {len(batch)} x {batch.cand_mask.shape[1]} "
+                         f"to {rows} x {width}")
+    padded = {}
+    for field in dataclasses.fields(batch):
+        value = getattr(batch, field.name)
+        if field.name in _CANDIDATE_AXIS and extra_width:
+            value = _pad_axis(value, 1, extra_width, fill=_CANDIDATE_AXIS[field.name])
+        if extra_rows:
+            value = _pad_axis(value, 0, extra_rows, fill=None)
+        padded[field.name] = value
+    return RequestBatch(**padded)
+
+
+# fields with a candidate axis (axis 1) and what a padded slot holds (None: a copy of slot 0)
+_CANDIDATE_AXIS = {"cand_cat": 0, "cand_num": 0.0, "upstream_score": 0.0, "cand_mask": False,
+                   "item_id": None}
+
+
+def _pad_axis(value, axis: int, extra: int, *, fill):
+    """`value` (tensor or array) with `extra` slices appended on `axis`: `fill`, or copies of
+    the first slice when fill is None."""
+    first = value[:1] if axis == 0 else value[:, :1]
+    reps = [1] * value.ndim
+    reps[axis] = extra
+    if isinstance(value, torch.Tensor):
+        block = first.repeat(*reps) if fill is None else torch.full_like(first, fill).repeat(
+            *reps)
+        return torch.cat([value, block], dim=axis)
+    block = np.tile(first, reps)
+    if fill is not None:
+        block[...] = fill
+    return np.concatenate([value, block], axis=axis)

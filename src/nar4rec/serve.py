@@ -103,21 +103,38 @@ class BadInput(Exception):
 
 
 class Backend:
-    """A loaded run or export: FeatureSpace, list length and a batched `rerank`."""
+    """A loaded run or export: FeatureSpace, list length and a batched `rerank`.
+
+    device: where a run's models run, "cpu", "cuda" or "auto"; on a GPU each batch is padded
+        to a few fixed shapes and replayed from CUDA graphs (`cuda_graphs.GraphedReranker`).
+        An export runs on the CPU (onnxruntime's CPU package).
+    max_batch: the most requests of one model call (`Batcher`), the largest graph captured.
+    """
 
     def __init__(self, *, run: str | Path | None = None, export: str | Path | None = None,
-                 threads: int = 1):
+                 threads: int = 1, device: str = "cpu", max_batch: int = 64):
         if (run is None) == (export is None):
             raise Nar4recError("serve needs exactly one of --run and --export")
+        self.graphed = None
         if run is not None:
+            from nar4rec.bench import resolve_device
             from nar4rec.pipeline import load_run
             torch.set_num_threads(max(threads, 1))
+            where = resolve_device(device)
             loaded = load_run(run)
             self.space, self.reranker, self.onnx = loaded.space, loaded.reranker, None
             self.list_length = loaded.info["list_length"]
             self.model, self.kind = loaded.info["model"], "pytorch"
+            if where.type == "cuda":
+                from nar4rec.cuda_graphs import GraphedReranker
+                self.graphed = GraphedReranker(self.reranker.to(where), buckets=True,
+                                               max_batch=max_batch)
+                self.kind = "pytorch, CUDA graphs"
         else:
             from nar4rec.export import OnnxReranker
+            if device not in ("cpu", "auto"):
+                raise Nar4recError(f"an export runs on the CPU (onnxruntime); serve --run on "
+                                   f"--device {device}")
             self.onnx = OnnxReranker(export, threads=threads)
             self.space = FeatureSpace.from_dict(self.onnx.manifest["space"])
             self.reranker = None
@@ -132,8 +149,9 @@ class Backend:
                 from nar4rec.export import FEATURE_INPUTS
                 return self.onnx.rerank({k: getattr(batch, k).numpy() for k in FEATURE_INPUTS},
                                         with_scores=True)
-            out = self.reranker.rerank(batch)
-            return out.lists.numpy(), out.item_scores.numpy(), out.utility.numpy()
+            out = (self.graphed or self.reranker).rerank(batch)
+            return (out.lists.cpu().numpy(), out.item_scores.cpu().numpy(),
+                    out.utility.cpu().numpy())
 
 
 class Stats:
