@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from nar4rec.data.loader import RequestBatch, RequestLoader
-from nar4rec.errors import Nar4recError
 from nar4rec.models.base import ListModel
 from nar4rec.models.nar4rec import utility_threshold
 from nar4rec.pipeline import check_models, evaluator_step, generator_step
+from nar4rec.train import resolve_device
 
 
 def seconds_per_call(call: Callable[[], object], *, warmup: int = 2, repeats: int = 5,
@@ -147,16 +147,6 @@ class BenchConfig:
     threads: int = 0
     onnx: bool = True
     device: str = "cpu"
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto": CUDA when torch sees a GPU, else the CPU; otherwise the device named."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise Nar4recError("--device cuda, but torch sees no CUDA device here")
-    return device
 
 
 def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:

@@ -67,6 +67,16 @@ class DistributedContext:
         return self.world_size > 1
 
 
+def resolve_device(name: str) -> torch.device:
+    """"auto": CUDA when torch sees a GPU, else the CPU; otherwise the device named."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Nar4recError("--device cuda, but torch sees no CUDA device here")
+    return device
+
+
 def distributed_context() -> DistributedContext:
     """Join the process group when started by torchrun (WORLD_SIZE > 1), else run alone."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
