@@ -31,6 +31,7 @@ def untrained(tmp_path_factory):
 
 def test_a_reranker_on_the_cpu_is_refused(untrained):
     reranker, _ = untrained
+    reranker.to("cpu")
     with pytest.raises(Nar4recError, match="CUDA device"):
         GraphedReranker(reranker)
 
@@ -81,3 +82,18 @@ def test_padding_a_batch_changes_no_answer(untrained):
     assert torch.equal(got.lists[:5], expected.lists)
     torch.testing.assert_close(got.utility[:5], expected.utility)
     torch.testing.assert_close(got.item_scores[:5], expected.item_scores)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_width_dropped_to_make_room_is_captured_again(untrained):
+    reranker, batch = untrained
+    reranker.to("cuda")
+    graphed = GraphedReranker(reranker, buckets=True, max_batch=2, max_graphs=2)
+    narrow = dataclasses.replace(batch, **{field.name: getattr(batch, field.name)[:2]
+                                           for field in dataclasses.fields(batch)})
+    wide = pad_batch(narrow, 2, 70)                     # 64 and 80 candidate slots
+    for request in (narrow, wide, narrow):
+        expected = reranker.rerank(request.to("cuda"))
+        assert torch.equal(graphed.rerank(request).lists, expected.lists)
+        assert len(graphed.graphs) == 2                 # batch 1 and 2 of one width
+    assert graphed.widths == {64}

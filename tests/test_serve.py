@@ -218,15 +218,18 @@ def test_a_device_that_is_not_there_is_a_clear_error(served):
 def test_the_service_on_a_gpu_returns_the_library_lists(served):
     root, _, table = served
     run = load_run(root / "run")
+    run.reranker.to("cuda")                            # eager on the same GPU, for reference
     backend = Backend(run=root / "run", device="cuda")
     client = TestClient(create_app(backend, max_candidates=30))
     loader = RequestLoader([root / "data" / "test.parquet"], run.space, batch_size=5)
     for batch in list(loader)[:3]:                     # 5 requests: padded to a graph of 8
-        expected = run.reranker.rerank(batch)
+        expected = run.reranker.rerank(batch.to("cuda"))
         lists, scores, utility = backend.rerank(batch)
-        np.testing.assert_array_equal(lists, expected.lists.numpy())
-        np.testing.assert_allclose(scores, expected.item_scores.numpy(), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(utility, expected.utility.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(lists, expected.lists.cpu().numpy())
+        np.testing.assert_allclose(scores, expected.item_scores.cpu().numpy(), rtol=1e-4,
+                                   atol=1e-5)
+        np.testing.assert_allclose(utility, expected.utility.cpu().numpy(), rtol=1e-4,
+                                   atol=1e-5)
     assert len(backend.graphed.graphs) == 7            # batch 1 to 64 for 16 candidate slots
     answer = client.post("/v1/rerank", json=request_json(table, 0, run.space))
     assert answer.status_code == 200, answer.text

@@ -192,7 +192,7 @@ def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
                if device.type == "cuda" else ""))
     if "nar4rec" in config.models:
         result["rows"] += _pipeline_rows(space, m, tau, batch, single, config, workdir, timing)
-        result["generator"] = _generator_figures(space, m, tau, batch, timing)
+        result["generator"] = _generator_figures(space, m, tau, batch, timing, log)
         log(f"generator {result['generator']['gflops']:.1f} GFLOP/s "
             f"({result['generator']['share_of_peak']:.0%} of the peak); decoding "
             f"{result['generator']['decode_s']:.4f} s vs forward "
@@ -332,7 +332,7 @@ def _latencies(call: Callable, requests: list, *, warmup: int,
             "latency_requests": len(seconds)}
 
 
-def _generator_figures(space, m, tau, batch, timing) -> dict:
+def _generator_figures(space, m, tau, batch, timing, log=print) -> dict:
     """The generator's FLOPs, achieved GFLOP/s against the measured peak, and the cost of
     contrastive decoding next to the forward pass."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -353,12 +353,12 @@ def _generator_figures(space, m, tau, batch, timing) -> dict:
                "matmul_gflops": peak, "share_of_peak": flops / forward / 1e9 / peak,
                "decode_s": decode}
     if device.type == "cuda":
-        forward_graph = time_graphed(generator, batch, timing, name="generator")
+        forward_graph = time_graphed(generator, batch, timing, log, "generator")
         figures["forward_graph_s"] = forward_graph
         figures["gflops_graph"] = flops / forward_graph / 1e9 if forward_graph else None
         figures["decode_graph_s"] = time_graphed(
-            lambda _: contrastive(out.probs, out.item_repr, out.cand_mask), batch, timing,
-            name="contrastive decoding")
+            lambda _: contrastive(out.probs, out.item_repr, out.cand_mask), batch, timing, log,
+            "contrastive decoding")
     return figures
 
 

@@ -23,6 +23,7 @@ Python) cannot be captured; the capture then fails with PyTorch's error.
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -49,9 +50,11 @@ class CudaGraphed:
             it must read only the batch's feature tensors (`export.FEATURE_INPUTS`), which
             inference does, and must not synchronise with the host.
         device: the CUDA device `call`'s model lives on.
-        warmup: eager calls on a side stream before a capture (lets cuBLAS and the caching
-            allocator settle, as PyTorch's CUDA-graph notes ask).
-        max_graphs: how many shapes are kept; past that, the oldest graph is dropped.
+        warmup: eager calls on a side stream before a capture (at least 1: lets cuBLAS, the
+            caching allocator and the decoders' per-device constants settle, as PyTorch's
+            CUDA-graph notes ask).
+        max_graphs: how many shapes are kept; past that, the least recently used graph is
+            dropped.
     """
 
     def __init__(self, call: Callable[[RequestBatch], object], device: torch.device | str, *,
@@ -60,21 +63,30 @@ class CudaGraphed:
         if self.device.type != "cuda":
             raise Nar4recError(f"CUDA graphs need the model on a CUDA device, not "
                                f"{self.device}")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if warmup < 1 or max_graphs < 1:
+            raise ValueError("CUDA graphs need warmup >= 1 and max_graphs >= 1")
         self.call, self.warmup, self.max_graphs = call, warmup, max_graphs
-        self.graphs: dict[tuple, _Graph] = {}
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
 
     @torch.no_grad()
     def __call__(self, batch: RequestBatch):
         """`call(batch)` (the batch's tensors on any device), its outputs on this device."""
         key = tuple((name, tuple(getattr(batch, name).shape), getattr(batch, name).dtype)
                     for name in FEATURE_INPUTS)
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self._capture(batch, key)
-        for name in FEATURE_INPUTS:
-            getattr(entry.inputs, name).copy_(getattr(batch, name), non_blocking=True)
-        entry.graph.replay()
-        return _cloned(entry.outputs)
+        with torch.cuda.device(self.device):      # capture and replay on the model's GPU
+            entry = self.graphs.get(key)
+            if entry is None:
+                entry = self._capture(batch, key)
+            self.graphs.move_to_end(key)
+            for name in FEATURE_INPUTS:
+                getattr(entry.inputs, name).copy_(getattr(batch, name), non_blocking=True)
+            entry.graph.replay()
+            return _cloned(entry.outputs)
+
+    def evicted(self, key: tuple) -> None:
+        """Called with the key of each graph dropped to make room."""
 
     def _capture(self, batch: RequestBatch, key: tuple) -> _Graph:
         inputs = batch.to(self.device)
@@ -89,8 +101,9 @@ class CudaGraphed:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outputs = self.call(inputs)
-        if len(self.graphs) >= self.max_graphs:
-            self.graphs.pop(next(iter(self.graphs)))
+        while len(self.graphs) >= self.max_graphs:
+            old, _ = self.graphs.popitem(last=False)
+            self.evicted(old)
         self.graphs[key] = entry = _Graph(graph, inputs, outputs)
         return entry
 
@@ -115,11 +128,13 @@ class GraphedReranker(CudaGraphed):
     buckets: pad each batch to `bucket_shape` first (fewer, reused graphs; the answers are
         cut back to the batch's own requests). The first batch of a new candidate width
         captures the graphs of every batch size up to `max_batch` for it at once, so that a
-        service under load does not pause to capture (about 50 ms each).
+        service under load does not pause to capture (about 50 ms each); when a width's graph
+        is dropped to make room (`max_graphs`, least recently used first), the width is
+        captured whole again the next time it is seen.
     """
 
     def __init__(self, reranker: Reranker, *, buckets: bool = False, max_batch: int = 64,
-                 warmup: int = 3, max_graphs: int = 32):
+                 warmup: int = 3, max_graphs: int = 64):
         module = reranker.generator or reranker.evaluator
         super().__init__(reranker.rerank, next(module.parameters()).device, warmup=warmup,
                          max_graphs=max_graphs)
@@ -129,6 +144,10 @@ class GraphedReranker(CudaGraphed):
     @property
     def list_length(self) -> int:
         return self.reranker.list_length
+
+    def evicted(self, key: tuple) -> None:
+        width = dict((name, shape) for name, shape, _ in key)["cand_mask"][1]
+        self.widths.discard(width)
 
     def rerank(self, batch: RequestBatch) -> Reranked:
         if not self.buckets:

@@ -267,7 +267,7 @@ def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.
     return _cached_constant(values, dtype, device)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.cache            # never dropped: a captured CUDA graph may hold its memory
 def _cached_constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=dtype, device=device)
 

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,6 +94,10 @@ def distributed_context() -> DistributedContext:
         device = torch.device("cuda", local)
         backend = "nccl"
     else:
+        if torch.cuda.is_available():
+            print(f"nar4rec: rank {rank}: {torch.cuda.device_count()} GPU(s) for "
+                  f"{local_world} processes on this node; training on the CPU (gloo). Every "
+                  "node must see as many GPUs as processes, or none.", file=sys.stderr)
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
