@@ -11,6 +11,7 @@ one machine (say which in any document that quotes them).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -37,14 +38,16 @@ def seconds_per_call(call: Callable[[], object], *, warmup: int = 2, repeats: in
     sync = _synchroniser(device)
     for _ in range(warmup):
         call()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        call()
-        sync()
-        times.append(time.perf_counter() - start)
-    return times
+    return [_timed(call, sync) for _ in range(repeats)]
+
+
+def _timed(call: Callable[[], object], sync: Callable[[], None]) -> float:
+    """Wall seconds of one call, between two synchronisations of the device."""
+    sync()
+    start = time.perf_counter()
+    call()
+    sync()
+    return time.perf_counter() - start
 
 
 def _synchroniser(device: torch.device | str | None) -> Callable[[], None]:
@@ -319,13 +322,7 @@ def _latencies(call: Callable, requests: list, *, warmup: int,
     sync = _synchroniser(device)
     for request in requests[:warmup]:
         call(request)
-    seconds = []
-    for request in requests:
-        sync()
-        start = time.perf_counter()
-        call(request)
-        sync()
-        seconds.append(time.perf_counter() - start)
+    seconds = [_timed(functools.partial(call, request), sync) for request in requests]
     milliseconds = 1000 * np.array(seconds)
     return {"latency_ms_p50": float(np.percentile(milliseconds, 50)),
             "latency_ms_p99": float(np.percentile(milliseconds, 99)),
@@ -346,8 +343,10 @@ def _generator_figures(space, m, tau, batch, timing, log=print) -> dict:
             out = generator(batch)
         flops = counter.get_total_flops()
         forward = time_inference(generator, batch, **timing)
-        decode = time_inference(lambda _: contrastive(out.probs, out.item_repr, out.cand_mask),
-                                batch, **timing)
+
+        def decoding(_):                     # the batch's forward pass, decoded again
+            return contrastive(out.probs, out.item_repr, out.cand_mask)
+        decode = time_inference(decoding, batch, **timing)
     peak = matmul_gflops(device=device)
     figures = {"flops_per_batch": flops, "forward_s": forward, "gflops": flops / forward / 1e9,
                "matmul_gflops": peak, "share_of_peak": flops / forward / 1e9 / peak,
@@ -356,9 +355,8 @@ def _generator_figures(space, m, tau, batch, timing, log=print) -> dict:
         forward_graph = time_graphed(generator, batch, timing, log, "generator")
         figures["forward_graph_s"] = forward_graph
         figures["gflops_graph"] = flops / forward_graph / 1e9 if forward_graph else None
-        figures["decode_graph_s"] = time_graphed(
-            lambda _: contrastive(out.probs, out.item_repr, out.cand_mask), batch, timing, log,
-            "contrastive decoding")
+        figures["decode_graph_s"] = time_graphed(decoding, batch, timing, log,
+                                                 "contrastive decoding")
     return figures
 
 

@@ -82,8 +82,7 @@ def distributed_context() -> DistributedContext:
     """Join the process group when started by torchrun (WORLD_SIZE > 1), else run alone."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return DistributedContext(device=device)
+        return DistributedContext(device=resolve_device("auto"))
     rank = int(os.environ["RANK"])
     # one GPU per process, or none: with fewer GPUs than processes on this node (torchrun's
     # LOCAL_WORLD_SIZE) every rank trains on the CPU, since all ranks must share a backend
