@@ -26,7 +26,7 @@ def simulate_small(out: Path, preset: str = "kuaishou", requests: int = 3000, se
 
 
 def train_tiny(root: Path, *, requests: int = 1500, n_candidates: int = 20, list_length: int = 5,
-               d_model: int = 32, steps: int = 10) -> Path:
+               d_model: int = 32, steps: int = 10, settings: tuple[str, ...] = ()) -> Path:
     """Simulate into root/data and train a small NAR4Rec for a few steps into root/run."""
     from nar4rec.config import load_overrides
     from nar4rec.pipeline import RunConfig, train_run
@@ -36,7 +36,7 @@ def train_tiny(root: Path, *, requests: int = 1500, n_candidates: int = 20, list
     config = load_overrides(RunConfig(), None, [
         f"generator.d_model={d_model}", f"evaluator.d_model={d_model}", "train.epochs=1",
         "evaluator_train.epochs=1", f"train.steps_per_epoch={steps}",
-        f"evaluator_train.steps_per_epoch={steps}"])
+        f"evaluator_train.steps_per_epoch={steps}", *settings])
     train_run(root / "data", root / "run", config=config, progress=False)
     return root / "run"
 

@@ -147,6 +147,19 @@ def test_contrastive_penalty_is_the_max_over_placed_items() -> None:
     assert contrastive(probs, item_repr, cand_mask, alpha=0.5).tolist() == [[0, 2, 3]]
 
 
+def test_contrastive_with_pairwise_similarities_equals_the_vectors_they_come_from() -> None:
+    probs, cand_mask, item_repr = random_batch(40, 12, 5, seed=6)
+    unit = torch.nn.functional.normalize(item_repr, dim=-1)
+    pairwise = unit @ unit.transpose(1, 2)                                   # (B, n, n)
+    for alpha in (0.0, 0.3, 0.7):
+        assert torch.equal(contrastive(probs, None, cand_mask, alpha=alpha, pairwise=pairwise),
+                           contrastive(probs, item_repr, cand_mask, alpha=alpha))
+    with pytest.raises(ValueError, match="pairwise"):
+        contrastive(probs, None, cand_mask, pairwise=pairwise[:, :, :5])
+    with pytest.raises(ValueError, match="needs item_repr or pairwise"):
+        contrastive(probs, None, cand_mask)
+
+
 def test_beam_search_with_enough_beams_is_exhaustive() -> None:
     n, m = 5, 3
     probs, cand_mask, _ = random_batch(30, n, m, seed=3, full=True)

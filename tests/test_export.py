@@ -71,6 +71,27 @@ def test_the_same_lists_on_simulated_requests_padded_ones_included(exported, gra
         np.testing.assert_array_equal(onnx.rerank(one)[0][0], expected.lists[row].numpy())
 
 
+def test_the_pipeline_graph_decodes_with_the_evaluators_similarity(tmp_path):
+    """A run whose proposals include evaluator alphas exports the evaluator's pairwise
+    similarity into the pipeline graph: the same lists as PyTorch."""
+    train_tiny(tmp_path, settings=("evaluator.similarity_heads=2", "evaluator.shared_values=true",
+                                   "reranker.evaluator_alphas=[0.05, 0.3]"))
+    export_run(tmp_path / "run", tmp_path / "onnx")
+    run = load_run(tmp_path / "run")
+    assert run.reranker.config.evaluator_alphas == (0.05, 0.3)
+    onnx = OnnxReranker(tmp_path / "onnx")
+    batch = next(iter(RequestLoader([tmp_path / "data" / "test.parquet"], run.space,
+                                    batch_size=64)))
+    mask = batch.cand_mask.clone()
+    mask[0, 3:] = False
+    batch = dataclasses.replace(batch, cand_mask=mask)
+    expected = run.reranker.rerank(batch)
+    assert ((expected.chosen == 4) | (expected.chosen == 5)).any(), "no evaluator-alpha list chosen"
+    lists, utility = onnx.rerank({k: getattr(batch, k).numpy() for k in FEATURE_INPUTS})
+    np.testing.assert_array_equal(lists, expected.lists.numpy())
+    np.testing.assert_allclose(utility, expected.utility.numpy(), atol=1e-4)
+
+
 def test_manifest_and_command(exported, tmp_path):
     manifest = json.loads((exported / "onnx" / "manifest.json").read_text())
     assert manifest["list_length"] == 5 and set(manifest["graphs"]) == {

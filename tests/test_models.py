@@ -10,7 +10,13 @@ import torch
 
 from helpers import ragged, simulate_small
 from nar4rec.data.loader import PAD, FeatureSpace, RequestLoader
-from nar4rec.models.evaluator import Evaluator, EvaluatorConfig, evaluator_loss, list_utility
+from nar4rec.models.evaluator import (
+    Evaluator,
+    EvaluatorConfig,
+    Redundancy,
+    evaluator_loss,
+    list_utility,
+)
 from nar4rec.models.layers import FeatureEmbedding
 from nar4rec.models.nar4rec import (
     NAR4Rec,
@@ -360,6 +366,63 @@ def test_causal_evaluator_reads_only_the_items_above(data, causal):
     above = (after[:, :, :-1] - before[:, :, :-1]).abs().max()
     assert (above < 1e-6) if causal else (above > 1e-4), float(above)
     assert (after[:, :, -1] - before[:, :, -1]).abs().max() > 1e-4
+
+
+def test_redundancy_figures_read_only_the_items_above():
+    """With an identity output layer the module returns its figures: per head the largest
+    clipped cosine to an item above, per compared feature whether an item above shares a
+    known value; nothing for the first item, nothing from padded items."""
+    torch.manual_seed(0)
+    heads, features = 2, 2                                  # categorical: id, topic, author
+    module = Redundancy(heads + features, heads, 3, features)
+    with torch.no_grad():
+        module.out.weight.copy_(torch.eye(heads + features))
+        module.out.bias.zero_()
+    items = torch.randn(1, 5, heads + features)
+    # topics 5, 6, 5, unknown, 6 (item 4 is padding); authors 7, 7, 8, 9, 8
+    categorical = torch.tensor([[[2, 5, 7], [3, 6, 7], [4, 5, 8], [5, 1, 9], [6, 6, 8]]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    with torch.no_grad():
+        figures = module(items, categorical, mask)[0]                  # (5, H + F)
+        z = module.project(items[0]).view(5, heads, 3)
+        cosine = torch.nn.functional.cosine_similarity(z[:, None], z[None, :], dim=-1)
+    assert torch.equal(figures[0], torch.zeros(heads + features))
+    for k in range(1, 5):
+        expected = cosine[k, :min(k, 4)].clamp_min(0).amax(0)         # (H,) items above
+        torch.testing.assert_close(figures[k, :heads], expected)
+    assert figures[:, heads].tolist() == [0, 0, 1, 0, 1]      # topic: 5 again; unknown never
+    assert figures[:, heads + 1].tolist() == [0, 1, 0, 0, 1]  # author: 7 again, 8 again
+    pairwise = module.pairwise(items, categorical)[0]                  # (5, 5)
+    torch.testing.assert_close(pairwise, pairwise.T)
+    assert pairwise.min() >= 0 and pairwise.max() <= 1 + 1e-6
+    same = (categorical[0, :, None, 1:] == categorical[0, None, :, 1:]) & (
+        categorical[0, :, None, 1:] >= 2)
+    expected = (cosine.clamp_min(0).sum(-1) + same.sum(-1)) / (heads + features)
+    torch.testing.assert_close(pairwise, expected)
+
+
+@pytest.mark.parametrize("heads,shared", [(2, False), (0, True), (2, True)])
+def test_evaluator_with_redundancy_trains_every_parameter_and_stays_causal(data, heads,
+                                                                           shared):
+    batch = data["train"][0]
+    torch.manual_seed(0)
+    model = Evaluator(EvaluatorConfig(**SMALL, causal=True, similarity_heads=heads,
+                                      shared_values=shared), data["space"])
+    loss = evaluator_loss(model(batch), batch.feedback, batch.exposed_mask)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    lists = torch.arange(6).expand(len(batch), 1, 6).clone()
+    changed = lists.clone()
+    changed[:, :, -1] = 40
+    with torch.no_grad():
+        before, after = model.eval()(batch, lists), model(batch, changed)
+        single = model(batch, lists[:, :, :1])
+    assert (after[:, :, :-1] - before[:, :, :-1]).abs().max() < 1e-6
+    torch.testing.assert_close(single[:, :, 0], before[:, :, 0], atol=1e-5, rtol=1e-5)
+    similarity = model.candidate_similarity(batch)
+    n = batch.cand_mask.shape[1]
+    assert similarity.shape == (len(batch), n, n)
+    torch.testing.assert_close(similarity, similarity.transpose(1, 2))
 
 
 def test_list_log_probs_of_several_lists(data):

@@ -15,6 +15,7 @@ import torch
 from helpers import simulate_small
 from nar4rec.config import load_overrides
 from nar4rec.data.loader import FeatureSpace, RequestLoader
+from nar4rec.decode import contrastive
 from nar4rec.errors import Nar4recError
 from nar4rec.metrics import list_utility
 from nar4rec.models.evaluator import Evaluator, EvaluatorConfig
@@ -50,10 +51,11 @@ def batch(data):
     return next(iter(RequestLoader([data / "test.parquet"], space, batch_size=64))), space
 
 
-def untrained_reranker(space, **config) -> Reranker:
+def untrained_reranker(space, evaluator_config: dict | None = None, **config) -> Reranker:
     torch.manual_seed(0)
     generator = NAR4Rec(NAR4RecConfig(list_length=M, d_model=32), space)
-    evaluator = Evaluator(EvaluatorConfig(list_length=M, d_model=32), space)
+    evaluator = Evaluator(EvaluatorConfig(list_length=M, d_model=32, **(evaluator_config or {})),
+                          space)
     return Reranker(generator, evaluator, space.utility_weights, RerankerConfig(**config))
 
 
@@ -79,6 +81,32 @@ def test_the_evaluator_returns_the_best_of_the_proposals(batch):
     assert torch.equal(out.lists, out.proposals[rows, out.chosen])
     assert torch.allclose(out.item_scores.sum(1), out.utility, atol=1e-5)
     assert (out.chosen != 0).any(), "an untrained evaluator should not always pick proposal 0"
+
+
+def test_proposals_with_the_evaluators_similarity(batch):
+    """Evaluator alphas add one contrastive list each, decoded with the evaluator's pairwise
+    similarities, between the generator's alphas and the samples; alpha 0 is greedy."""
+    batch, space = batch
+    redundant = {"similarity_heads": 2, "shared_values": True}
+    reranker = untrained_reranker(space, redundant, alphas=(0.0,), evaluator_alphas=(0.0, 0.5),
+                                  samples=2)
+    out = reranker.rerank(batch)
+    assert reranker.config.proposals == 5 and out.proposals.shape == (len(batch), 5, M)
+    for k in range(5):
+        assert_valid_lists(out.proposals[:, k], batch.cand_mask)
+    assert torch.equal(out.proposals[:, 1], out.proposals[:, 0])            # both greedy
+    with torch.no_grad():
+        generated = reranker.generator(batch)
+        expected = contrastive(generated.probs, None, batch.cand_mask, alpha=0.5,
+                               pairwise=reranker.evaluator.candidate_similarity(batch))
+    assert torch.equal(out.proposals[:, 2], expected)
+    assert not torch.equal(out.proposals[:, 2], out.proposals[:, 0])
+    predicted = reranker.item_utility(batch, out.proposals).sum(-1)
+    assert torch.equal(out.chosen, predicted.argmax(1))
+    with pytest.raises(ValueError, match="evaluator_alphas needs an evaluator"):
+        untrained_reranker(space, evaluator_alphas=(0.1,))
+    with pytest.raises(ValueError, match="evaluator_alphas must lie in"):
+        RerankerConfig(evaluator_alphas=(-0.1,))
 
 
 def test_proposals_are_repeatable_and_the_sampler_seeded(batch):

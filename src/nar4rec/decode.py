@@ -47,8 +47,9 @@ def greedy(probs: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def contrastive(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tensor, *,
-                alpha: float | torch.Tensor = 0.6, similarity: str = "cosine") -> torch.Tensor:
+def contrastive(probs: torch.Tensor, item_repr: torch.Tensor | None, cand_mask: torch.Tensor, *,
+                alpha: float | torch.Tensor = 0.6, similarity: str = "cosine",
+                pairwise: torch.Tensor | None = None) -> torch.Tensor:
     """NAR4Rec's contrastive decoding (section 4.3, eq. 16-17).
 
     y_t = argmax_x (1 - alpha) * p(x | position t) - alpha * max_{j < t} s(x, y_j), over the
@@ -64,10 +65,15 @@ def contrastive(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.T
         similarity: "cosine" (the paper, eq. 17) or "dot" (the authors' deployment, per their
             later writing). A dot product is not bounded, so the useful alpha depends on the
             scale of the representations.
+        pairwise: (B, n, n) similarities of every two candidates to use instead of those of
+            item_repr (which may then be None), for example the evaluator's learned ones
+            (`Evaluator.candidate_similarity`).
     Returns:
         (B, m) candidate indices, NO_ITEM where a request has run out of candidates.
     """
-    batch, n, m = _check(probs, cand_mask, item_repr)
+    if item_repr is None and pairwise is None:
+        raise ValueError("contrastive decoding needs item_repr or pairwise similarities")
+    batch, n, m = _check(probs, cand_mask, item_repr, pairwise)
     if isinstance(alpha, torch.Tensor):
         weight = alpha.to(probs.dtype)
         if weight.dim() > 1 or (weight.dim() == 1 and len(weight) != batch):
@@ -85,17 +91,21 @@ def contrastive(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.T
     if similarity not in SIMILARITIES:
         raise Nar4recError(f"contrastive decoding: similarity must be one of {SIMILARITIES}, "
                            f"got {similarity!r}")
-    vectors = F.normalize(item_repr, dim=-1) if similarity == "cosine" else item_repr
+    if pairwise is None:
+        vectors = F.normalize(item_repr, dim=-1) if similarity == "cosine" else item_repr
     rows = torch.arange(batch, device=probs.device)
     available = cand_mask.clone()
     lists = torch.full((batch, m), NO_ITEM, dtype=torch.long, device=probs.device)
-    penalty = torch.zeros(batch, n, dtype=vectors.dtype, device=probs.device)  # (B, n)
+    penalty = torch.zeros(batch, n, dtype=probs.dtype, device=probs.device)  # (B, n)
     for position in range(m):
         scores = (1.0 - weight) * probs[:, :, position] - weight * penalty   # (B, n)
         picked = _take_best(scores, available)                               # (B,)
         lists[:, position] = picked
-        chosen = vectors[rows, picked.clamp_min(0)]                          # (B, d)
-        to_chosen = torch.einsum("bnd,bd->bn", vectors, chosen)              # (B, n)
+        if pairwise is None:
+            chosen = vectors[rows, picked.clamp_min(0)]                      # (B, d)
+            to_chosen = torch.einsum("bnd,bd->bn", vectors, chosen)          # (B, n)
+        else:
+            to_chosen = pairwise[rows, picked.clamp_min(0)].to(probs.dtype)  # (B, n)
         penalty = to_chosen if position == 0 else torch.maximum(penalty, to_chosen)
     return lists
 
@@ -290,8 +300,9 @@ def decode(name: str, probs: torch.Tensor, item_repr: torch.Tensor | None,
 
 
 def _check(probs: torch.Tensor, cand_mask: torch.Tensor,
-           item_repr: torch.Tensor | None = None) -> tuple[int, int, int]:
-    """Shapes (B, n, m), (B, n) and (B, n, d); returns B, n, m."""
+           item_repr: torch.Tensor | None = None,
+           pairwise: torch.Tensor | None = None) -> tuple[int, int, int]:
+    """Shapes (B, n, m), (B, n), (B, n, d) and (B, n, n); returns B, n, m."""
     if probs.dim() != 3:
         raise ValueError(f"probs must be (B, n, m), got shape {tuple(probs.shape)}")
     batch, n, m = probs.shape
@@ -301,6 +312,9 @@ def _check(probs: torch.Tensor, cand_mask: torch.Tensor,
     if item_repr is not None and (item_repr.dim() != 3 or item_repr.shape[:2] != (batch, n)):
         raise ValueError(f"item_repr must be (B, n, d) with B, n = {batch}, {n}, got "
                          f"{tuple(item_repr.shape)}")
+    if pairwise is not None and tuple(pairwise.shape) != (batch, n, n):
+        raise ValueError(f"pairwise must be (B, n, n) = ({batch}, {n}, {n}), got "
+                         f"{tuple(pairwise.shape)}")
     return batch, n, m
 
 

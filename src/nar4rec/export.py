@@ -101,8 +101,10 @@ class PipelineGraph(nn.Module):
     def forward(self, user_cat, user_num, cand_cat, cand_num, upstream_score, cand_mask):
         batch = _batch(user_cat, user_num, cand_cat, cand_num, upstream_score, cand_mask)
         out = self.generator(batch)
+        pairwise = (self.evaluator.candidate_similarity(batch) if self.config.evaluator_alphas
+                    else None)                                         # (B, n, n)
         proposals = propose(out.probs, out.item_repr, cand_mask, self.config,
-                            request_keys(user_cat, cand_cat, cand_mask))   # (B, K, m)
+                            request_keys(user_cat, cand_cat, cand_mask), pairwise)  # (B, K, m)
         mask = proposals >= 0
         logits = self.evaluator(batch, proposals.clamp_min(0), mask)       # (B, K, m, K_b)
         item_utility = predicted_utility(logits, self.weights) * mask     # (B, K, m)
@@ -280,6 +282,9 @@ class OnnxReranker:
             best, item_scores, utility = self.sessions["pipeline"].run(
                 None, {k: inputs[k] for k in FEATURE_INPUTS})
             return (best, item_scores, utility) if with_scores else (best, utility)
+        if self.config.evaluator_alphas:
+            raise Nar4recError("this export has no pipeline graph, which evaluator alphas "
+                               "need: export the run again")
         probs, item_repr = self.generator(inputs)
         cand_mask = torch.from_numpy(inputs["cand_mask"])
         keys = request_keys(torch.from_numpy(inputs["user_cat"]),

@@ -33,6 +33,10 @@ class RerankerConfig:
     """How the generator's lists are proposed and chosen.
 
     alphas: the contrastive-decoding weights (eq. 16) of the decoded proposals; 0 is greedy.
+    evaluator_alphas: more contrastive-decoded proposals, one per weight, whose similarity
+        is the evaluator's learned redundancy (`Evaluator.candidate_similarity`) instead of
+        the generator's representations; needs an evaluator with `similarity_heads` or
+        `shared_values`. Empty: none.
     samples: how many top-k sampled lists are proposed besides (0: none).
     sample_k, temperature: the top-k sampler's k and temperature.
     similarity: the contrastive penalty's similarity, "cosine" (the paper) or "dot".
@@ -42,6 +46,7 @@ class RerankerConfig:
     """
 
     alphas: tuple[float, ...] = (0.0, 0.3, 0.6, 0.9)
+    evaluator_alphas: tuple[float, ...] = ()
     samples: int = 4
     sample_k: int = 5
     temperature: float = 1.0
@@ -51,11 +56,13 @@ class RerankerConfig:
 
     def __post_init__(self) -> None:
         self.alphas = tuple(float(a) for a in self.alphas)
+        self.evaluator_alphas = tuple(float(a) for a in self.evaluator_alphas)
         problems = []
         if not self.alphas:
             problems.append("alphas must hold at least one value")
-        if any(not 0.0 <= a <= 1.0 for a in self.alphas):
-            problems.append(f"alphas must lie in [0, 1], not {list(self.alphas)}")
+        for name in ("alphas", "evaluator_alphas"):
+            if any(not 0.0 <= a <= 1.0 for a in getattr(self, name)):
+                problems.append(f"{name} must lie in [0, 1], not {list(getattr(self, name))}")
         if self.samples < 0:
             problems.append(f"samples must be >= 0, not {self.samples}")
         if self.sample_k < 1:
@@ -73,7 +80,7 @@ class RerankerConfig:
     @property
     def proposals(self) -> int:
         """K, the number of lists proposed per request."""
-        return len(self.alphas) + self.samples
+        return len(self.alphas) + len(self.evaluator_alphas) + self.samples
 
 
 @dataclass
@@ -118,6 +125,10 @@ class Reranker:
         if list_length is None:
             list_length = (generator or evaluator).config.list_length
         self.list_length = list_length
+        if generator is not None and self.config.evaluator_alphas and (
+                evaluator is None or evaluator.redundancy is None):
+            raise ValueError("reranker.evaluator_alphas needs an evaluator trained with "
+                             "evaluator.similarity_heads > 0 or evaluator.shared_values")
 
     def to(self, device: torch.device | str) -> Reranker:
         """Moves the generator, the evaluator and the weights to `device`; returns self."""
@@ -138,7 +149,8 @@ class Reranker:
     def choose(self, batch: RequestBatch, out: GeneratorOutput) -> Reranked:
         """`rerank` from the generator's output for the batch, already computed."""
         proposals = self.decode(out, request_keys(batch.user_cat, batch.cand_cat,
-                                                  batch.cand_mask))    # (B, K, m)
+                                                  batch.cand_mask),
+                                self.pairwise(batch))                  # (B, K, m)
         if self.evaluator is None or self.config.select == "first":
             lists = proposals[:, 0]
             placed = out.probs.gather(1, lists.clamp_min(0).unsqueeze(1)).squeeze(1)  # (B, m)
@@ -151,15 +163,27 @@ class Reranker:
 
     @torch.no_grad()
     def propose(self, batch: RequestBatch) -> torch.Tensor:
-        """(B, K, m) the generator's K lists: one per alpha, then the sampled ones."""
+        """(B, K, m) the generator's K lists: one per alpha, one per evaluator alpha, then
+        the sampled ones."""
         return self.decode(self.generator(batch),
-                           request_keys(batch.user_cat, batch.cand_cat, batch.cand_mask))
+                           request_keys(batch.user_cat, batch.cand_cat, batch.cand_mask),
+                           self.pairwise(batch))
 
     @torch.no_grad()
-    def decode(self, out: GeneratorOutput, keys: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, out: GeneratorOutput, keys: torch.Tensor | None = None,
+               pairwise: torch.Tensor | None = None) -> torch.Tensor:
         """(B, K, m) the K proposals decoded from a generator output; `keys` (B,) from
-        `request_keys` make each request's samples its own (None: drawn for the batch)."""
-        return propose(out.probs, out.item_repr, out.cand_mask, self.config, keys)
+        `request_keys` make each request's samples its own (None: drawn for the batch);
+        `pairwise` (B, n, n) from `pairwise(batch)` when there are evaluator alphas."""
+        return propose(out.probs, out.item_repr, out.cand_mask, self.config, keys, pairwise)
+
+    @torch.no_grad()
+    def pairwise(self, batch: RequestBatch) -> torch.Tensor | None:
+        """(B, n, n) the evaluator's candidate similarities when `evaluator_alphas` asks for
+        them, else None."""
+        if not self.config.evaluator_alphas:
+            return None
+        return self.evaluator.candidate_similarity(batch)
 
     @torch.no_grad()
     def item_utility(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
@@ -274,12 +298,14 @@ def _cached_constant(values: tuple, dtype: torch.dtype, device: torch.device) ->
 
 @torch.no_grad()
 def propose(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tensor,
-            config: RerankerConfig, keys: torch.Tensor | None = None) -> torch.Tensor:
+            config: RerankerConfig, keys: torch.Tensor | None = None,
+            pairwise: torch.Tensor | None = None) -> torch.Tensor:
     """(B, K, m) the K proposals of `config` from a probability matrix (B, n, m), candidate
     representations (B, n, d) and candidate mask (B, n): one contrastive-decoded list per
-    alpha, then the top-k samples. With `keys` (B,) from `request_keys` each request's
-    samples come from its own random stream (the same in any batch); without, from one
-    generator seeded by `config.seed` for the whole batch."""
+    alpha, one per evaluator alpha (with the similarities `pairwise` (B, n, n)), then the
+    top-k samples. With `keys` (B,) from `request_keys` each request's samples come from its
+    own random stream (the same in any batch); without, from one generator seeded by
+    `config.seed` for the whole batch."""
     batch, m = len(probs), probs.shape[2]
     # Every alpha in one decoding pass over stacked copies of the batch (copy a = alpha a),
     # and every sample in one pass: 2 loops over the m positions instead of K.
@@ -291,6 +317,17 @@ def propose(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tenso
         probs.repeat(copies, 1, 1), item_repr.repeat(copies, 1, 1), cand_mask.repeat(copies, 1),
         alpha=row_alpha, similarity=config.similarity)                 # (A B, m)
     lists = [decoded.view(copies, batch, m).transpose(0, 1)]           # (B, A, m)
+    if config.evaluator_alphas:
+        if pairwise is None:
+            raise ValueError("reranker.evaluator_alphas needs the evaluator's pairwise "
+                             "similarities")
+        copies = len(config.evaluator_alphas)
+        alphas = _constant(config.evaluator_alphas, probs.dtype, probs.device)
+        decoded = decode.contrastive(
+            probs.repeat(copies, 1, 1), None, cand_mask.repeat(copies, 1),
+            alpha=alphas[:, None].expand(copies, batch).reshape(-1),
+            pairwise=pairwise.repeat(copies, 1, 1))                    # (E B, m)
+        lists.append(decoded.view(copies, batch, m).transpose(0, 1))   # (B, E, m)
     if config.samples:
         samples = config.samples
         if keys is not None:

@@ -49,6 +49,12 @@ class EvaluatorConfig:
         and each item vector (a factorisation-machine style user-item term).
     use_upstream_score, upstream_norm: the ranking stage's score as a candidate input
         ("request": z-score within a request, "none": raw).
+    similarity_heads, similarity_dim: give each item its redundancy with the items above it
+        (`Redundancy`): the number of learned similarities (0: none) and the width of each.
+        Plain self-attention averages over the items above; this says whether any of them
+        is like this one, which is what fatigue and diversity are about.
+    shared_values: also give each item, per categorical feature but the id, whether an item
+        above has the same value.
     """
 
     list_length: int = 6
@@ -65,6 +71,9 @@ class EvaluatorConfig:
     user_interaction: bool = False
     use_upstream_score: bool = True
     upstream_norm: str = "request"
+    similarity_heads: int = 0
+    similarity_dim: int = 16
+    shared_values: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -75,6 +84,9 @@ class EvaluatorConfig:
                             f"({self.heads})")
         if self.layers < 1:
             problems.append(f"layers must be >= 1, not {self.layers}")
+        if self.similarity_heads < 0 or self.similarity_dim < 1:
+            problems.append(f"similarity_heads must be >= 0 and similarity_dim >= 1, not "
+                            f"{self.similarity_heads} and {self.similarity_dim}")
         if self.upstream_norm not in UPSTREAM_NORMS:
             problems.append(f"upstream_norm must be one of {UPSTREAM_NORMS}, not "
                             f"{self.upstream_norm!r}")
@@ -107,6 +119,71 @@ class EvaluatorLayer(nn.Module):
         return self.ffn_norm(h + self.dropout(self.ffn(h)))
 
 
+class Redundancy(nn.Module):
+    """How much each item of a list repeats the items above it, as a vector to add to it.
+
+    Item k gets, for every learned head h, `max(0, max_{j<k} cos(W_h x_k, W_h x_j))` over the
+    real items j above it, and, for every categorical candidate feature but the item id, 1
+    if an item above has the same known value (the same topic, author, genre), else 0; the
+    first item gets zeros. A linear layer maps these figures to a d-vector. This is the
+    "redundancy with what was already shown" of maximal marginal relevance and of contrastive
+    decoding's penalty (eq. 16), here an input from which the evaluator learns what
+    repetition costs.
+
+    Args:
+        d_model: width of the item vectors.
+        heads, dim: number of learned similarities (0: none) and width of each projection.
+        shared_features: number of categorical features compared for equal values (0: none).
+    """
+
+    def __init__(self, d_model: int, heads: int, dim: int, shared_features: int):
+        super().__init__()
+        self.heads, self.dim, self.shared_features = heads, dim, shared_features
+        self.project = nn.Linear(d_model, heads * dim) if heads else None
+        self.out = nn.Linear(heads + shared_features, d_model)
+
+    def vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """(..., d) item vectors -> (..., H * dim) their normalised heads, scaled so that the
+        dot product of two is the mean of their H cosines."""
+        z = self.project(items).unflatten(-1, (self.heads, self.dim))  # (..., H, dim)
+        return (F.normalize(z, dim=-1) / self.heads ** 0.5).flatten(-2)
+
+    def forward(self, items: torch.Tensor, categorical: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        """items (S, m, d), categorical (S, m, F) feature indices (the id first), mask (S, m)
+        True for real items -> (S, m, d)."""
+        size, length, _ = items.shape
+        above = torch.ones(length, length, dtype=torch.bool, device=items.device).tril(-1)
+        keep = above & mask[:, None, :]                                # (S, m, m) k <- j
+        figures = []
+        if self.project is not None:
+            z = self.vectors(items).view(size, length, self.heads, self.dim).transpose(1, 2)
+            cosine = self.heads * (z @ z.transpose(2, 3))              # (S, H, m, m)
+            figures.append(cosine.clamp_min(0).masked_fill(~keep[:, None], 0).amax(-1)
+                           .transpose(1, 2))                           # (S, m, H)
+        if self.shared_features:
+            values = categorical[..., 1:]                              # (S, m, F - 1)
+            same = (values[:, :, None] == values[:, None, :]) & (values >= 2)[:, :, None]
+            same = same & keep[..., None]                              # (S, m, m, F - 1)
+            figures.append(same.any(2).to(items.dtype))                # (S, m, F - 1)
+        return self.out(torch.cat(figures, dim=-1))                    # (S, m, d)
+
+    def pairwise(self, items: torch.Tensor, categorical: torch.Tensor) -> torch.Tensor:
+        """(B, n, n) the mean of the redundancy figures between every two of n items: each
+        head's cosine clipped at 0, each compared feature's 1 or 0 (items (B, n, d),
+        categorical (B, n, F))."""
+        total = items.new_zeros(items.shape[0], items.shape[1], items.shape[1])
+        if self.project is not None:
+            z = self.vectors(items)                                    # (B, n, H dim)
+            z = z.unflatten(-1, (self.heads, self.dim)).transpose(1, 2)  # (B, H, n, dim)
+            total = total + (self.heads * (z @ z.transpose(2, 3))).clamp_min(0).sum(1)
+        if self.shared_features:
+            values = categorical[..., 1:]                              # (B, n, F - 1)
+            same = (values[:, :, None] == values[:, None, :]) & (values >= 2)[:, :, None]
+            total = total + same.to(items.dtype).sum(-1)               # (B, n, n)
+        return total / (self.heads + self.shared_features)
+
+
 class Evaluator(nn.Module):
     """Item-wise, list-aware feedback predictions for whole lists (section 4.4).
 
@@ -122,6 +199,9 @@ class Evaluator(nn.Module):
         self.candidates, self.user, self.interaction = personalised_inputs(config, space)
         self.positions = nn.Embedding(config.list_length, d)
         nn.init.normal_(self.positions.weight, std=0.1)
+        shared = len(space.cand_cat) - 1 if config.shared_values else 0
+        self.redundancy = (Redundancy(d, config.similarity_heads, config.similarity_dim, shared)
+                           if config.similarity_heads or shared else None)
         self.layers = nn.ModuleList(EvaluatorLayer(config) for _ in range(config.layers))
         self.norm = nn.LayerNorm(d) if config.norm_first else nn.Identity()
         self.heads = nn.Linear(d, len(space.behaviours))   # one linear head per behaviour
@@ -157,6 +237,11 @@ class Evaluator(nn.Module):
         h = h + position_rows(self.positions, length)                 # (B, L, m, d)
         h = h.reshape(batch_size * count, length, d)                   # (B * L, m, d)
         mask = list_mask.reshape(batch_size * count, length)           # (B * L, m)
+        if self.redundancy is not None:
+            categorical = batch.cand_cat.gather(
+                1, index.unsqueeze(-1).expand(-1, -1, batch.cand_cat.shape[-1]))  # (B, L m, F)
+            h = h + self.redundancy(items.view(batch_size * count, length, d),
+                                    categorical.view(batch_size * count, length, -1), mask)
         padding = ~mask & mask.any(1, keepdim=True)   # an all-padding list attends to all
         padding = key_padding_bias(padding, h.dtype)                   # (B * L, m) 0 or -inf
         if self.config.causal:
@@ -166,6 +251,16 @@ class Evaluator(nn.Module):
             h = layer(h, padding)                                      # (B * L, m, d)
         logits = self.heads(self.norm(h))                              # (B * L, m, K)
         return logits.view(batch_size, count, length, -1)              # (B, L, m, K)
+
+    def candidate_similarity(self, batch: RequestBatch) -> torch.Tensor:
+        """(B, n, n) how redundant every two candidates of a request are to this evaluator
+        (`Redundancy.pairwise`): the similarity it learned from feedback, for contrastive
+        decoding (`reranker.evaluator_alphas`). Needs `similarity_heads` or
+        `shared_values`."""
+        if self.redundancy is None:
+            raise ValueError("this evaluator has no redundancy inputs (similarity_heads = 0 "
+                             "and shared_values off)")
+        return self.redundancy.pairwise(self.candidates(batch), batch.cand_cat)
 
 
 def list_utility(logits: torch.Tensor, weights: torch.Tensor,
