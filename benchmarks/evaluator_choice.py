@@ -9,6 +9,9 @@ evaluator's own greedy search in context (each position takes the candidate that
 the evaluator's utility for the list so far: m batched evaluator calls over all candidates);
 the evaluator's choice among all of these; the truth's choice among them; and the mean
 correlation, within a request, between the evaluator's and the true utility of these lists.
+When the evaluator has redundancy inputs (`evaluator.similarity_heads`, `shared_values`), also
+the generator's lists decoded alone by eq. 16 with the evaluator's learned similarity
+(`reranker.evaluator_alphas`) at each of EVALUATOR_ALPHAS.
 `--evaluator` swaps in the evaluator of another run trained on the same data (for example one
 trained with `--set evaluator.causal=true`).
 """
@@ -20,11 +23,14 @@ import argparse
 import numpy as np
 import torch
 
+from nar4rec import decode
 from nar4rec.data.loader import RequestBatch, RequestLoader
 from nar4rec.metrics import list_utility
 from nar4rec.pipeline import load_run, split_files
 from nar4rec.reranker import Reranker
 from nar4rec.sim.world import World
+
+EVALUATOR_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.2)
 
 
 def evaluator_greedy(reranker: Reranker, batch: RequestBatch, m: int) -> torch.Tensor:
@@ -64,7 +70,15 @@ def main() -> None:
                  "NAR4Rec pipeline": reranker.rerank(batch).lists,
                  "generator, greedy": proposals[:, 0],
                  "evaluator: greedy search in context": evaluator_greedy(reranker, batch, m)}
-        for name, chosen in lists.items():
+        alone = {}                                  # scored, not added to the pool below
+        if reranker.evaluator.redundancy is not None:
+            probs = reranker.generator(batch).probs
+            pairwise = reranker.evaluator.candidate_similarity(batch)
+            for alpha in EVALUATOR_ALPHAS:
+                alone[f"generator, eq. 16 with the evaluator's similarity, alpha {alpha}"] = (
+                    decode.contrastive(probs, None, batch.cand_mask, alpha=alpha,
+                                       pairwise=pairwise))
+        for name, chosen in {**lists, **alone}.items():
             sums.setdefault(name, []).append(list_utility(world, batch, chosen))
         pool = torch.cat([proposals, *(lists[k][:, None] for k in list(lists)[1:])], dim=1)
         judged = reranker.item_utility(batch, pool).sum(-1).numpy()             # (B, P)
