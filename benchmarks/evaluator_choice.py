@@ -64,22 +64,23 @@ def main() -> None:
         reranker.evaluator = load_run(args.evaluator).reranker.evaluator
     sums: dict[str, list[np.ndarray]] = {}
     for batch in RequestLoader(split_files(args.data, args.split), run.space, batch_size=500):
-        proposals = reranker.propose(batch)                                      # (B, K, m)
+        out = reranker.generator(batch)
+        chosen = reranker.choose(batch, out)
+        proposals = chosen.proposals                                             # (B, K, m)
         lists = {"logging policy": batch.exposed.masked_fill(~batch.exposed_mask, -1),
                  "evaluator: item-wise top m": reranker.evaluator_top_m(batch).lists,
-                 "NAR4Rec pipeline": reranker.rerank(batch).lists,
+                 "NAR4Rec pipeline": chosen.lists,
                  "generator, greedy": proposals[:, 0],
                  "evaluator: greedy search in context": evaluator_greedy(reranker, batch, m)}
         alone = {}                                  # scored, not added to the pool below
         if reranker.evaluator.redundancy is not None:
-            probs = reranker.generator(batch).probs
             pairwise = reranker.evaluator.candidate_similarity(batch)
             for alpha in EVALUATOR_ALPHAS:
                 alone[f"generator, eq. 16 with the evaluator's similarity, alpha {alpha}"] = (
-                    decode.contrastive(probs, None, batch.cand_mask, alpha=alpha,
+                    decode.contrastive(out.probs, None, batch.cand_mask, alpha=alpha,
                                        pairwise=pairwise))
-        for name, chosen in {**lists, **alone}.items():
-            sums.setdefault(name, []).append(list_utility(world, batch, chosen))
+        for name, placed in {**lists, **alone}.items():
+            sums.setdefault(name, []).append(list_utility(world, batch, placed))
         pool = torch.cat([proposals, *(lists[k][:, None] for k in list(lists)[1:])], dim=1)
         judged = reranker.item_utility(batch, pool).sum(-1).numpy()             # (B, P)
         truth = np.stack([list_utility(world, batch, pool[:, k])

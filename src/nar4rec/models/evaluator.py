@@ -142,46 +142,35 @@ class Redundancy(nn.Module):
         self.project = nn.Linear(d_model, heads * dim) if heads else None
         self.out = nn.Linear(heads + shared_features, d_model)
 
-    def vectors(self, items: torch.Tensor) -> torch.Tensor:
-        """(..., d) item vectors -> (..., H * dim) their normalised heads, scaled so that the
-        dot product of two is the mean of their H cosines."""
-        z = self.project(items).unflatten(-1, (self.heads, self.dim))  # (..., H, dim)
-        return (F.normalize(z, dim=-1) / self.heads ** 0.5).flatten(-2)
+    def figures(self, items: torch.Tensor, categorical: torch.Tensor) -> torch.Tensor:
+        """(S, m, m, H + F) the redundancy figures between every two of m items: each head's
+        cosine clipped at 0, then each compared feature's 1 (the same known value) or 0
+        (items (S, m, d), categorical (S, m, F + 1) feature indices, the id first)."""
+        parts = []
+        if self.project is not None:
+            z = F.normalize(self.project(items).unflatten(-1, (self.heads, self.dim)), dim=-1)
+            z = z.transpose(1, 2)                                      # (S, H, m, dim)
+            cosine = (z @ z.transpose(2, 3)).clamp_min(0)              # (S, H, m, m)
+            parts.append(cosine.permute(0, 2, 3, 1))                   # (S, m, m, H)
+        if self.shared_features:
+            values = categorical[..., 1:]                              # (S, m, F)
+            same = (values[:, :, None] == values[:, None, :]) & (values >= 2)[:, :, None]
+            parts.append(same.to(items.dtype))                         # (S, m, m, F)
+        return torch.cat(parts, dim=-1)
 
     def forward(self, items: torch.Tensor, categorical: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
-        """items (S, m, d), categorical (S, m, F) feature indices (the id first), mask (S, m)
-        True for real items -> (S, m, d)."""
-        size, length, _ = items.shape
+        """items (S, m, d), categorical (S, m, F + 1) feature indices (the id first), mask
+        (S, m) True for real items -> (S, m, d)."""
+        length = items.shape[1]
         above = torch.ones(length, length, dtype=torch.bool, device=items.device).tril(-1)
         keep = above & mask[:, None, :]                                # (S, m, m) k <- j
-        figures = []
-        if self.project is not None:
-            z = self.vectors(items).view(size, length, self.heads, self.dim).transpose(1, 2)
-            cosine = self.heads * (z @ z.transpose(2, 3))              # (S, H, m, m)
-            figures.append(cosine.clamp_min(0).masked_fill(~keep[:, None], 0).amax(-1)
-                           .transpose(1, 2))                           # (S, m, H)
-        if self.shared_features:
-            values = categorical[..., 1:]                              # (S, m, F - 1)
-            same = (values[:, :, None] == values[:, None, :]) & (values >= 2)[:, :, None]
-            same = same & keep[..., None]                              # (S, m, m, F - 1)
-            figures.append(same.any(2).to(items.dtype))                # (S, m, F - 1)
-        return self.out(torch.cat(figures, dim=-1))                    # (S, m, d)
+        figures = self.figures(items, categorical).masked_fill(~keep[..., None], 0)
+        return self.out(figures.amax(2))                               # (S, m, d)
 
     def pairwise(self, items: torch.Tensor, categorical: torch.Tensor) -> torch.Tensor:
-        """(B, n, n) the mean of the redundancy figures between every two of n items: each
-        head's cosine clipped at 0, each compared feature's 1 or 0 (items (B, n, d),
-        categorical (B, n, F))."""
-        total = items.new_zeros(items.shape[0], items.shape[1], items.shape[1])
-        if self.project is not None:
-            z = self.vectors(items)                                    # (B, n, H dim)
-            z = z.unflatten(-1, (self.heads, self.dim)).transpose(1, 2)  # (B, H, n, dim)
-            total = total + (self.heads * (z @ z.transpose(2, 3))).clamp_min(0).sum(1)
-        if self.shared_features:
-            values = categorical[..., 1:]                              # (B, n, F - 1)
-            same = (values[:, :, None] == values[:, None, :]) & (values >= 2)[:, :, None]
-            total = total + same.to(items.dtype).sum(-1)               # (B, n, n)
-        return total / (self.heads + self.shared_features)
+        """(B, n, n) the mean of the redundancy figures between every two of n items."""
+        return self.figures(items, categorical).mean(-1)
 
 
 class Evaluator(nn.Module):
