@@ -6,6 +6,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -178,6 +179,27 @@ def test_nested_settings_from_set_and_toml(tmp_path):
         load_overrides(RunConfig(), None, ["generator.d_modle=3"])
     with pytest.raises(Nar4recError, match="must be a multiple of heads"):
         load_overrides(RunConfig(), None, ["generator.d_model=30"])
+
+
+def test_the_shipped_list_aware_config_builds_its_pipeline(batch):
+    """configs/list-aware.toml (the configuration results.md reports) applies cleanly and
+    gives the reranker its evaluator-similarity proposals."""
+    batch, space = batch
+    path = Path(__file__).parents[1] / "configs" / "list-aware.toml"
+    config = load_overrides(RunConfig(), path, [])
+    assert config.evaluator.causal and config.evaluator.similarity_heads > 0
+    torch.manual_seed(0)
+    reranker = Reranker(
+        NAR4Rec(dataclasses.replace(config.generator, list_length=M), space),
+        Evaluator(dataclasses.replace(config.evaluator, list_length=M), space),
+        space.utility_weights, config.reranker)
+    out = reranker.rerank(batch)
+    extra = len(config.reranker.evaluator_alphas)
+    assert extra > 0 and reranker.config.proposals == (
+        len(config.reranker.alphas) + extra + config.reranker.samples)
+    assert out.proposals.shape == (len(batch), reranker.config.proposals, M)
+    for k in range(reranker.config.proposals):
+        assert_valid_lists(out.proposals[:, k], batch.cand_mask)
 
 
 def test_a_trained_system_beats_the_logging_policy(run, data):
