@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from nar4rec import cli
 from nar4rec.bench import BenchConfig, format_bench, matmul_gflops, run_bench
+from nar4rec.config import load_overrides
+from nar4rec.pipeline import RunConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,12 +53,33 @@ def test_generator_flops_grow_with_the_batch(tmp_path):
     assert matmul_gflops(size=128, repeats=2) > 0
 
 
+def test_bench_times_the_configuration_it_is_given(tmp_path):
+    """`settings` (the command's --config and --set) reach every timed model: the list-aware
+    configuration's extra proposals and judged generator training, a smaller d_model's
+    FLOPs."""
+    path = Path(__file__).parents[1] / "configs" / "list-aware.toml"
+
+    def bench(sets):
+        config = BenchConfig(models=("nar4rec", "dnn"), batch=16, steps=1, warmup=1,
+                             latency_requests=2, lengths=(), onnx=False,
+                             settings=load_overrides(RunConfig(), path, sets))
+        return run_bench(config, tmp_path, log=lambda _: None)
+
+    wide, narrow = bench([]), bench(["generator.d_model=32", "dnn.hidden=[16]"])
+    rows = {row["model"]: row for row in wide["rows"]}
+    assert rows["nar4rec_pipeline"]["proposals"] == 4 + 4 + 4
+    assert rows["nar4rec"]["train_s_per_batch"] > 0
+    assert wide["settings"]["evaluator"]["similarity_heads"] == 4
+    assert narrow["generator"]["flops_per_batch"] < 0.6 * wide["generator"]["flops_per_batch"]
+    assert list(narrow["settings"]["dnn"]["hidden"]) == [16]
+
+
 def test_bench_command(tmp_path, capsys):
     out, report = tmp_path / "bench.json", tmp_path / "bench.md"
     code = cli.main(["bench", "--preset", "avito", "--models", "nar4rec,seq2slate", "--batch",
                      "16", "--steps", "1", "--warmup", "1", "--latency-requests", "5",
                      "--json", str(out), "--report", str(report), "--quiet",
-                     "--workdir", str(tmp_path / "work")])
+                     "--workdir", str(tmp_path / "work"), "--set", "reranker.samples=2"])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["preset"] == "avito" and result["list_length"] == 5
@@ -66,6 +90,7 @@ def test_bench_command(tmp_path, capsys):
     onnx = next(row for row in result["rows"] if row["model"] == "nar4rec_pipeline_onnx")
     assert 0 < onnx["latency_ms_p50"] <= onnx["latency_ms_p99"] and onnx["infer_s_per_batch"] > 0
     assert onnx["latency_requests"] == 5
+    assert onnx["proposals"] == 4 + 2 and result["settings"]["reranker"]["samples"] == 2
     assert cli.main(["bench", "--models", "nope", "--json", str(out)]) == 2
 
 

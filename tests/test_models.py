@@ -343,6 +343,25 @@ def test_attend_equals_multihead_attention(cross):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("keys", [5, 40])
+def test_attend_over_few_keys_equals_the_fused_kernel(keys):
+    """Short key sequences take `attend`'s explicit path, long ones the fused kernel; both
+    give nn.MultiheadAttention's result, with a per-query bias (causal) too."""
+    from nar4rec.models.layers import FEW_KEYS, attend, key_padding_bias
+
+    torch.manual_seed(0)
+    module = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(3, keys, 16)
+    padding = torch.zeros(3, keys, dtype=torch.bool)
+    padding[1, 2:] = True
+    causal = torch.triu(torch.ones(keys, keys, dtype=torch.bool), diagonal=1)
+    bias = key_padding_bias(padding, x.dtype)[:, None, :] + key_padding_bias(causal, x.dtype)
+    expected = module(x, x, x, attn_mask=bias.repeat_interleave(4, dim=0),
+                      need_weights=False)[0]
+    assert (keys <= FEW_KEYS) == (keys == 5)
+    torch.testing.assert_close(attend(module, x, x, bias), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_evaluator_scores_lists_longer_than_its_position_table(data):
     batch = data["train"][0]                                        # logged lists of 6
     evaluator = Evaluator(EvaluatorConfig(**{**SMALL, "list_length": 4}), data["space"]).eval()

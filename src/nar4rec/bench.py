@@ -24,7 +24,7 @@ from torch import nn
 from nar4rec.data.loader import RequestBatch, RequestLoader
 from nar4rec.models.base import ListModel
 from nar4rec.models.nar4rec import utility_threshold
-from nar4rec.pipeline import check_models, evaluator_step, generator_step
+from nar4rec.pipeline import RunConfig, check_models, evaluator_step, generator_step
 from nar4rec.train import resolve_device
 
 
@@ -138,6 +138,9 @@ class BenchConfig:
     onnx: also time the pipeline exported as one ONNX graph under onnxruntime (the export
         takes a minute or two); on the CPU only (onnxruntime's CPU package is the dependency).
     device: "cpu", "cuda" or "auto" (CUDA when there is one, as training does).
+    settings: the models' settings (`--config FILE`, `--set key=value`, as for training):
+        sizes and options of every model and the reranker's proposals; list_length comes
+        from the data.
     """
 
     preset: str = "kuaishou"
@@ -150,6 +153,7 @@ class BenchConfig:
     threads: int = 0
     onnx: bool = True
     device: str = "cpu"
+    settings: RunConfig = dataclasses.field(default_factory=RunConfig)
 
 
 def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
@@ -179,10 +183,10 @@ def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
               int(batch.cand_mask.shape[1]), "list_length": m, "threads":
               torch.get_num_threads(), "steps": config.steps, "machine": machine(),
               "device": device.type, "matmul_gflops": matmul_gflops(device=device),
-              "rows": []}
+              "settings": dataclasses.asdict(config.settings), "rows": []}
     log(f"{device.type}: float32 matrix-multiply peak {result['matmul_gflops']:.1f} GFLOP/s")
     for name in config.models:
-        module, step, infer = build_for_timing(name, space, m, tau, device)
+        module, step, infer = build_for_timing(name, space, m, tau, device, config.settings)
         row = {"model": name, "preset": config.preset,
                "train_s_per_batch": time_training(module, step, batch, **timing),
                "infer_s_per_batch": time_inference(infer, batch, **timing)}
@@ -195,7 +199,8 @@ def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
                if device.type == "cuda" else ""))
     if "nar4rec" in config.models:
         result["rows"] += _pipeline_rows(space, m, tau, batch, single, config, workdir, timing)
-        result["generator"] = _generator_figures(space, m, tau, batch, timing, log)
+        result["generator"] = _generator_figures(space, m, tau, batch, timing, config.settings,
+                                                 log)
         log(f"generator {result['generator']['gflops']:.1f} GFLOP/s "
             f"({result['generator']['share_of_peak']:.0%} of the peak); decoding "
             f"{result['generator']['decode_s']:.4f} s vs forward "
@@ -226,26 +231,32 @@ def _seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f} s"
 
 
-def build_for_timing(name: str, space, m: int, tau: float, device: torch.device | str = "cpu"
-                     ) -> tuple[nn.Module, Callable, Callable]:
-    """An untrained model at its default size (d_model 64 for all) on `device`, its loss
-    function and the call that produces lists: (module, step, infer). Weights do not change
-    the cost."""
+def build_for_timing(name: str, space, m: int, tau: float, device: torch.device | str = "cpu",
+                     settings: RunConfig | None = None) -> tuple[nn.Module, Callable, Callable]:
+    """An untrained model with `settings` (default: every model at its default size, d_model
+    64) on `device`, its loss function and the call that produces lists: (module, step,
+    infer). Weights do not change the cost. A generator trained on its own lists
+    (`evaluator_lists`) is timed with the evaluator that judges them."""
     from nar4rec.decode import contrastive
     from nar4rec.models import baseline
-    from nar4rec.models.nar4rec import NAR4Rec, NAR4RecConfig
+    from nar4rec.models.evaluator import Evaluator
+    from nar4rec.models.nar4rec import NAR4Rec
 
+    settings = settings or RunConfig()
     torch.manual_seed(0)
     if name == "nar4rec":
-        config = NAR4RecConfig(list_length=m, tau=tau)
+        config = dataclasses.replace(settings.generator, list_length=m, tau=tau)
         generator = NAR4Rec(config, space).to(device).eval()
+        judge = Evaluator(dataclasses.replace(settings.evaluator, list_length=m), space).to(
+            device).eval() if config.evaluator_lists else None
 
         def infer(batch):                    # generation: forward + contrastive decoding
             out = generator(batch)
             return contrastive(out.probs, out.item_repr, out.cand_mask)
-        return generator, generator_step(config, space.utility_weights), infer
-    model_class, config_class = baseline(name)
-    model = model_class(config_class(list_length=m), space).to(device).eval()
+        return generator, generator_step(config, space.utility_weights, judge), infer
+    model_class, _ = baseline(name)
+    model = model_class(dataclasses.replace(getattr(settings, name), list_length=m), space
+                        ).to(device).eval()
     return model, ListModel.step, model.rerank
 
 
@@ -253,14 +264,16 @@ def _pipeline_rows(space, m, tau, batch, single, config: BenchConfig, workdir: P
                    timing) -> list[dict]:
     """The whole NAR4Rec pipeline (generator, K proposals, evaluator choosing): per batch, and
     p50/p99 latency of single requests; in PyTorch, and exported to onnxruntime."""
-    from nar4rec.models.evaluator import Evaluator, EvaluatorConfig
-    from nar4rec.models.nar4rec import NAR4Rec, NAR4RecConfig
+    from nar4rec.models.evaluator import Evaluator
+    from nar4rec.models.nar4rec import NAR4Rec
     from nar4rec.reranker import Reranker
 
     torch.manual_seed(0)
-    reranker = Reranker(NAR4Rec(NAR4RecConfig(list_length=m, tau=tau), space),
-                        Evaluator(EvaluatorConfig(list_length=m), space),
-                        space.utility_weights).to(device_of(batch))
+    settings = config.settings
+    reranker = Reranker(
+        NAR4Rec(dataclasses.replace(settings.generator, list_length=m, tau=tau), space),
+        Evaluator(dataclasses.replace(settings.evaluator, list_length=m), space),
+        space.utility_weights, settings.reranker).to(device_of(batch))
     requests = [single[i % len(single)] for i in range(config.latency_requests)]
     with torch.no_grad():
         latencies = _latencies(reranker.rerank, requests, warmup=config.warmup * 10,
@@ -329,7 +342,8 @@ def _latencies(call: Callable, requests: list, *, warmup: int,
             "latency_requests": len(seconds)}
 
 
-def _generator_figures(space, m, tau, batch, timing, log=print) -> dict:
+def _generator_figures(space, m, tau, batch, timing, settings: RunConfig | None = None,
+                       log=print) -> dict:
     """The generator's FLOPs, achieved GFLOP/s against the measured peak, and the cost of
     contrastive decoding next to the forward pass."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -337,7 +351,7 @@ def _generator_figures(space, m, tau, batch, timing, log=print) -> dict:
     from nar4rec.decode import contrastive
 
     device = device_of(batch)
-    generator, _, _ = build_for_timing("nar4rec", space, m, tau, device)
+    generator, _, _ = build_for_timing("nar4rec", space, m, tau, device, settings)
     with torch.no_grad():
         with FlopCounterMode(display=False) as counter:
             out = generator(batch)
@@ -369,7 +383,8 @@ def _sweep(space, tau, batch, config: BenchConfig, timing, log) -> list[dict]:
     for m in config.lengths:
         row = {"m": m}
         for name in ("nar4rec", "seq2slate"):
-            module, step, infer = build_for_timing(name, space, m, tau, device_of(batch))
+            module, step, infer = build_for_timing(name, space, m, tau, device_of(batch),
+                                                   config.settings)
             row[f"{name}_infer_s"] = time_inference(infer, batch, **timing)
             row[f"{name}_train_s"] = time_training(module, step, _cut(batch, m), **timing) \
                 if m <= logged and m in (5, 6) else None

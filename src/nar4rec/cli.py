@@ -245,12 +245,15 @@ def _bench(args: argparse.Namespace) -> int:
     import tempfile
 
     from nar4rec.bench import BenchConfig, format_bench, plot_sweep, run_bench
+    from nar4rec.config import load_overrides
     from nar4rec.io import atomic_file
+    from nar4rec.pipeline import RunConfig
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     config = BenchConfig(preset=args.preset, models=models, batch=args.batch, steps=args.steps,
                          warmup=args.warmup, latency_requests=args.latency_requests,
-                         threads=args.threads, onnx=args.onnx, device=args.device)
+                         threads=args.threads, onnx=args.onnx, device=args.device,
+                         settings=load_overrides(RunConfig(), args.config, list(args.set)))
     log = (lambda _: None) if args.quiet else print
     if args.workdir:
         result = run_bench(config, args.workdir, log=log)
@@ -490,6 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
                     help="where the models run (default cpu; auto: CUDA when there is one); "
                          "the onnxruntime row is measured on the CPU only")
+    bn.add_argument("--config", help="TOML file of model settings, as for train (default: "
+                    "every model at its default size)")
+    bn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one model setting, e.g. reranker.samples=8")
     bn.add_argument("--workdir", help="keep the simulated data here (default: a temporary "
                     "directory)")
     bn.add_argument("--json", required=True, help="write every figure here")
