@@ -67,7 +67,7 @@ def test_bench_times_the_configuration_it_is_given(tmp_path):
 
     wide, narrow = bench([]), bench(["generator.d_model=32", "dnn.hidden=[16]"])
     rows = {row["model"]: row for row in wide["rows"]}
-    assert rows["nar4rec_pipeline"]["proposals"] == 4 + 4 + 4
+    assert rows["nar4rec_pipeline"]["proposals"] == 4 + 4 + 4 + 1
     assert rows["nar4rec"]["train_s_per_batch"] > 0
     assert wide["settings"]["evaluator"]["similarity_heads"] == 4
     assert narrow["generator"]["flops_per_batch"] < 0.6 * wide["generator"]["flops_per_batch"]

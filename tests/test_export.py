@@ -13,8 +13,17 @@ import torch
 
 from helpers import train_tiny
 from nar4rec.data.loader import RequestLoader
-from nar4rec.export import FEATURE_INPUTS, OnnxReranker, _batch, example_inputs, export_run
+from nar4rec.export import (
+    FEATURE_INPUTS,
+    OnnxReranker,
+    _batch,
+    cpu_session,
+    example_inputs,
+    export_pipeline,
+    export_run,
+)
 from nar4rec.pipeline import load_run
+from nar4rec.reranker import Reranker
 
 pytest.importorskip("onnxruntime")
 
@@ -88,6 +97,28 @@ def test_the_pipeline_graph_decodes_with_the_evaluators_similarity(tmp_path):
     expected = run.reranker.rerank(batch)
     assert ((expected.chosen == 4) | (expected.chosen == 5)).any(), "no evaluator-alpha list chosen"
     lists, utility = onnx.rerank({k: getattr(batch, k).numpy() for k in FEATURE_INPUTS})
+    np.testing.assert_array_equal(lists, expected.lists.numpy())
+    np.testing.assert_allclose(utility, expected.utility.numpy(), atol=1e-4)
+
+
+def test_the_pipeline_graph_proposes_the_evaluators_top_m(exported, tmp_path):
+    """With `evaluator_top_m` the pipeline graph ranks every candidate by the evaluator and
+    appends its top m to the proposals (ONNX TopK in place of a stable sort): PyTorch's
+    lists, padded requests included, and the appended list is chosen for some requests."""
+    run = load_run(exported / "run")
+    config = dataclasses.replace(run.reranker.config, evaluator_top_m=True)
+    reranker = Reranker(run.reranker.generator, run.reranker.evaluator,
+                        run.space.utility_weights, config)
+    export_pipeline(reranker, run.space, 5, tmp_path / "pipeline.onnx")
+    session = cpu_session(tmp_path / "pipeline.onnx")
+    batch = next(iter(RequestLoader([exported / "data" / "test.parquet"], run.space,
+                                    batch_size=64)))
+    mask = batch.cand_mask.clone()
+    mask[0, 3:] = False
+    batch = dataclasses.replace(batch, cand_mask=mask)
+    expected = reranker.rerank(batch)
+    assert (expected.chosen == config.proposals - 1).any()
+    lists, _, utility = session.run(None, {k: getattr(batch, k).numpy() for k in FEATURE_INPUTS})
     np.testing.assert_array_equal(lists, expected.lists.numpy())
     np.testing.assert_allclose(utility, expected.utility.numpy(), atol=1e-4)
 

@@ -110,6 +110,24 @@ def test_proposals_with_the_evaluators_similarity(batch):
         RerankerConfig(evaluator_alphas=(-0.1,))
 
 
+def test_the_evaluators_top_m_is_proposed_last(batch):
+    """`evaluator_top_m` appends the evaluator's item-wise top m to the generator's lists;
+    the evaluator then returns it only where no generated list scores higher."""
+    batch, space = batch
+    reranker = untrained_reranker(space, alphas=(0.0, 0.3), samples=1, evaluator_top_m=True)
+    out = reranker.rerank(batch)
+    assert reranker.config.proposals == 4 and out.proposals.shape == (len(batch), 4, M)
+    assert torch.equal(out.proposals[:, 3], reranker.evaluator_top_m(batch).lists)
+    plain = untrained_reranker(space, alphas=(0.0, 0.3), samples=1).rerank(batch)
+    assert torch.equal(out.proposals[:, :3], plain.proposals)
+    predicted = reranker.item_utility(batch, out.proposals).sum(-1)
+    assert torch.equal(out.chosen, predicted.argmax(1))
+    assert (out.chosen == 3).any()
+    with pytest.raises(ValueError, match="evaluator_top_m needs an evaluator"):
+        Reranker(reranker.generator, None, space.utility_weights,
+                 RerankerConfig(evaluator_top_m=True))
+
+
 def test_proposals_are_repeatable_and_the_sampler_seeded(batch):
     batch, space = batch
     first = untrained_reranker(space, samples=2, seed=3).propose(batch)
@@ -195,8 +213,8 @@ def test_the_shipped_list_aware_config_builds_its_pipeline(batch):
         space.utility_weights, config.reranker)
     out = reranker.rerank(batch)
     extra = len(config.reranker.evaluator_alphas)
-    assert extra > 0 and reranker.config.proposals == (
-        len(config.reranker.alphas) + extra + config.reranker.samples)
+    assert extra > 0 and config.reranker.evaluator_top_m and reranker.config.proposals == (
+        len(config.reranker.alphas) + extra + config.reranker.samples + 1)
     assert out.proposals.shape == (len(batch), reranker.config.proposals, M)
     for k in range(reranker.config.proposals):
         assert_valid_lists(out.proposals[:, k], batch.cand_mask)

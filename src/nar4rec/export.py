@@ -36,9 +36,9 @@ from torch import nn
 from nar4rec.data.loader import RequestBatch
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_dir
-from nar4rec.models.base import predicted_utility
+from nar4rec.models.base import predicted_utility, top_m
 from nar4rec.pipeline import load_run
-from nar4rec.reranker import Reranker, best_of, propose, request_keys
+from nar4rec.reranker import Reranker, best_of, item_wise_scores, propose, request_keys
 
 FEATURE_INPUTS = ("user_cat", "user_num", "cand_cat", "cand_num", "upstream_score", "cand_mask")
 LIST_INPUTS = ("lists", "list_mask")
@@ -104,7 +104,11 @@ class PipelineGraph(nn.Module):
         pairwise = (self.evaluator.candidate_similarity(batch) if self.config.evaluator_alphas
                     else None)                                         # (B, n, n)
         proposals = propose(out.probs, out.item_repr, cand_mask, self.config,
-                            request_keys(user_cat, cand_cat, cand_mask), pairwise)  # (B, K, m)
+                            request_keys(user_cat, cand_cat, cand_mask), pairwise)  # (B, K', m)
+        if self.config.evaluator_top_m:
+            top = top_m(item_wise_scores(self.evaluator, batch, self.weights), cand_mask,
+                        proposals.shape[-1])                           # (B, m)
+            proposals = torch.cat([proposals, top.unsqueeze(1)], dim=1)  # (B, K, m)
         mask = proposals >= 0
         logits = self.evaluator(batch, proposals.clamp_min(0), mask)       # (B, K, m, K_b)
         item_utility = predicted_utility(logits, self.weights) * mask     # (B, K, m)
@@ -282,9 +286,10 @@ class OnnxReranker:
             best, item_scores, utility = self.sessions["pipeline"].run(
                 None, {k: inputs[k] for k in FEATURE_INPUTS})
             return (best, item_scores, utility) if with_scores else (best, utility)
-        if self.config.evaluator_alphas:
+        if self.config.evaluator_alphas or self.config.evaluator_top_m:
             raise Nar4recError("this export has no pipeline graph, which evaluator alphas "
-                               "need: export the run again")
+                               "and the evaluator's top-m proposal need: export the run "
+                               "again")
         probs, item_repr = self.generator(inputs)
         cand_mask = torch.from_numpy(inputs["cand_mask"])
         keys = request_keys(torch.from_numpy(inputs["user_cat"]),

@@ -38,6 +38,9 @@ class RerankerConfig:
         the generator's representations; needs an evaluator with `similarity_heads` or
         `shared_values`. Empty: none.
     samples: how many top-k sampled lists are proposed besides (0: none).
+    evaluator_top_m: also propose the evaluator's item-wise top m (each candidate scored
+        alone, the m best), last; the evaluator then keeps it only where it rates it above
+        every generated list. PIER's permutation set holds its point-wise top m likewise.
     sample_k, temperature: the top-k sampler's k and temperature.
     similarity: the contrastive penalty's similarity, "cosine" (the paper) or "dot".
     select: "evaluator" scores every proposal and keeps the best; "first" returns the first
@@ -48,6 +51,7 @@ class RerankerConfig:
     alphas: tuple[float, ...] = (0.0, 0.3, 0.6, 0.9)
     evaluator_alphas: tuple[float, ...] = ()
     samples: int = 4
+    evaluator_top_m: bool = False
     sample_k: int = 5
     temperature: float = 1.0
     similarity: str = "cosine"
@@ -80,7 +84,8 @@ class RerankerConfig:
     @property
     def proposals(self) -> int:
         """K, the number of lists proposed per request."""
-        return len(self.alphas) + len(self.evaluator_alphas) + self.samples
+        return (len(self.alphas) + len(self.evaluator_alphas) + self.samples
+                + int(self.evaluator_top_m))
 
 
 @dataclass
@@ -129,6 +134,8 @@ class Reranker:
                 evaluator is None or evaluator.redundancy is None):
             raise ValueError("reranker.evaluator_alphas needs an evaluator trained with "
                              "evaluator.similarity_heads > 0 or evaluator.shared_values")
+        if generator is not None and self.config.evaluator_top_m and evaluator is None:
+            raise ValueError("reranker.evaluator_top_m needs an evaluator")
 
     def to(self, device: torch.device | str) -> Reranker:
         """Moves the generator, the evaluator and the weights to `device`; returns self."""
@@ -148,9 +155,7 @@ class Reranker:
     @torch.no_grad()
     def choose(self, batch: RequestBatch, out: GeneratorOutput) -> Reranked:
         """`rerank` from the generator's output for the batch, already computed."""
-        proposals = self.decode(out, request_keys(batch.user_cat, batch.cand_cat,
-                                                  batch.cand_mask),
-                                self.pairwise(batch))                  # (B, K, m)
+        proposals = self.proposals(batch, out)                         # (B, K, m)
         if self.evaluator is None or self.config.select == "first":
             lists = proposals[:, 0]
             placed = out.probs.gather(1, lists.clamp_min(0).unsqueeze(1)).squeeze(1)  # (B, m)
@@ -163,11 +168,20 @@ class Reranker:
 
     @torch.no_grad()
     def propose(self, batch: RequestBatch) -> torch.Tensor:
-        """(B, K, m) the generator's K lists: one per alpha, one per evaluator alpha, then
-        the sampled ones."""
-        return self.decode(self.generator(batch),
-                           request_keys(batch.user_cat, batch.cand_cat, batch.cand_mask),
-                           self.pairwise(batch))
+        """(B, K, m) the K proposals: one per alpha, one per evaluator alpha, the sampled
+        ones, then the evaluator's item-wise top m when asked for."""
+        return self.proposals(batch, self.generator(batch))
+
+    @torch.no_grad()
+    def proposals(self, batch: RequestBatch, out: GeneratorOutput) -> torch.Tensor:
+        """`propose` from the generator's output for the batch, already computed."""
+        lists = self.decode(out, request_keys(batch.user_cat, batch.cand_cat, batch.cand_mask),
+                            self.pairwise(batch))                      # (B, K', m)
+        if not self.config.evaluator_top_m:
+            return lists
+        scores = item_wise_scores(self.evaluator, batch, self.weights)  # (B, n)
+        top = top_m(scores, batch.cand_mask, lists.shape[-1])           # (B, m)
+        return torch.cat([lists, top.unsqueeze(1)], dim=1)              # (B, K, m)
 
     @torch.no_grad()
     def decode(self, out: GeneratorOutput, keys: torch.Tensor | None = None,
@@ -214,10 +228,19 @@ class Reranker:
         padded candidates."""
         if self.evaluator is None:
             raise ValueError("item-wise scores need an evaluator")
-        n = batch.cand_mask.shape[1]
-        single = torch.arange(n, device=batch.cand_mask.device).expand(len(batch), -1)  # (B, n)
-        scores = self.item_utility(batch, single.unsqueeze(-1)).squeeze(-1)     # (B, n)
-        return scores.masked_fill(~batch.cand_mask, -torch.inf)
+        return item_wise_scores(self.evaluator, batch, self.weights)
+
+
+def item_wise_scores(evaluator: Evaluator, batch: RequestBatch, weights: torch.Tensor
+                     ) -> torch.Tensor:
+    """(B, n) each candidate's utility predicted by `evaluator` for the candidate alone at
+    the first position (behaviour `weights` (K,)); -inf on padded candidates."""
+    n = batch.cand_mask.shape[1]
+    single = torch.arange(n, device=batch.cand_mask.device).expand_as(batch.cand_mask)  # (B, n)
+    lists = single.unsqueeze(-1)                                            # (B, n, 1)
+    logits = evaluator(batch, lists, lists >= 0)                            # (B, n, 1, K)
+    scores = predicted_utility(logits, weights).squeeze(-1)                 # (B, n)
+    return scores.masked_fill(~batch.cand_mask, -torch.inf)
 
 
 def best_of(proposals: torch.Tensor, item_utility: torch.Tensor

@@ -168,8 +168,10 @@ def top_m(scores: torch.Tensor, cand_mask: torch.Tensor, m: int) -> torch.Tensor
     n = scores.shape[1]
     width = min(m, n)
     masked = scores.masked_fill(~cand_mask, -torch.inf)
-    # A stable descending sort keeps ties in index order (topk does not promise it).
-    order = masked.argsort(dim=1, descending=True, stable=True)[:, :width]   # (B, width)
+    if torch.compiler.is_compiling():   # traced for ONNX, which has no stable sort; its
+        order = masked.topk(width, dim=1).indices   # TopK puts the lower index first on ties
+    else:   # a stable descending sort keeps ties in index order (torch.topk does not promise it)
+        order = masked.argsort(dim=1, descending=True, stable=True)[:, :width]   # (B, width)
     lists = torch.full((len(scores), m), NO_ITEM, dtype=torch.long, device=scores.device)
     real = cand_mask.gather(1, order)                                         # (B, width)
     lists[:, :width] = order.masked_fill(~real, NO_ITEM)
