@@ -36,9 +36,9 @@ from torch import nn
 from nar4rec.data.loader import RequestBatch
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_dir
-from nar4rec.models.base import predicted_utility, top_m
+from nar4rec.models.base import predicted_utility
 from nar4rec.pipeline import load_run
-from nar4rec.reranker import Reranker, best_of, item_wise_scores, propose, request_keys
+from nar4rec.reranker import Reranker, best_of, propose, request_keys, with_item_wise_top_m
 
 FEATURE_INPUTS = ("user_cat", "user_num", "cand_cat", "cand_num", "upstream_score", "cand_mask")
 LIST_INPUTS = ("lists", "list_mask")
@@ -106,9 +106,7 @@ class PipelineGraph(nn.Module):
         proposals = propose(out.probs, out.item_repr, cand_mask, self.config,
                             request_keys(user_cat, cand_cat, cand_mask), pairwise)  # (B, K', m)
         if self.config.evaluator_top_m:
-            top = top_m(item_wise_scores(self.evaluator, batch, self.weights), cand_mask,
-                        proposals.shape[-1])                           # (B, m)
-            proposals = torch.cat([proposals, top.unsqueeze(1)], dim=1)  # (B, K, m)
+            proposals = with_item_wise_top_m(proposals, self.evaluator, batch, self.weights)
         mask = proposals >= 0
         logits = self.evaluator(batch, proposals.clamp_min(0), mask)       # (B, K, m, K_b)
         item_utility = predicted_utility(logits, self.weights) * mask     # (B, K, m)

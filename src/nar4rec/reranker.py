@@ -179,9 +179,7 @@ class Reranker:
                             self.pairwise(batch))                      # (B, K', m)
         if not self.config.evaluator_top_m:
             return lists
-        scores = item_wise_scores(self.evaluator, batch, self.weights)  # (B, n)
-        top = top_m(scores, batch.cand_mask, lists.shape[-1])           # (B, m)
-        return torch.cat([lists, top.unsqueeze(1)], dim=1)              # (B, K, m)
+        return with_item_wise_top_m(lists, self.evaluator, batch, self.weights)  # (B, K, m)
 
     @torch.no_grad()
     def decode(self, out: GeneratorOutput, keys: torch.Tensor | None = None,
@@ -241,6 +239,14 @@ def item_wise_scores(evaluator: Evaluator, batch: RequestBatch, weights: torch.T
     logits = evaluator(batch, lists, lists >= 0)                            # (B, n, 1, K)
     scores = predicted_utility(logits, weights).squeeze(-1)                 # (B, n)
     return scores.masked_fill(~batch.cand_mask, -torch.inf)
+
+
+def with_item_wise_top_m(proposals: torch.Tensor, evaluator: Evaluator, batch: RequestBatch,
+                         weights: torch.Tensor) -> torch.Tensor:
+    """(B, K, m) proposals -> (B, K + 1, m): the evaluator's item-wise top m appended."""
+    top = top_m(item_wise_scores(evaluator, batch, weights), batch.cand_mask,
+                proposals.shape[-1])                                           # (B, m)
+    return torch.cat([proposals, top.unsqueeze(1)], dim=1)
 
 
 def best_of(proposals: torch.Tensor, item_utility: torch.Tensor
