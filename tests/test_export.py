@@ -36,6 +36,15 @@ def exported(tmp_path_factory):
     return root
 
 
+def padded_batch(root, space):
+    """The first 64 test requests of `root`'s data, the first cut to 3 candidates (fewer
+    than the 5 positions)."""
+    batch = next(iter(RequestLoader([root / "data" / "test.parquet"], space, batch_size=64)))
+    mask = batch.cand_mask.clone()
+    mask[0, 3:] = False
+    return dataclasses.replace(batch, cand_mask=mask)
+
+
 def as_numpy(inputs: dict) -> dict:
     return {k: v.numpy() for k, v in inputs.items()}
 
@@ -89,11 +98,7 @@ def test_the_pipeline_graph_decodes_with_the_evaluators_similarity(tmp_path):
     run = load_run(tmp_path / "run")
     assert run.reranker.config.evaluator_alphas == (0.05, 0.3)
     onnx = OnnxReranker(tmp_path / "onnx")
-    batch = next(iter(RequestLoader([tmp_path / "data" / "test.parquet"], run.space,
-                                    batch_size=64)))
-    mask = batch.cand_mask.clone()
-    mask[0, 3:] = False
-    batch = dataclasses.replace(batch, cand_mask=mask)
+    batch = padded_batch(tmp_path, run.space)
     expected = run.reranker.rerank(batch)
     assert ((expected.chosen == 4) | (expected.chosen == 5)).any(), "no evaluator-alpha list chosen"
     lists, utility = onnx.rerank({k: getattr(batch, k).numpy() for k in FEATURE_INPUTS})
@@ -111,11 +116,7 @@ def test_the_pipeline_graph_proposes_the_evaluators_top_m(exported, tmp_path):
                         run.space.utility_weights, config)
     export_pipeline(reranker, run.space, 5, tmp_path / "pipeline.onnx")
     session = cpu_session(tmp_path / "pipeline.onnx")
-    batch = next(iter(RequestLoader([exported / "data" / "test.parquet"], run.space,
-                                    batch_size=64)))
-    mask = batch.cand_mask.clone()
-    mask[0, 3:] = False
-    batch = dataclasses.replace(batch, cand_mask=mask)
+    batch = padded_batch(exported, run.space)
     expected = reranker.rerank(batch)
     assert (expected.chosen == config.proposals - 1).any()
     lists, _, utility = session.run(None, {k: getattr(batch, k).numpy() for k in FEATURE_INPUTS})
