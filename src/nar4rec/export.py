@@ -38,7 +38,7 @@ from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_dir
 from nar4rec.models.base import predicted_utility
 from nar4rec.pipeline import load_run
-from nar4rec.reranker import Reranker, best_of, propose, request_keys, with_item_wise_top_m
+from nar4rec.reranker import Reranker, best_of, proposals_of, propose, request_keys
 
 FEATURE_INPUTS = ("user_cat", "user_num", "cand_cat", "cand_num", "upstream_score", "cand_mask")
 LIST_INPUTS = ("lists", "list_mask")
@@ -100,13 +100,8 @@ class PipelineGraph(nn.Module):
 
     def forward(self, user_cat, user_num, cand_cat, cand_num, upstream_score, cand_mask):
         batch = _batch(user_cat, user_num, cand_cat, cand_num, upstream_score, cand_mask)
-        out = self.generator(batch)
-        pairwise = (self.evaluator.candidate_similarity(batch) if self.config.evaluator_alphas
-                    else None)                                         # (B, n, n)
-        proposals = propose(out.probs, out.item_repr, cand_mask, self.config,
-                            request_keys(user_cat, cand_cat, cand_mask), pairwise)  # (B, K', m)
-        if self.config.evaluator_top_m:
-            proposals = with_item_wise_top_m(proposals, self.evaluator, batch, self.weights)
+        proposals = proposals_of(self.generator(batch), batch, self.evaluator, self.weights,
+                                 self.config)                          # (B, K, m)
         mask = proposals >= 0
         logits = self.evaluator(batch, proposals.clamp_min(0), mask)       # (B, K, m, K_b)
         item_utility = predicted_utility(logits, self.weights) * mask     # (B, K, m)

@@ -175,11 +175,7 @@ class Reranker:
     @torch.no_grad()
     def proposals(self, batch: RequestBatch, out: GeneratorOutput) -> torch.Tensor:
         """`propose` from the generator's output for the batch, already computed."""
-        lists = self.decode(out, request_keys(batch.user_cat, batch.cand_cat, batch.cand_mask),
-                            self.pairwise(batch))                      # (B, K', m)
-        if not self.config.evaluator_top_m:
-            return lists
-        return with_item_wise_top_m(lists, self.evaluator, batch, self.weights)  # (B, K, m)
+        return proposals_of(out, batch, self.evaluator, self.weights, self.config)
 
     @torch.no_grad()
     def decode(self, out: GeneratorOutput, keys: torch.Tensor | None = None,
@@ -239,6 +235,21 @@ def item_wise_scores(evaluator: Evaluator, batch: RequestBatch, weights: torch.T
     logits = evaluator(batch, lists, lists >= 0)                            # (B, n, 1, K)
     scores = predicted_utility(logits, weights).squeeze(-1)                 # (B, n)
     return scores.masked_fill(~batch.cand_mask, -torch.inf)
+
+
+def proposals_of(out: GeneratorOutput, batch: RequestBatch, evaluator: Evaluator | None,
+                 weights: torch.Tensor, config: RerankerConfig) -> torch.Tensor:
+    """(B, K, m) every proposal of `config` from a generator output: the decoded ones
+    (`propose`; evaluator alphas with the evaluator's pairwise similarity), then the
+    evaluator's item-wise top m when asked for. `Reranker` and the exported pipeline graph
+    both call it."""
+    pairwise = evaluator.candidate_similarity(batch) if config.evaluator_alphas else None
+    lists = propose(out.probs, out.item_repr, batch.cand_mask, config,
+                    request_keys(batch.user_cat, batch.cand_cat, batch.cand_mask),
+                    pairwise)                                          # (B, K', m)
+    if config.evaluator_top_m:
+        lists = with_item_wise_top_m(lists, evaluator, batch, weights)  # (B, K, m)
+    return lists
 
 
 def with_item_wise_top_m(proposals: torch.Tensor, evaluator: Evaluator, batch: RequestBatch,
