@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import subprocess
+import sys
 from collections import Counter
 from datetime import date, datetime
 from pathlib import Path
@@ -13,7 +16,7 @@ import pytest
 from nar4rec.data.format import read_spec
 from nar4rec.data.mind import prepare_mind
 from nar4rec.data.validate import validate_file
-from nar4rec.errors import DataError
+from nar4rec.errors import DataError, Nar4recError
 
 SPLITS = ("train", "valid", "test")
 
@@ -129,6 +132,33 @@ def test_split_dates_given(mind, tmp_path):
     assert report.written["train"].requests == per_day[date(2019, 11, 9)]
 
 
+def test_split_by_impression(mind, tmp_path):
+    """Each impression goes where the first 32 bits of its id's MD5, as a fraction, say;
+    every day is in every split and each split file stays in time order."""
+    sample = mind["sample"]
+    report = prepare_mind([sample / "behaviors.tsv"], sample / "news.tsv", tmp_path / "out",
+                          split="impression", holdout=0.15)
+    assert report.balanced()
+    for split in SPLITS:
+        rows = pq.read_table(tmp_path / "out" / f"{split}.parquet").to_pylist()
+        draws = [int(hashlib.md5(r["request_id"].encode()).hexdigest()[:8], 16) / 2**32
+                 for r in rows]
+        low, high = {"test": (0.0, 0.15), "valid": (0.15, 0.3), "train": (0.3, 1.0)}[split]
+        assert all(low <= u < high for u in draws), split
+        assert len(rows) == pytest.approx((high - low) * len(mind["impressions"]), rel=0.15)
+        assert {r["timestamp"].date() for r in rows} == {
+            i["time"].date() for i in mind["impressions"]}
+        times = [r["timestamp"] for r in rows]
+        assert times == sorted(times)
+    with pytest.raises(Nar4recError, match="go with split='day'"):
+        prepare_mind([sample / "behaviors.tsv"], sample / "news.tsv", tmp_path / "bad",
+                     split="impression", test_from=date(2019, 11, 12))
+    with pytest.raises(Nar4recError, match="holdout must be in"):
+        prepare_mind([sample / "behaviors.tsv"], sample / "news.tsv", tmp_path / "bad",
+                     split="impression", holdout=0.5)
+    assert not (tmp_path / "bad").exists()
+
+
 # --- small hand-written files: no shared data needed ------------------------------------------
 
 NEWS = ("N1\tsports\tsoccer\tA title\tAn abstract\thttps://x\t[]\t[]\n"
@@ -209,3 +239,20 @@ def test_bad_files(tmp_path):
         prepare_mind([behaviors], news, tmp_path / "out")
     assert (caught.value.file, caught.value.row) == (str(news), 3)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_splits_by_impression(tmp_path):
+    behaviors, news = write(tmp_path, GOOD)
+    command = [sys.executable, "-m", "nar4rec", "prepare", "mind", "--behaviors", str(behaviors),
+               "--news", str(news)]
+    done = subprocess.run([*command, "--out", str(tmp_path / "out"), "--split", "impression",
+                           "--holdout", "0.3"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "split by impression: 30% to test, 30% to valid" in done.stdout
+    written = sum(pq.read_metadata(p).num_rows for p in (tmp_path / "out").glob("*.parquet"))
+    assert written == len(GOOD)
+    done = subprocess.run([*command, "--out", str(tmp_path / "bad"), "--split", "impression",
+                           "--test-from", "2019-11-12"], capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "test_from and valid_from are days" in done.stderr
+    assert not (tmp_path / "bad").exists()

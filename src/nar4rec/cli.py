@@ -138,7 +138,8 @@ def _prepare_mind(args: argparse.Namespace) -> int:
     from nar4rec.data.mind import prepare_mind
 
     report = prepare_mind([Path(p) for p in args.behaviors], Path(args.news), Path(args.out),
-                          test_from=args.test_from, valid_from=args.valid_from,
+                          split=args.split, test_from=args.test_from,
+                          valid_from=args.valid_from, holdout=args.holdout,
                           memory_limit=args.memory_limit, threads=args.threads,
                           overwrite=args.overwrite)
     print(report.format())
@@ -386,9 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
     mind.add_argument("--behaviors", nargs="+", required=True, help="behaviors.tsv file(s)")
     mind.add_argument("--news", required=True, help="news.tsv")
     mind.add_argument("--out", required=True)
+    mind.add_argument("--split", choices=["day", "impression"], default="day",
+                      help="day: the last days are valid and test (default); impression: "
+                           "--holdout of the impressions each, by a hash of their id")
     mind.add_argument("--test-from", type=_day, help="first test day (default: the last day)")
     mind.add_argument("--valid-from", type=_day,
                       help="first validation day (default: the day before --test-from)")
+    mind.add_argument("--holdout", type=float, default=0.1,
+                      help="with --split impression, the share of impressions in each of "
+                           "valid and test (default 0.1)")
     engine_options(mind)
     mind.set_defaults(run=_prepare_mind)
 

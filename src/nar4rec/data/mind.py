@@ -47,6 +47,7 @@ TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"  # 11/13/2019 8:36:57 AM
 DAY_MS = 86_400_000
 BLOCK_BYTES = 1 << 24  # text read per block of behaviors.tsv
 SPLITS = ("train", "valid", "test")
+SPLIT_BY = ("day", "impression")
 
 SPEC = FormatSpec(
     behaviours=("click",),
@@ -62,14 +63,18 @@ SPEC = FormatSpec(
 
 
 def prepare_mind(behaviors: list[Path], news: Path, out_dir: Path, *,
-                 test_from: date | None = None, valid_from: date | None = None,
+                 split: str = "day", test_from: date | None = None,
+                 valid_from: date | None = None, holdout: float = 0.1,
                  memory_limit: str = "2GB", threads: int = 2,
                  overwrite: bool = False) -> ConversionReport:
     """Convert MIND behaviors.tsv files and a news.tsv into train/valid/test request logs.
 
-    Impressions on or after `test_from` (default: the last day in the data) go to test, those
-    from `valid_from` (default: the day before `test_from`) to valid, the rest to train.
-    Nothing is left in `out_dir` unless the whole conversion succeeds.
+    `split="day"`: impressions on or after `test_from` (default: the last day in the data) go
+    to test, those from `valid_from` (default: the day before `test_from`) to valid, the rest
+    to train. `split="impression"`: a share `holdout` of the impressions goes to test and
+    another to valid, chosen by a hash of the impression id (the same impressions whatever the
+    files' order or size), all days mixed. Nothing is left in `out_dir` unless the whole
+    conversion succeeds.
     """
     behaviors = [Path(p) for p in behaviors]
     news, out_dir = Path(news), Path(out_dir)
@@ -77,6 +82,12 @@ def prepare_mind(behaviors: list[Path], news: Path, out_dir: Path, *,
         raise Nar4recError("mind: give at least one behaviors.tsv file")
     if threads < 1:
         raise Nar4recError("mind: threads must be >= 1")
+    if split not in SPLIT_BY:
+        raise Nar4recError(f"mind: split must be one of {SPLIT_BY}, not {split!r}")
+    if split == "impression" and (test_from is not None or valid_from is not None):
+        raise Nar4recError("mind: test_from and valid_from are days: they go with split='day'")
+    if not 0.0 < holdout < 0.5:
+        raise Nar4recError(f"mind: holdout must be in (0, 0.5), not {holdout}")
     if test_from is not None and valid_from is not None and valid_from > test_from:
         raise Nar4recError(f"mind: valid_from {valid_from} is after test_from {test_from}")
     for path in (*behaviors, news):
@@ -110,8 +121,9 @@ def prepare_mind(behaviors: list[Path], news: Path, out_dir: Path, *,
                                          "temp_directory": str(work / "spill")})
             with contextlib.closing(con):
                 con.execute("SET enable_progress_bar = false")
-                report.written = _write_splits(con, staged, tmp, test_from, valid_from,
-                                               report.notes)
+                where = (_by_day(con, staged, test_from, valid_from, report.notes)
+                         if split == "day" else _by_impression(holdout, report.notes))
+                report.written = _write_splits(con, staged, tmp, where, report.notes)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         if repeated.exposures:
@@ -127,11 +139,14 @@ def _staging_schema() -> pa.Schema:
     return schema.append(pa.field("_file", pa.int16())).append(pa.field("_line", pa.int64()))
 
 
-def _write_splits(con: duckdb.DuckDBPyConnection, staged: Path, out: Path,
-                  test_from: date | None, valid_from: date | None,
-                  notes: list[str]) -> dict[str, Counts]:
-    """Sort the staged rows by time into train/valid/test; return what each holds."""
-    source = "read_parquet('{}')".format(str(staged).replace("'", "''"))
+def _source(staged: Path) -> str:
+    return "read_parquet('{}')".format(str(staged).replace("'", "''"))
+
+
+def _by_day(con: duckdb.DuckDBPyConnection, staged: Path, test_from: date | None,
+            valid_from: date | None, notes: list[str]) -> dict[str, str]:
+    """Each split's SQL condition on the staged rows: whole days, test last."""
+    source = _source(staged)
     day = "CAST(epoch_ms(timestamp) // 86400000 AS INTEGER)"  # the UTC day, with no time zone
     first, last = con.sql(f"SELECT min({day}), max({day}) FROM {source}").fetchall()[0]
     epoch = date(1970, 1, 1)
@@ -143,9 +158,27 @@ def _write_splits(con: duckdb.DuckDBPyConnection, staged: Path, out: Path,
     notes.append(f"data from {epoch + timedelta(days=int(first))} to "
                  f"{epoch + timedelta(days=int(last))}; valid from {valid_from}, "
                  f"test from {test_from}")
-    where = {"train": f"{day} < {valid_day}",
-             "valid": f"{day} >= {valid_day} AND {day} < {test_day}",
-             "test": f"{day} >= {test_day}"}
+    return {"train": f"{day} < {valid_day}",
+            "valid": f"{day} >= {valid_day} AND {day} < {test_day}",
+            "test": f"{day} >= {test_day}"}
+
+
+def _by_impression(holdout: float, notes: list[str]) -> dict[str, str]:
+    """Each split's SQL condition: the impression id's MD5, first 32 bits read as a fraction u
+    in [0, 1): test when u < holdout, valid when u < 2 * holdout, train otherwise."""
+    draw = "(('0x' || md5(request_id)[1:8])::UBIGINT / 4294967296.0)"
+    notes.append(f"split by impression: {holdout:.0%} to test, {holdout:.0%} to valid "
+                 "(by the MD5 of the impression id), all days mixed")
+    return {"train": f"{draw} >= {2 * holdout!r}",
+            "valid": f"{draw} >= {holdout!r} AND {draw} < {2 * holdout!r}",
+            "test": f"{draw} < {holdout!r}"}
+
+
+def _write_splits(con: duckdb.DuckDBPyConnection, staged: Path, out: Path,
+                  where: dict[str, str], notes: list[str]) -> dict[str, Counts]:
+    """Write the staged rows into train/valid/test by each split's condition, sorted by time;
+    return what each holds."""
+    source = _source(staged)
     names = ", ".join(f'"{f.name}"' for f in SPEC.arrow_schema(pa.string()))
     written = {}
     for split in SPLITS:
