@@ -14,7 +14,6 @@ and how many test candidates have a known category and how many are news unseen 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -41,25 +40,6 @@ def ndcg_at_10(lists: torch.Tensor, clicks: torch.Tensor) -> torch.Tensor:
     gains = clicks.gather(1, lists.clamp_min(0)) * (lists >= 0)
     ideal = clicks.sort(dim=1, descending=True).values[:, :lists.shape[1]]
     return (gains * discount).sum(1) / (ideal * discount[:ideal.shape[1]]).sum(1)
-
-
-def shuffled(batch: RequestBatch, generator: torch.Generator) -> RequestBatch:
-    """The batch with each request's candidates in a random order (padding stays last), its
-    logged lists pointing at the same candidates."""
-    keys = torch.rand(batch.cand_mask.shape, generator=generator).masked_fill(
-        ~batch.cand_mask, 2.0)
-    order = keys.argsort(dim=1)                                       # new slot -> old index
-    where = order.argsort(dim=1)                                      # old index -> new slot
-
-    def take(values: torch.Tensor) -> torch.Tensor:
-        index = order.view(*order.shape, *[1] * (values.dim() - 2)).expand_as(values)
-        return values.gather(1, index)
-
-    return dataclasses.replace(
-        batch, cand_cat=take(batch.cand_cat), cand_num=take(batch.cand_num),
-        upstream_score=take(batch.upstream_score), cand_mask=take(batch.cand_mask),
-        item_id=np.take_along_axis(batch.item_id, order.numpy(), axis=1),
-        exposed=where.gather(1, batch.exposed))
 
 
 def report(name: str, scores: list[torch.Tensor], random: list[torch.Tensor]) -> None:
@@ -100,9 +80,9 @@ def main() -> None:
         report(name, [ndcg_at_10(x, c)[k] for x, c, k in zip(lists, clicks, clicked,
                                                                strict=True)], random)
     mixer = torch.Generator().manual_seed(0)
-    train = [shuffled(b, mixer) for b in RequestLoader([out / "train.parquet"], space,
+    train = [b.shuffled(mixer) for b in RequestLoader([out / "train.parquet"], space,
                                                        batch_size=64, shuffle=True, seed=0)]
-    mixed = [shuffled(b, mixer) for b in test]
+    mixed = [b.shuffled(mixer) for b in test]
     for name in [m for m in args.models.split(",") if m]:
         model_class, config_class = baseline(name)
         model = model_class(config_class(list_length=LENGTH), space).train()

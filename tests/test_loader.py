@@ -75,6 +75,33 @@ def test_padding_masks_and_vocabularies(tmp_path):
     assert torch.equal(again.user_num, batch.user_num)
 
 
+def candidate_rows(batch, row: int) -> list[tuple]:
+    """One request's real candidates as (item id, categorical ids, numbers), sorted."""
+    real = batch.cand_mask[row]
+    return sorted(zip(batch.item_id[row][real.numpy()].tolist(), batch.cand_cat[row][real].tolist(),
+                      batch.cand_num[row][real].tolist(), strict=True))
+
+
+def test_shuffled_candidates_keep_their_features_and_the_logged_lists(tmp_path):
+    path = tmp_path / "ragged.parquet"
+    ragged_file(path)
+    space = FeatureSpace.fit([path])
+    batch = next(iter(RequestLoader([path], space, batch_size=8)))
+    orders = set()
+    for seed in range(20):
+        mixed = batch.shuffled(torch.Generator().manual_seed(seed))
+        assert torch.equal(mixed.cand_mask, batch.cand_mask)           # padding stays last
+        for row in range(len(batch)):
+            assert candidate_rows(mixed, row) == candidate_rows(batch, row)  # moved, unchanged
+            shown = batch.exposed[row][batch.exposed_mask[row]].numpy()
+            moved = mixed.exposed[row][batch.exposed_mask[row]].numpy()
+            assert mixed.item_id[row][moved].tolist() == batch.item_id[row][shown].tolist()
+        orders.add(tuple(mixed.item_id[1].tolist()))
+        again = batch.shuffled(torch.Generator().manual_seed(seed))
+        assert torch.equal(again.exposed, mixed.exposed)
+    assert len(orders) > 10                                              # of 5! = 120
+
+
 def test_every_row_once_per_epoch_across_ranks(data):
     path = data / "train.parquet"
     space = FeatureSpace.fit([path])

@@ -13,12 +13,14 @@ from sklearn.metrics import log_loss, ndcg_score, roc_auc_score
 
 from helpers import simulate_small
 from nar4rec.data.loader import FeatureSpace, RequestLoader
+from nar4rec.decode import NO_ITEM
 from nar4rec.errors import Nar4recError
 from nar4rec.metrics import (
     auc,
     behaviour_means,
     captured_lift,
     exposure_logloss,
+    list_ndcg,
     list_utility,
     logloss,
     ndcg,
@@ -73,6 +75,28 @@ def test_ndcg_equals_scikit_learn_request_by_request(k: int | None) -> None:
     full = ndcg_score(labels, scores, k=k)
     assert ndcg(torch.from_numpy(scores), torch.from_numpy(labels), k=k) == \
         pytest.approx(full, abs=1e-12)
+
+
+@pytest.mark.parametrize("k", [None, 2])
+def test_list_ndcg_equals_scikit_learn_on_the_lists_order(k: int | None) -> None:
+    """A list of 4 of 7 candidates (fewer where a request has fewer) scored as the ranking
+    that puts it first in its order, the others after it."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, size=(40, 7)).astype(float)
+    labels[5] = 0.0
+    lists = np.stack([rng.permutation(7)[:4] for _ in range(40)])
+    lists[7, 2:] = NO_ITEM                          # a request with two candidates
+    labels[7, np.setdiff1d(np.arange(7), lists[7, :2])] = 0.0
+    scores = np.zeros((40, 7))
+    for row, chosen in enumerate(lists):
+        placed = chosen[chosen >= 0]
+        scores[row, placed] = np.arange(len(placed), 0, -1)
+    cut = 4 if k is None else k
+    expected = [ndcg_score(labels[row][None], scores[row][None], k=cut)
+                for row in range(40)]
+    got = list_ndcg(torch.from_numpy(lists), labels, k=k)
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+    assert got[5] == 0.0 and 0 < got.mean() < 1
 
 
 def test_ndcg_conventions() -> None:

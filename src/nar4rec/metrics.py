@@ -3,7 +3,8 @@
 Offline metrics take numpy arrays or torch tensors, padded per request as in a RequestBatch
 (scores and labels (B, N) with a (B, N) mask of real entries), and return one float:
 - Avito protocol (n = m = 5): `auc` and `logloss` of item-wise click predictions, and `ndcg`
-  of the ranking of each request's candidates by score.
+  of the ranking of each request's candidates by score; `list_ndcg`, each request's NDCG of
+  one list (for n = m logs such as MIND's, where a reranker's list of m < n can be scored).
 - Kuaishou protocol (n = 60, m = 6): `recall_at_k`, the share of the exposed items that are
   among the model's top k candidates, and `exposure_logloss` of the "is this candidate
   exposed" prediction (Recall@6, Recall@10 and LogLoss of the paper's Table 3).
@@ -117,6 +118,36 @@ def ndcg(scores: Array, labels: Array, mask: Array | None = None,
     per_request = np.divide(dcg, ideal, out=np.zeros(batch), where=ideal > 0)
     counted = real.any(axis=1)
     return float(per_request[counted].mean()) if counted.any() else math.nan
+
+
+def list_ndcg(lists: Array, labels: Array, k: int | None = None) -> np.ndarray:
+    """Each request's NDCG of one list of its candidates against graded labels.
+
+    For a reranker's lists scored against logged feedback (n = m logs, where every candidate
+    has a label): the gains of the listed candidates, discount 1 / log2(rank + 1), over the
+    best gains any list of that length could have. A request whose labels are all 0 scores 0.
+
+    Args:
+        lists: (B, L) candidate indices, NO_ITEM (-1) past a short request's end.
+        labels: (B, N) graded relevance of each candidate, >= 0 (0 on padding).
+        k: only the first k ranks count (default: all L).
+    Returns:
+        (B,) float64 NDCG per request.
+    """
+    chosen = _numpy(lists).astype(np.int64)
+    gain = _numpy(labels).astype(np.float64)
+    if (gain < 0).any():
+        raise ValueError("list_ndcg needs labels >= 0")
+    length = chosen.shape[1] if k is None else min(k, chosen.shape[1])
+    if length < 1:
+        raise ValueError(f"list_ndcg: k must be at least 1, got {k}")
+    chosen = chosen[:, :length]
+    discount = 1.0 / np.log2(np.arange(length) + 2.0)                         # (L,)
+    placed = chosen >= 0
+    dcg = (np.take_along_axis(gain, np.where(placed, chosen, 0), axis=1) * placed) @ discount
+    best = -np.sort(-gain, axis=1)[:, :length]                                # (B, <= L)
+    ideal = best @ discount[:best.shape[1]]
+    return np.divide(dcg, ideal, out=np.zeros(len(gain)), where=ideal > 0)
 
 
 def recall_at_k(scores: Array, exposed: Array, exposed_mask: Array, cand_mask: Array,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +74,25 @@ class RequestBatch:
         moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                  for k, v in self.__dict__.items()}
         return RequestBatch(**moved)
+
+    def shuffled(self, generator: torch.Generator) -> RequestBatch:
+        """The batch with each request's candidates in a random order (padding stays last) and
+        its logged lists pointing at the same candidates: for logs whose candidate order
+        carries the logged order (MIND lists every candidate in the order shown), so that a
+        model cannot learn from where a candidate sits or gain from ties broken by index."""
+        keys = torch.rand(self.cand_mask.shape, generator=generator, device=self.cand_mask.device)
+        order = keys.masked_fill(~self.cand_mask, 2.0).argsort(dim=1)   # new slot -> old index
+        where = order.argsort(dim=1)                                    # old index -> new slot
+
+        def take(values: torch.Tensor) -> torch.Tensor:
+            index = order.view(*order.shape, *[1] * (values.dim() - 2)).expand_as(values)
+            return values.gather(1, index)
+
+        return replace(
+            self, cand_cat=take(self.cand_cat), cand_num=take(self.cand_num),
+            upstream_score=take(self.upstream_score), cand_mask=take(self.cand_mask),
+            item_id=np.take_along_axis(self.item_id, order.cpu().numpy(), axis=1),
+            exposed=where.gather(1, self.exposed))
 
 
 @dataclass
