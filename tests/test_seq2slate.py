@@ -1,5 +1,6 @@
-"""Seq2Slate's own properties: teacher forcing equals step-by-step decoding, beam search finds
-the model's most probable list when it is wide enough, and the config round-trips."""
+"""Seq2Slate's own properties: teacher forcing equals step-by-step decoding, the supervised loss
+is the paper's, beam search finds the model's most probable list when it is wide enough, and
+the config round-trips."""
 
 from __future__ import annotations
 
@@ -34,23 +35,21 @@ def build(space: FeatureSpace, **overrides) -> Seq2Slate:
 
 
 def list_log_prob(model: Seq2Slate, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
-    """(B,) sum_j log p_j(y_j) of the lists (B, m) by teacher forcing: the lists as logged
-    lists with no feedback, so that the targets keep their order."""
+    """(B,) sum_j log p_j(y_j) of the lists (B, m) by teacher forcing."""
     placed = lists >= 0
-    forced = dataclasses.replace(
-        batch, exposed=lists.clamp_min(0), exposed_mask=placed,
-        feedback=torch.zeros(*lists.shape, batch.feedback.shape[-1]))
     with torch.no_grad():
-        log_p = model(forced).gather(2, lists.clamp_min(0)[..., None]).squeeze(-1)  # (B, m)
+        log_p = model.forced(batch, lists.clamp_min(0), placed)
+        log_p = log_p.gather(2, lists.clamp_min(0)[..., None]).squeeze(-1)  # (B, m)
     return (log_p * placed).sum(1)
 
 
-def test_teacher_forcing_equals_step_by_step_decoding(data):
+@pytest.mark.parametrize("target", ["labels", "sequence"])
+def test_teacher_forcing_equals_step_by_step_decoding(data, target):
     space, batch = data
-    model = build(space)
+    model = build(space, target=target)
     with torch.no_grad():
-        forced = model(batch)                                           # (B, M, n)
-        target, real = model.targets(batch)
+        forced = model(batch)                                           # (B, S, n)
+        target, real, _ = model.targets(batch)
         items, keys, state = model.encode(batch)
         inputs = model.go.expand(len(items), 1, items.shape[-1])
         chosen = ~batch.cand_mask
@@ -64,6 +63,31 @@ def test_teacher_forcing_equals_step_by_step_decoding(data):
             chosen[torch.arange(len(picked)), picked] |= rows
             inputs = items.gather(1, picked[:, None, None].expand(-1, 1, items.shape[-1]))
     assert real.any()
+
+
+def test_the_labels_loss_targets_the_utility_left_at_each_step(data):
+    """At step j the target is the utilities of the items not placed yet, normalised (Seq2Slate
+    section 4.2); steps with none left add nothing, so the logged order of the items without
+    utility does not count (it does with target="sequence")."""
+    space, batch = data
+    model = build(space)
+    torch.manual_seed(0)
+    one = ragged(batch, [12])                     # 4 distinct candidates shown
+    a, b, c, d = one.exposed[0].tolist()
+    weight = model.weights[0].item()
+    assert weight > 0
+    feedback = torch.zeros_like(one.feedback)
+    feedback[0, 1, 0], feedback[0, 3, 0] = 2 / weight, 1 / weight  # utilities 0, 2, 0, 1
+    one = dataclasses.replace(one, feedback=feedback)
+    loss, _ = model.loss(model(one), one)
+    with torch.no_grad():
+        log_p = model.forced(one, torch.tensor([[b, d]]), torch.ones(1, 2, dtype=torch.bool))[0]
+    expected = -((2 * log_p[0, b] + log_p[0, d]) / 3 + log_p[1, d]) / 2
+    torch.testing.assert_close(loss, expected)
+    swapped = dataclasses.replace(one, exposed=one.exposed[:, [2, 1, 0, 3]])   # c, b, a, d
+    torch.testing.assert_close(model.loss(model(swapped), swapped)[0], loss)
+    sequence = build(space, target="sequence")
+    assert sequence.loss(sequence(swapped), swapped)[0] != sequence.loss(sequence(one), one)[0]
 
 
 def test_decoded_log_prob_matches_teacher_forcing(data):
@@ -112,7 +136,7 @@ def test_loss_without_positive_lists_is_zero_with_a_graph(data):
     loss, logs = model.loss(model(silent), silent)
     assert loss.item() == 0.0 and logs == {"ce": 0.0}
     loss.backward()
-    everyone = build(space, positive_only=False).train()
+    everyone = build(space, target="sequence", positive_only=False).train()
     loss, _ = everyone.loss(everyone(silent), silent)
     assert loss.item() > 0
 
@@ -120,5 +144,5 @@ def test_loss_without_positive_lists_is_zero_with_a_graph(data):
 def test_config_round_trips_and_validates():
     config = Seq2SlateConfig(decoding="beam", beam_width=2)
     assert Seq2SlateConfig(**json.loads(json.dumps(dataclasses.asdict(config)))) == config
-    with pytest.raises(ValueError, match="decoding.*; beam_width"):
-        Seq2SlateConfig(decoding="sample", beam_width=0)
+    with pytest.raises(ValueError, match="decoding.*; target.*; beam_width"):
+        Seq2SlateConfig(decoding="sample", target="slate", beam_width=0)

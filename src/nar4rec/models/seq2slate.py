@@ -8,9 +8,14 @@ state and a learned "go" input, and at step j takes the vector of the item chose
 state d_j points at the candidates with additive attention, p_j(i) ∝ exp(v^T tanh(W_enc e_i +
 W_dec d_j)) (section 3 of the Seq2Slate paper), over the candidates not chosen yet.
 
-Training is the supervised variant (section 4.2): teacher forcing and cross-entropy at every
-step on target lists, the logged list reordered by observed utility (clicked items first, ties
-in the logged order), by default on lists with some utility only. Personalisation: the user
+Training is the supervised variant (section 4.2), teacher-forced on target lists: the logged
+list reordered by observed utility (clicked items first, ties in the logged order). The loss at
+step j is the cross-entropy between p_j and the observed utilities of the items not placed
+before j, normalised to a distribution (`target="labels"`, the paper's); it runs over the steps
+that still have utility to place, so the steps past the last engaged item, and lists without
+one, add nothing (and cost no decoder step). `target="sequence"` instead asks for the target
+list's next item at every step of the logged list, those past the engaged items included
+(their order is the logging policy's). Personalisation: the user
 vector is added to every candidate vector (plus, with `user_interaction`, a projection of
 user * item), so the encoder, the pointer keys and the decoder inputs all see the user.
 Decoding is greedy (beam search of width 1) or beam search, one position at a time: the
@@ -39,19 +44,23 @@ from nar4rec.models.base import (
 from nar4rec.models.layers import personalised_inputs
 
 DECODINGS = ("greedy", "beam")
+TARGETS = ("labels", "sequence")
 
 
 @dataclass
 class Seq2SlateConfig(InputConfig):
     """list_length: m. d_model: width of the candidate vectors, of both LSTMs and of the
     pointer attention (NAR4Rec's hidden size). decoding: "greedy" or "beam". beam_width: beams
-    per request for "beam". positive_only: train on lists with observed utility > 0 only (the
-    others' target is just the logged order)."""
+    per request for "beam". target: "labels" (each step's target distribution is the remaining
+    items' observed utility) or "sequence" (the target list's next item, every step).
+    positive_only: with "sequence", train on lists with observed utility > 0 only (the others'
+    target is just the logged order)."""
 
     list_length: int = 6
     d_model: int = 64
     decoding: str = "greedy"
     beam_width: int = 4
+    target: str = "labels"
     positive_only: bool = True
 
     def __post_init__(self) -> None:
@@ -62,6 +71,8 @@ class Seq2SlateConfig(InputConfig):
             problems.append(f"d_model must be >= 1, not {self.d_model}")
         if self.decoding not in DECODINGS:
             problems.append(f"decoding must be one of {DECODINGS}, not {self.decoding!r}")
+        if self.target not in TARGETS:
+            problems.append(f"target must be one of {TARGETS}, not {self.target!r}")
         if self.beam_width < 1:
             problems.append(f"beam_width must be >= 1, not {self.beam_width}")
         if problems:
@@ -126,9 +137,12 @@ class Seq2Slate(ListModel):
         blocked = blocked & ~blocked.all(-1, keepdim=True)
         return logits.squeeze(-1).masked_fill(blocked, -torch.inf).log_softmax(-1)  # (B, S, n)
 
-    def targets(self, batch: RequestBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target lists (B, M): the logged items by observed utility, highest first, ties in
-        logged order; and (B, M) True on real steps (a shown, real, not repeated candidate)."""
+    def targets(self, batch: RequestBatch
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Target lists (B, S): the logged items by observed utility, highest first, ties in
+        logged order; (B, S) True on real steps (a shown, real, not repeated candidate); (B, S)
+        each step's item's observed utility, 0 past the real steps. S is M for "sequence", the
+        most steps any list needs to place its engaged items for "labels"."""
         utility = item_utility_targets(batch.feedback, self.weights)    # (B, M)
         order = utility.masked_fill(~batch.exposed_mask, -torch.inf).argsort(
             dim=1, descending=True, stable=True)                        # (B, M)
@@ -136,13 +150,24 @@ class Seq2Slate(ListModel):
         real = batch.exposed_mask.gather(1, order) & batch.cand_mask.gather(1, target)
         seen = F.one_hot(target, batch.cand_mask.shape[1]) * real[..., None]  # (B, M, n)
         before = (seen.cumsum(1) - seen).gather(2, target[..., None]).squeeze(-1)  # (B, M)
-        return target, real & (before == 0)
+        real = real & (before == 0)
+        gain = utility.gather(1, order).clamp_min(0.0) * real           # (B, M)
+        if self.config.target == "labels":
+            steps = max(int((gain > 0).sum(1).max()), 1)
+            target, real, gain = target[:, :steps], real[:, :steps], gain[:, :steps]
+        return target, real, gain
 
     def forward(self, batch: RequestBatch) -> torch.Tensor:
-        """Teacher-forced log-probabilities (B, M, n): row j is p_j over the candidates given
-        the target list's first j items (all steps in one decoder call, one pointer op)."""
+        """Teacher-forced log-probabilities (B, S, n) on the target lists."""
+        target, real, _ = self.targets(batch)                           # (B, S)
+        return self.forced(batch, target, real)
+
+    def forced(self, batch: RequestBatch, target: torch.Tensor, real: torch.Tensor
+               ) -> torch.Tensor:
+        """Log-probabilities (B, S, n): row j is p_j over the candidates given the first j
+        items of the lists `target` (B, S) where `real` (all steps in one decoder call, one
+        pointer op)."""
         items, keys, state = self.encode(batch)
-        target, real = self.targets(batch)                              # (B, M)
         d = items.shape[-1]
         fed = items.gather(1, target[:, :-1, None].expand(-1, -1, d))   # (B, M - 1, d)
         inputs = torch.cat([self.go.expand(len(items), 1, d), fed], 1)  # (B, M, d)
@@ -153,12 +178,23 @@ class Seq2Slate(ListModel):
 
     def loss(self, outputs: torch.Tensor, batch: RequestBatch
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean cross-entropy -log p_j(target_j) over the real steps of the training lists."""
-        target, real = self.targets(batch)
-        if self.config.positive_only:
-            utility = item_utility_targets(batch.feedback, self.weights) * batch.exposed_mask
-            real = real & (utility.sum(1, keepdim=True) > 0)
-        picked = outputs.gather(2, target[..., None]).squeeze(-1)       # (B, M)
+        """Mean per-step cross-entropy over the steps that train: "labels", -sum_k y_jk log
+        p_j(target_k) with y_j the utilities of target items k >= j over their sum, on steps
+        with some utility left; "sequence", -log p_j(target_j) on every real step."""
+        target, real, gain = self.targets(batch)                        # (B, S)
+        if self.config.target == "labels":
+            later = torch.ones(target.shape[1], target.shape[1], dtype=torch.bool,
+                               device=target.device).triu()            # (S, S) k >= j
+            weight = gain[:, None, :] * later                           # (B, S, S) y_jk * total
+            left = weight.sum(-1)                                       # (B, S)
+            real = left > 0
+            picked = outputs.gather(2, target[:, None, :].expand(-1, target.shape[1], -1))
+            picked = (picked.masked_fill(weight == 0, 0.0) * weight).sum(-1) / left.clamp_min(
+                1e-12)                                                  # (B, S)
+        else:
+            if self.config.positive_only:
+                real = real & (gain.sum(1, keepdim=True) > 0)
+            picked = outputs.gather(2, target[..., None]).squeeze(-1)   # (B, M)
         # 0, with a graph, when no list trains (other steps' log-probabilities may be -inf)
         loss = -picked.masked_fill(~real, 0.0).sum() / real.sum().clamp_min(1)
         return loss, {"ce": float(loss.detach())}
