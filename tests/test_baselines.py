@@ -4,7 +4,8 @@ Each model must (a) train: a finite loss whose gradient reaches its parameters, 
 valid lists (no repeats, no padding, NO_ITEM only past a short request's end), scores -inf on
 padding, exposure probabilities in [0, 1], logged click probabilities in [0, 1], all
 independent of the batch a request sits in, and (c) learn: after a short training its lists'
-true utility on the simulator beats random lists by a clear, paired margin.
+true utility on the simulator beats random lists by a clear, paired margin, on the kuaishou,
+avito and movielens presets (tests/test_mind_baselines.py: on real data, the MIND sample).
 """
 
 from __future__ import annotations
@@ -117,24 +118,47 @@ def test_trains_and_reranks_lists_of_n_equal_m(avito, name):
     assert model.logged_click(batch).shape == batch.exposed.shape
 
 
+@pytest.fixture(scope="module", params=["kuaishou", "avito", "movielens"])
+def preset(request, tmp_path_factory):
+    """Each preset, small: kuaishou (n 20 > m 5, five behaviours), avito (n = m = 5, one
+    click, order only), movielens (n 20 > m 5, MovieLens-100K's users and movies; skipped
+    without ../shared)."""
+    name = request.param
+    out = tmp_path_factory.mktemp(f"learns-{name}") / "data"
+    if name == "kuaishou":
+        return request.getfixturevalue("kuaishou")
+    if name == "avito":
+        simulate_small(out, preset="avito", requests=4000)
+    else:
+        ml = request.getfixturevalue("shared_data") / "ml-100k"
+        simulate_small(out, preset="movielens", requests=4000, n_candidates=20, list_length=5,
+                       movielens_dir=str(ml))
+    space = FeatureSpace.fit([out / "train.parquet"])
+    return {"space": space, "world": World.load(out),
+            "train": list(RequestLoader([out / "train.parquet"], space, batch_size=64,
+                                        shuffle=True, seed=0)),
+            "test": next(iter(RequestLoader([out / "test.parquet"], space, batch_size=400)))}
+
+
 @pytest.mark.parametrize("name", list(BASELINES))
-def test_learns_to_beat_random_lists(kuaishou, name):
+def test_learns_to_beat_random_lists(preset, name):
     """After 2 epochs on 3,200 requests, the true utility of the model's lists beats random
-    lists by more than 3 standard errors of the paired difference."""
-    model = build(name, kuaishou["space"], 5).train()
+    lists by more than 3 standard errors of the paired difference, on every preset."""
+    m = preset["test"].exposed.shape[1]
+    model = build(name, preset["space"], m).train()
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(2):
-        for batch in kuaishou["train"]:
+        for batch in preset["train"]:
             loss, _ = ListModel.step(model, batch)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
     model.eval()
-    test, world = kuaishou["test"], kuaishou["world"]
+    test, world = preset["test"], preset["world"]
     chosen = metrics.list_utility(world, test, model.rerank(test).lists)
     generator = torch.Generator().manual_seed(1)
     random_scores = torch.rand(test.cand_mask.shape, generator=generator)
-    random = metrics.list_utility(world, test, top_m(random_scores, test.cand_mask, 5))
+    random = metrics.list_utility(world, test, top_m(random_scores, test.cand_mask, m))
     difference = chosen - random
     standard_error = difference.std(ddof=1) / np.sqrt(len(difference))
     assert difference.mean() > 3 * standard_error, \
