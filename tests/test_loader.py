@@ -57,6 +57,8 @@ def test_padding_masks_and_vocabularies(tmp_path):
     assert batch.exposed_mask.sum(1).tolist() == [2, 3, 1]
     assert batch.exposed[1].tolist() == [4, 1, 3]
     assert batch.feedback[:, :, 0].tolist() == [[1, 0, 0], [0, 0, 1], [1, 0, 0]]
+    assert batch.candidate_feedback()[..., 0].tolist() == [
+        [0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 1, 0, 0, 0]]    # padded positions point at 0
     items = batch.cand_cat[..., 0]
     assert torch.all(items[~batch.cand_mask] == PAD)
     assert items[0, 0] == items[1, 2]           # "a" twice, one index

@@ -75,6 +75,12 @@ class RequestBatch:
                  for k, v in self.__dict__.items()}
         return RequestBatch(**moved)
 
+    def candidate_feedback(self) -> torch.Tensor:
+        """(B, N, K) each candidate's logged feedback, 0 where it was not shown."""
+        shown = self.feedback * self.exposed_mask[..., None]                # (B, M, K)
+        index = self.exposed[..., None].expand_as(shown)
+        return shown.new_zeros(*self.cand_mask.shape, shown.shape[-1]).scatter_add(1, index, shown)
+
     def shuffled(self, generator: torch.Generator) -> RequestBatch:
         """The batch with each request's candidates in a random order (padding stays last) and
         its logged lists pointing at the same candidates: for logs whose candidate order
