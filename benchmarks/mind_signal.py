@@ -1,103 +1,113 @@
-"""What a reranker can learn from the MIND sample: NDCG@10 of clicks on its test days.
+"""What the baselines learn from the MIND sample: NDCG@10 of the clicks on held-out impressions.
 
-    python benchmarks/mind_signal.py --sample ../shared/data/mind-sample --out runs/mind \
-        --models dnn,dcn,prm --epochs 1
+    python benchmarks/mind_signal.py --split impression --out runs/mind-impression
+    python benchmarks/mind_signal.py --split day --out runs/mind-day
+    python benchmarks/mind_signal.py --models seq2slate --set target=sequence
 
-converts the sample (`nar4rec prepare-mind`'s code), then scores lists of 10 for the test
-impressions that have a click: random lists, the impression's listed order and its reverse,
-and each model trained on the training days, with every impression's candidates shuffled in
-training and test (so neither the listed order nor index tie-breaking helps or hurts). Prints
-each list's mean NDCG@10 and its paired difference from the random lists in standard errors,
-and how many test candidates have a known category and how many are news unseen in training.
+converts the sample (`nar4rec prepare mind`'s code; `--split day`: the last day is test,
+`--split impression`: 10 % of the impressions of every day to valid and 10 % to test), then
+scores lists of 10 for the held-out impressions (valid and test; nothing is tuned) that have a
+click: random lists (the mean of 16 per impression), the impression's listed order and its
+reverse, and each model after `--epochs` of training on the training impressions, with every
+impression's candidates shuffled in training and held out (so neither the listed order nor
+index tie-breaking helps or hurts). Prints each list's mean NDCG@10 and its paired difference
+from the random lists in standard errors, the share of held-out candidates with a known
+category and of news unseen in training, and each model's training seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nar4rec.data.loader import UNKNOWN, FeatureSpace, RequestBatch, RequestLoader
+from nar4rec import metrics
+from nar4rec.config import load_overrides
+from nar4rec.data.loader import UNKNOWN, FeatureSpace, RequestLoader
 from nar4rec.data.mind import prepare_mind
-from nar4rec.models import baseline
+from nar4rec.models import BASELINES, baseline
 from nar4rec.models.base import ListModel, top_m
 
 LENGTH = 10
+RANDOM_LISTS = 16
 
 
-def clicks_by_candidate(batch: RequestBatch) -> torch.Tensor:
-    """(B, n) each candidate's logged click (every candidate is shown in MIND)."""
-    clicks = batch.feedback[..., 0] * batch.exposed_mask                # (B, M)
-    return torch.zeros(batch.cand_mask.shape).scatter(1, batch.exposed, clicks)
-
-
-def ndcg_at_10(lists: torch.Tensor, clicks: torch.Tensor) -> torch.Tensor:
-    """(B,) NDCG@10 of each list (B, L) of candidate indices against the clicks (B, n)."""
-    discount = 1.0 / torch.log2(torch.arange(lists.shape[1]) + 2.0)
-    discount[10:] = 0.0
-    gains = clicks.gather(1, lists.clamp_min(0)) * (lists >= 0)
-    ideal = clicks.sort(dim=1, descending=True).values[:, :lists.shape[1]]
-    return (gains * discount).sum(1) / (ideal * discount[:ideal.shape[1]]).sum(1)
-
-
-def report(name: str, scores: list[torch.Tensor], random: list[torch.Tensor]) -> None:
-    mine, chance = torch.cat(scores), torch.cat(random)
-    difference = mine - chance
-    error = difference.std() / np.sqrt(len(difference))
-    print(f"{name:>18}  NDCG@10 {mine.mean():.3f}  vs random {difference.mean():+.3f} "
+def report(name: str, scores: np.ndarray, random: np.ndarray) -> None:
+    difference = scores - random
+    error = difference.std(ddof=1) / np.sqrt(len(difference))
+    print(f"{name:>22}  NDCG@10 {scores.mean():.3f}  vs random {difference.mean():+.3f} "
           f"({difference.mean() / error:+.1f} standard errors)", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample", default="../shared/data/mind-sample")
-    parser.add_argument("--out", default="runs/mind")
-    parser.add_argument("--models", default="dnn,dcn,prm")
+    parser.add_argument("--split", choices=["day", "impression"], default="impression")
+    parser.add_argument("--out", default="runs/mind-impression")
+    parser.add_argument("--models", default=",".join(BASELINES))
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a model setting, for the models that have it, e.g. "
+                             "target=sequence (Seq2Slate)")
     args = parser.parse_args()
     torch.manual_seed(0)
     sample, out = Path(args.sample), Path(args.out)
     if not (out / "train.parquet").exists():
-        prepare_mind([sample / "behaviors.tsv"], sample / "news.tsv", out)
+        prepare_mind([sample / "behaviors.tsv"], sample / "news.tsv", out, split=args.split)
     space = FeatureSpace.fit([out / "train.parquet"])
-    test = list(RequestLoader([out / "test.parquet"], space, batch_size=256))
-    category = torch.cat([b.cand_cat[..., 1][b.cand_mask] for b in test])
-    items = torch.cat([b.cand_cat[..., 0][b.cand_mask] for b in test])
-    print(f"test candidates with a known category: {(category != UNKNOWN).float().mean():.1%};"
-          f" news unseen in training: {(items == UNKNOWN).float().mean():.1%}")
-    generator = torch.Generator().manual_seed(1)
-    clicks = [clicks_by_candidate(b) for b in test]
-    clicked = [c.sum(1) > 0 for c in clicks]
-    random = [ndcg_at_10(top_m(torch.rand(b.cand_mask.shape, generator=generator),
-                               b.cand_mask, LENGTH), c)[k]
-              for b, c, k in zip(test, clicks, clicked, strict=True)]
-    print(f"{'random':>18}  NDCG@10 {torch.cat(random).mean():.3f}")
-    for name, sign in (("listed order", -1.0), ("reversed order", 1.0)):
-        lists = [top_m(sign * torch.arange(b.cand_mask.shape[1]).float().expand(len(b), -1),
-                       b.cand_mask, LENGTH) for b in test]
-        report(name, [ndcg_at_10(x, c)[k] for x, c, k in zip(lists, clicks, clicked,
-                                                               strict=True)], random)
     mixer = torch.Generator().manual_seed(0)
+    listed = list(RequestLoader(      # candidates in the listed order, as converted
+        [p for p in (out / "valid.parquet", out / "test.parquet") if p.exists()], space,
+        batch_size=256))
+    held_out = [b.shuffled(mixer) for b in listed]
     train = [b.shuffled(mixer) for b in RequestLoader([out / "train.parquet"], space,
                                                        batch_size=64, shuffle=True, seed=0)]
-    mixed = [b.shuffled(mixer) for b in test]
+    category = torch.cat([b.cand_cat[..., 1][b.cand_mask] for b in held_out])
+    items = torch.cat([b.cand_cat[..., 0][b.cand_mask] for b in held_out])
+    print(f"{sum(map(len, train))} training and {sum(map(len, held_out))} held-out "
+          f"impressions; held-out candidates with a known category: "
+          f"{(category != UNKNOWN).float().mean():.1%}, news unseen in training: "
+          f"{(items == UNKNOWN).float().mean():.1%}")
+    clicks = [b.candidate_feedback()[..., 0] for b in held_out]
+    clicked = [(c.sum(1) > 0).numpy() for c in clicks]
+    draws = torch.Generator().manual_seed(1)
+    random = np.concatenate([
+        np.mean([metrics.list_ndcg(top_m(torch.rand(b.cand_mask.shape, generator=draws),
+                                         b.cand_mask, LENGTH), c)
+                 for _ in range(RANDOM_LISTS)], axis=0)[k]
+        for b, c, k in zip(held_out, clicks, clicked, strict=True)])
+    print(f"{'random':>22}  NDCG@10 {random.mean():.3f}  ({len(random)} impressions with a "
+          "click)", flush=True)
+    for name, sign in (("listed order", -1.0), ("reversed order", 1.0)):
+        lists = [top_m(sign * torch.arange(b.cand_mask.shape[1]).float().expand(len(b), -1),
+                       b.cand_mask, LENGTH) for b in listed]
+        report(name, np.concatenate([metrics.list_ndcg(x, b.candidate_feedback()[..., 0])[k]
+                                     for x, b, k in zip(lists, listed, clicked, strict=True)]),
+               random)
     for name in [m for m in args.models.split(",") if m]:
         model_class, config_class = baseline(name)
-        model = model_class(config_class(list_length=LENGTH), space).train()
+        fields = {f.name for f in dataclasses.fields(config_class)}
+        config = load_overrides(config_class(list_length=LENGTH), None,
+                                [item for item in args.set if item.split("=")[0] in fields])
+        model = model_class(config, space).train()
         optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+        start = time.perf_counter()
         for _ in range(args.epochs):
             for batch in train:
                 loss, _ = ListModel.step(model, batch)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
+        seconds = time.perf_counter() - start
         model.eval()
         with torch.no_grad():
-            scores = [ndcg_at_10(model.rerank(b).lists, clicks_by_candidate(b))[k]
-                      for b, k in zip(mixed, clicked, strict=True)]
-        report(f"{name} (shuffled)", scores, random)
+            scores = np.concatenate([metrics.list_ndcg(model.rerank(b).lists, c)[k] for b, c, k
+                                     in zip(held_out, clicks, clicked, strict=True)])
+        report(f"{name} ({seconds:.0f} s)", scores, random)
 
 
 if __name__ == "__main__":
