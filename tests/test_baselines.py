@@ -124,9 +124,9 @@ def preset(request, tmp_path_factory):
     click, order only), movielens (n 20 > m 5, MovieLens-100K's users and movies; skipped
     without ../shared)."""
     name = request.param
-    out = tmp_path_factory.mktemp(f"learns-{name}") / "data"
     if name == "kuaishou":
         return request.getfixturevalue("kuaishou")
+    out = tmp_path_factory.mktemp(f"learns-{name}") / "data"
     if name == "avito":
         simulate_small(out, preset="avito", requests=4000)
     else:
