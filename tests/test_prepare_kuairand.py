@@ -11,9 +11,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from scipy import stats
 
 from nar4rec.data.format import read_spec
-from nar4rec.data.kuairand import BEHAVIOURS, prepare_kuairand, sample_negatives
+from nar4rec.data.kuairand import (
+    BEHAVIOURS,
+    candidate_order,
+    prepare_kuairand,
+    sample_negatives,
+)
 from nar4rec.data.validate import validate_file
 from nar4rec.errors import DataError
 
@@ -148,20 +154,44 @@ def test_outputs_validate(kuairand):
         assert spec.utility_weights["hate"] == -1.0 and not spec.has_upstream_score
 
 
-def test_exposed_lists_follow_the_log(kuairand):
+def exposed_items(request: dict) -> list[str]:
+    return [request["item_id"][i] for i in request["exposed"]]
+
+
+def test_exposed_lists_and_feedback_follow_the_log(kuairand):
+    """The shuffle loses no exposure and no feedback: each request's exposed videos, in log
+    order, carry their own row's behaviours."""
     log = requests_of_log(kuairand["rows"])
     for request in all_requests(kuairand):
         shown = log[request["request_id"]]
         videos = list(dict.fromkeys(str(r["video_id"]) for r in shown))  # first of a repeat
-        m = len(videos)
-        assert request["item_id"][:m] == videos
-        assert request["exposed"] == list(range(m))
+        assert exposed_items(request) == videos
+        assert len(set(request["exposed"])) == len(videos)
         assert request["user_id"] == str(shown[0]["user_id"])
         first = {}
         for r in shown:
             first.setdefault(str(r["video_id"]), r)
         for behaviour, column in BEHAVIOURS.items():
             assert request[f"feedback_{behaviour}"] == [first[v][column] for v in videos]
+
+
+def test_exposed_positions_are_spread_evenly(kuairand):
+    """Where the exposed videos sit among the candidates carries no label: their mean index is
+    (n-1)/2 within 4 standard errors, and the quarters of the list hold them as often as a
+    uniform shuffle would (chi-square, p > 0.001). The exposed-first order gave z = -29.7."""
+    requests = all_requests(kuairand)
+    deviation = variance = 0.0
+    observed, expected = np.zeros(4), np.zeros(4)
+    for request in requests:
+        n, m = len(request["item_id"]), len(request["exposed"])
+        deviation += sum(request["exposed"]) - m * (n - 1) / 2
+        variance += m * (n * n - 1) / 12 * (n - m) / (n - 1)  # m of n slots, no replacement
+        quarter = 4 * np.arange(n) // n
+        observed += np.bincount(quarter[request["exposed"]], minlength=4)
+        expected += m * np.bincount(quarter, minlength=4) / n
+    assert len(requests) > 150 and observed.sum() > 500
+    assert abs(deviation / math.sqrt(variance)) < 4
+    assert stats.chisquare(observed, expected).pvalue > 1e-3
 
 
 def test_negatives_come_from_other_users_in_the_window(kuairand):
@@ -176,8 +206,8 @@ def test_negatives_come_from_other_users_in_the_window(kuairand):
     from_window = alone = 0
     for request in requests:
         user, time_ms = (int(part) for part in request["request_id"].split("-"))
-        m = len(request["exposed"])
-        exposed, negatives = set(request["item_id"][:m]), request["item_id"][m:]
+        exposed = set(exposed_items(request))
+        negatives = [v for v in request["item_id"] if v not in exposed]
         assert len(negatives) == NEGATIVES
         assert len(set(request["item_id"])) == len(request["item_id"])
         window = shown_to_others([time_ms // WINDOW_MS], user, exposed)
@@ -236,14 +266,47 @@ def test_split_by_day(kuairand):
         assert times == sorted(times)
 
 
-def test_sampling_is_seeded(kuairand, tmp_path):
+def convert_again(kuairand: dict, out: Path, logs: list[Path], seed: int = 3) -> dict:
     features = kuairand["features"]
-    out = tmp_path / "again"
-    prepare_kuairand(kuairand["logs"], features / "user_features_pure.csv",
+    prepare_kuairand(logs, features / "user_features_pure.csv",
                      features / "video_features_basic_pure.csv", out, negatives=NEGATIVES,
-                     test_days=1, valid_days=1, seed=3)
-    again = pq.read_table(out / "test.parquet").column("item_id").to_pylist()
-    assert again == [r["item_id"] for r in kuairand["tables"]["test"]]
+                     test_days=1, valid_days=1, seed=seed)
+    return {split: pq.read_table(out / f"{split}.parquet").to_pylist()
+            for split in ("train", "valid", "test")}
+
+
+def test_conversion_is_deterministic_and_ignores_file_order(kuairand, tmp_path):
+    """The same rows give the same files: converted again, in the other file order, or as one
+    file (samples and candidate order included); another seed shuffles differently."""
+    assert convert_again(kuairand, tmp_path / "again", kuairand["logs"]) == kuairand["tables"]
+    reversed_logs = kuairand["logs"][::-1]
+    assert convert_again(kuairand, tmp_path / "reversed", reversed_logs) == kuairand["tables"]
+    single = tmp_path / "log_all.csv"
+    write_log(single, kuairand["rows"])
+    assert convert_again(kuairand, tmp_path / "single", [single]) == kuairand["tables"]
+    other = convert_again(kuairand, tmp_path / "seed4", kuairand["logs"], seed=4)
+    assert [r["exposed"] for r in other["train"]] != \
+        [r["exposed"] for r in kuairand["tables"]["train"]]
+
+
+def test_candidate_order_depends_on_the_request_alone():
+    """candidate_order permutes within each request, the same way whatever the chunk."""
+    rng = np.random.default_rng(1)
+    user = rng.integers(0, 1000, size=50)
+    time_ms = 1_650_000_000_000 + rng.integers(0, 10**9, size=50)
+    lengths = rng.integers(1, 30, size=50)
+    whole = candidate_order(3, user, time_ms, lengths)
+    first = np.r_[0, np.cumsum(lengths)[:-1]]
+    request = np.repeat(np.arange(50), lengths)
+    assert sorted(whole.tolist()) == list(range(int(lengths.sum())))
+    assert (request[whole] == request).all()  # every slot takes a candidate of its request
+    halves = [candidate_order(3, user[part], time_ms[part], lengths[part]) + first[part][0]
+              for part in (slice(0, 20), slice(20, 50))]
+    assert np.array_equal(np.concatenate(halves), whole)
+    shifted = candidate_order(3, user[::-1], time_ms[::-1], lengths[::-1])
+    last = shifted[:lengths[-1]] - shifted[:lengths[-1]].min()
+    assert np.array_equal(last, whole[first[-1]:] - first[-1])
+    assert not np.array_equal(candidate_order(4, user, time_ms, lengths), whole)
 
 
 def test_sample_negatives_on_a_tiny_pool():

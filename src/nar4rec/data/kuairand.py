@@ -1,8 +1,9 @@
 """KuaiRand logs -> nar4rec request logs (docs/converters/kuairand.md).
 
-A request is what one user was shown at one `time_ms`; its candidates are those videos followed
-by negatives drawn from what other users were shown in the same time window. The log is staged
-in an on-disk DuckDB table and then processed one day at a time, in bounded chunks.
+A request is what one user was shown at one `time_ms`; its candidates are those videos and
+negatives drawn from what other users were shown in the same time window, shuffled by a key of
+the request id so that no model can read the label from where a candidate sits. The log is
+staged in an on-disk DuckDB table and then processed one day at a time, in bounded chunks.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def kuairand_spec(negatives: int, window_minutes: int, seed: int) -> FormatSpec:
         extra={
             "source": "kuairand",
             "exposed_order": "log file order within one (user_id, time_ms)",
+            "candidate_order": "shuffled by splitmix64 keys of (seed, user_id, time_ms, slot)",
             "negatives": {"per_request": negatives, "window_minutes": window_minutes,
                           "seed": seed},
             "day": "calendar day in UTC+8",
@@ -108,8 +110,9 @@ def prepare_kuairand(logs: list[Path], users: Path, videos: Path, out_dir: Path,
                      threads: int = 2, overwrite: bool = False) -> ConversionReport:
     """Convert KuaiRand logs and feature files into train/valid/test request logs in `out_dir`.
 
-    Every exposed video of a request is kept (in log file order), followed by up to `negatives`
-    videos that other users were shown in the same `window_minutes` window. The last
+    Every exposed video of a request is kept (the exposed list in log file order), with up to
+    `negatives` videos that other users were shown in the same `window_minutes` window; the
+    candidates are shuffled by `candidate_order`, so their order carries no label. The last
     `test_days` days go to test, the `valid_days` before them to valid, the rest to train.
     Nothing is left in `out_dir` unless the whole conversion succeeds.
     """
@@ -458,6 +461,42 @@ def sample_negatives(rng: np.random.Generator, count: int, user: np.ndarray,
             np.take_along_axis(stage, order, axis=1))
 
 
+def candidate_order(seed: int, user: np.ndarray, time_ms: np.ndarray,
+                    lengths: np.ndarray) -> np.ndarray:
+    """A permutation of each request's candidates keyed by (seed, request id), no label.
+
+    Args:
+        seed: the conversion's seed.
+        user, time_ms: (R,) int64, each request's user and time (together its id).
+        lengths: (R,) n per request; the candidates lie request after request.
+
+    Returns:
+        (sum n,) for each new flat slot, the flat index of the candidate it takes. Slot j of a
+        request is sorted by the top 40 bits of a splitmix64 key of (seed, user, time_ms, j)
+        (a tie, under one request in 10^9, keeps slot order): the permutation depends on the
+        request id and n alone, not on the chunk, the file order or which candidates were
+        exposed.
+    """
+    request = np.repeat(np.arange(len(lengths)), lengths)                   # (sum n,)
+    slot = np.arange(len(request)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    key = _splitmix64(np.full(len(lengths), seed, dtype=np.int64).view(np.uint64))
+    key = _splitmix64(key ^ np.asarray(user, dtype=np.int64).view(np.uint64))
+    key = _splitmix64(key ^ np.asarray(time_ms, dtype=np.int64).view(np.uint64))  # (R,)
+    slot_key = _splitmix64(key[request] ^ slot.astype(np.uint64)) >> np.uint64(24)  # 40 bits
+    if len(lengths) > 1 << 24:
+        return np.lexsort((slot_key, request))
+    # the same order by one sort, several times faster: the request above the key's 40 bits
+    return np.argsort((request.astype(np.uint64) << np.uint64(40)) | slot_key, kind="stable")
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser of uint64 values (a bijection that mixes every bit)."""
+    values = values + np.uint64(0x9E3779B97F4A7C15)
+    values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return values ^ (values >> np.uint64(31))
+
+
 def _is_in_sorted(values: np.ndarray, sorted_values: np.ndarray) -> np.ndarray:
     """Whether each of `values` is in `sorted_values` (binary search, no hashing)."""
     if len(sorted_values) == 0:
@@ -593,7 +632,7 @@ class _Converter:
         self.stage_counts += np.bincount(stage.reshape(-1), minlength=4)
         self.short_requests += int((drawn < self.negatives).sum())
 
-        # candidates: the exposed videos in order, then the negatives
+        # candidates: the exposed videos in log order, then the negatives, then shuffled
         lengths = shown + drawn  # n per request
         first = np.r_[0, np.cumsum(lengths)[:-1]]
         first_exposed = np.r_[0, np.cumsum(shown)[:-1]]
@@ -603,6 +642,11 @@ class _Converter:
         negative_rows, negative_slots = np.nonzero(negatives >= 0)
         candidate[first[negative_rows] + shown[negative_rows] + negative_slots] = \
             negatives[negative_rows, negative_slots]
+        order = candidate_order(self.seed, request_user, request_time, lengths)  # new -> old
+        new_slot = np.empty_like(order)
+        new_slot[order] = np.arange(len(order))                                  # old -> new
+        candidate = candidate[order]
+        exposed_at = new_slot[first[request_of_row] + position] - first[request_of_row]
         candidate_request = np.repeat(np.arange(requests), lengths)
         candidate_time = request_time[candidate_request]
 
@@ -615,7 +659,7 @@ class _Converter:
             TIMESTAMP: pa.array(request_time, TIMESTAMP_TYPE),
             ITEM_ID: lists_from_flat(lengths, pc.cast(pa.array(self.video_ids[candidate]),
                                                   pa.string())),
-            EXPOSED: lists_from_flat(shown, pa.array(position, pa.int32())),
+            EXPOSED: lists_from_flat(shown, pa.array(exposed_at, pa.int32())),
         }
         for name in USER_CAT_COLUMNS:
             columns[USER_CAT + name] = self.users.category(name, user_entity)
