@@ -124,6 +124,64 @@ def test_contrastive_with_one_alpha_per_row_equals_separate_calls() -> None:
         contrastive(probs, item_repr, cand_mask, alpha=torch.full((50,), 1.5))
 
 
+def contrastive_one(column_probs: torch.Tensor, vectors: torch.Tensor, real: int,
+                    alpha: float, k: int | None) -> list[int]:
+    """Contrastive search of one request by hand (SimCTG's rule, eq. 16 over V(k)): probs
+    (n, m), unit vectors (n, d), the first `real` candidates."""
+    chosen: list[int] = []
+    for position in range(column_probs.shape[1]):
+        unused = [i for i in range(real) if i not in chosen]
+        if not unused:
+            chosen.append(NO_ITEM)
+            continue
+        by_probability = sorted(unused, key=lambda i: -column_probs[i, position].item())
+        kth = column_probs[by_probability[min(k or real, len(unused)) - 1], position].item()
+        allowed = [i for i in unused if column_probs[i, position].item() >= kth]
+
+        scores = {i: (1 - alpha) * column_probs[i, position].item() - alpha * max(
+            (float(vectors[i] @ vectors[j]) for j in chosen), default=0.0) for i in allowed}
+        best = max(scores.values())
+        chosen.append(min(i for i in allowed if scores[i] == best))
+    return chosen
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, None])
+def test_contrastive_equals_brute_force_of_its_rule(k: int | None) -> None:
+    probs, cand_mask, item_repr = random_batch(40, 9, 5, seed=11)
+    unit = torch.nn.functional.normalize(item_repr, dim=-1)
+    for alpha in (0.3, 0.6, 0.9):
+        lists = contrastive(probs, item_repr, cand_mask, alpha=alpha, k=k)
+        for row in range(len(lists)):
+            expected = contrastive_one(probs[row], unit[row], int(cand_mask[row].sum()),
+                                       alpha, k)
+            assert lists[row].tolist() == expected, (alpha, row)
+
+
+def test_contrastive_candidate_set_bounds_the_choice() -> None:
+    """k = 1 is greedy at any alpha; k >= n is the literal eq. 16; every pick with k = 3 is
+    among the 3 most probable unplaced candidates; without V(k), a strong penalty leaves it."""
+    probs, cand_mask, item_repr = random_batch(64, 12, 5, seed=12, full=True)
+    assert torch.equal(contrastive(probs, item_repr, cand_mask, alpha=0.9, k=1),
+                       greedy(probs, cand_mask))
+    assert torch.equal(contrastive(probs, item_repr, cand_mask, alpha=0.6, k=12),
+                       contrastive(probs, item_repr, cand_mask, alpha=0.6, k=None))
+
+    def ranks(lists: torch.Tensor) -> torch.Tensor:
+        """(B, m) the rank of each pick by probability among the unplaced candidates."""
+        out = torch.zeros_like(lists)
+        for position in range(lists.shape[1]):
+            column = probs[:, :, position].clone()
+            placed = lists[:, :position]
+            column.scatter_(1, placed, -1.0)
+            picked = column.gather(1, lists[:, position:position + 1])
+            out[:, position] = (column > picked).sum(dim=1)
+        return out
+    assert ranks(contrastive(probs, item_repr, cand_mask, alpha=0.9, k=3)).max() <= 2
+    assert ranks(contrastive(probs, item_repr, cand_mask, alpha=0.9, k=None)).max() > 2
+    with pytest.raises(Nar4recError, match="k must be at least 1"):
+        contrastive(probs, item_repr, cand_mask, k=0)
+
+
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])
 def test_contrastive_skips_a_near_duplicate(similarity: str) -> None:
     # Items 0 and 1 are near-duplicates and the two most probable at both positions; item 2
@@ -260,6 +318,47 @@ def test_dpp_with_orthogonal_items_follows_quality() -> None:
     lists = dpp(probs, item_repr, cand_mask, theta=0.5)
     expected = probs.sum(dim=2).argsort(dim=1, descending=True)[:, :4]
     assert torch.equal(lists, expected)
+
+
+def dpp_one(probs: torch.Tensor, vectors: torch.Tensor, m: int, theta: float,
+            relevance: str, jitter: float = 1e-6) -> list[int]:
+    """Greedy MAP inference of one request by hand: at each step the candidate that maximises
+    det L_Y of the list so far, L = diag(q) (S + jitter I) diag(q) (Chen et al. 2018)."""
+    exposure = probs.double().sum(dim=1)                                     # (n,)
+    score = exposure.log() if relevance == "log" else exposure
+    quality = torch.exp(theta / (2 * (1 - theta)) * score)
+    unit = torch.nn.functional.normalize(vectors.double(), dim=-1)
+    kernel = quality[:, None] * (unit @ unit.T + jitter * torch.eye(len(unit))) * quality[None]
+    chosen: list[int] = []
+    for _ in range(m):
+        gains = {i: torch.linalg.det(kernel[chosen + [i]][:, chosen + [i]]).item()
+                 for i in range(len(unit)) if i not in chosen}
+        chosen.append(max(gains, key=gains.get))
+    return chosen
+
+
+@pytest.mark.parametrize("relevance", ["probability", "log"])
+def test_dpp_equals_brute_force_greedy_map(relevance: str) -> None:
+    probs, cand_mask, item_repr = random_batch(24, 7, 4, seed=13, full=True)
+    for theta in (0.3, 0.7, 0.95):
+        lists = dpp(probs, item_repr, cand_mask, theta=theta, relevance=relevance)
+        for row in range(len(lists)):
+            assert lists[row].tolist() == dpp_one(probs[row], item_repr[row], 4, theta,
+                                                  relevance), (theta, row)
+
+
+def test_dpp_log_relevance_weighs_probability_more() -> None:
+    # Two near-duplicates with most of the probability, a third item orthogonal to them with
+    # little: on a log scale the duplicate's probability outweighs the diversity at theta =
+    # 0.7; with the probability itself as relevance (in [0, 1]) diversity wins.
+    probs = torch.tensor([[[0.6, 0.6], [0.39, 0.39], [0.01, 0.01]]])         # (1, 3, 2)
+    item_repr = torch.tensor([[[1.0, 0.0], [0.95, 0.31], [0.0, 1.0]]])
+    cand_mask = torch.ones(1, 3, dtype=torch.bool)
+    assert dpp(probs, item_repr, cand_mask, theta=0.7, relevance="log").tolist() == [[0, 1]]
+    assert dpp(probs, item_repr, cand_mask, theta=0.7,
+               relevance="probability").tolist() == [[0, 2]]
+    with pytest.raises(Nar4recError, match="relevance"):
+        dpp(probs, item_repr, cand_mask, relevance="rank")
 
 
 def test_decoders_handle_zero_probabilities() -> None:

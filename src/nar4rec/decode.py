@@ -23,6 +23,11 @@ from nar4rec.errors import Nar4recError
 
 NO_ITEM = -1
 SIMILARITIES = ("cosine", "dot")
+DPP_RELEVANCES = ("probability", "log")
+# Contrastive decoding's defaults, chosen on the validation splits (docs/models.md, "Choosing
+# k and alpha"): the candidate set V(k) of SimCTG and the penalty's weight.
+CONTRASTIVE_K = 3
+CONTRASTIVE_ALPHA = 0.6
 
 Decoder = Callable[..., torch.Tensor]
 
@@ -48,12 +53,22 @@ def greedy(probs: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def contrastive(probs: torch.Tensor, item_repr: torch.Tensor | None, cand_mask: torch.Tensor, *,
-                alpha: float | torch.Tensor = 0.6, similarity: str = "cosine",
+                alpha: float | torch.Tensor = CONTRASTIVE_ALPHA,
+                k: int | None = CONTRASTIVE_K,
+                similarity: str = "cosine",
                 pairwise: torch.Tensor | None = None) -> torch.Tensor:
-    """NAR4Rec's contrastive decoding (section 4.3, eq. 16-17).
+    """NAR4Rec's contrastive decoding (section 4.3, eq. 16-17), SimCTG's contrastive search.
 
-    y_t = argmax_x (1 - alpha) * p(x | position t) - alpha * max_{j < t} s(x, y_j), over the
-    candidates not yet placed; the penalty is 0 at t = 0.
+    y_t = argmax_{x in V(k)} (1 - alpha) * p(x | position t) - alpha * max_{j < t} s(x, y_j),
+    where V(k) holds the k most probable candidates for position t among those not yet placed;
+    the penalty is 0 at t = 0.
+
+    Section 4.3 follows SimCTG (Su et al., "A Contrastive Framework for Neural Text
+    Generation", NeurIPS 2022, eq. 5 and its reference code), whose argmax ranges only over
+    V(k) and whose p is the model's full probability (not renormalised over V(k)). NAR4Rec's
+    eq. 16 writes the argmax over all candidates: that is `k=None` (or k >= n). Without the
+    candidate set, the penalty can pick a candidate the generator gives almost no probability,
+    as long as it is unlike the ones placed (docs/results.md measures what that costs).
 
     Args:
         probs: (B, n, m) probability matrix (eq. 12).
@@ -62,6 +77,9 @@ def contrastive(probs: torch.Tensor, item_repr: torch.Tensor | None, cand_mask: 
         alpha: weight of the similarity penalty, in [0, 1]; the paper's best NDCG is near 0.6
             (Fig. 4). alpha = 0 is greedy decoding. A (B,) tensor gives each row its own
             weight (several alphas decoded in one pass over stacked copies of a batch).
+        k: size of the candidate set V(k), >= 1; k = 1 is greedy decoding, None (or k >= n)
+            the literal reading of eq. 16. Candidates tied with the k-th most probable are
+            all in V(k).
         similarity: "cosine" (the paper, eq. 17) or "dot" (the authors' deployment, per their
             later writing). A dot product is not bounded, so the useful alpha depends on the
             scale of the representations.
@@ -88,6 +106,8 @@ def contrastive(probs: torch.Tensor, item_repr: torch.Tensor | None, cand_mask: 
         if not 0.0 <= alpha <= 1.0:
             raise Nar4recError(f"contrastive decoding: alpha must be in [0, 1], got {alpha}")
         weight = float(alpha)
+    if k is not None and k < 1:
+        raise Nar4recError(f"contrastive decoding: k must be at least 1, got {k}")
     if similarity not in SIMILARITIES:
         raise Nar4recError(f"contrastive decoding: similarity must be one of {SIMILARITIES}, "
                            f"got {similarity!r}")
@@ -98,7 +118,10 @@ def contrastive(probs: torch.Tensor, item_repr: torch.Tensor | None, cand_mask: 
     lists = torch.full((batch, m), NO_ITEM, dtype=torch.long, device=probs.device)
     penalty = torch.zeros(batch, n, dtype=probs.dtype, device=probs.device)  # (B, n)
     for position in range(m):
-        scores = (1.0 - weight) * probs[:, :, position] - weight * penalty   # (B, n)
+        column = probs[:, :, position]                                       # (B, n)
+        scores = (1.0 - weight) * column - weight * penalty                  # (B, n)
+        if k is not None:
+            scores = scores.masked_fill(~_most_probable(column, available, k), -torch.inf)
         picked = _take_best(scores, available)                               # (B,)
         lists[:, position] = picked
         if pairwise is None:
@@ -216,24 +239,33 @@ def top_k_sampling(probs: torch.Tensor, cand_mask: torch.Tensor, *, k: int = 5,
 
 @torch.no_grad()
 def dpp(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tensor, *,
-        theta: float = 0.7, jitter: float = 1e-6) -> torch.Tensor:
+        theta: float = 0.7, relevance: str = "probability",
+        jitter: float = 1e-6) -> torch.Tensor:
     """Deep DPP decoding (Table 7): greedy MAP inference of a determinantal point process.
 
     The kernel is L = diag(q) (S + jitter I) diag(q), S the cosine similarity of item_repr (a
     Gram matrix of unit vectors, so positive semi-definite; the jitter keeps L positive
     definite so that a full list can always be picked). The quality is q = exp(a * r) with
-    r = sum_j p(x | position j), a candidate's expected number of positions (the row sum of
-    probs), and a = theta / (2 (1 - theta)): Chen, Zhang, Zhou, "Fast Greedy MAP Inference for
+    a = theta / (2 (1 - theta)): Chen, Zhang, Zhou, "Fast Greedy MAP Inference for
     Determinantal Point Process", NeurIPS 2018, section 4, where log det L = (theta / (1 -
     theta)) sum r + log det S, so theta trades relevance (theta -> 1) against diversity (theta =
     0). The greedy steps use the paper's incremental Cholesky updates (Algorithm 1), batched,
     in float64. Items are placed in the order they were selected.
+
+    The relevance r of a candidate comes from its row of probs, e = sum_j p(x | position j),
+    its expected number of positions. Chen et al. add r to a log-determinant, so r must be on
+    a log scale (their r is a model's score, whose differences span several units): "log"
+    takes r = log e, and the objective is theta sum log e + (1 - theta) log det S, a weighted
+    sum of the list's log-probability and its diversity. "probability" takes r = e itself,
+    which lies in [0, 1], so even at theta = 0.7 a candidate's quality varies by at most a
+    factor exp(a) = 3.2 and diversity decides the list (docs/results.md measures both).
 
     Args:
         probs: (B, n, m) probability matrix (eq. 12).
         item_repr: (B, n, d) candidate representations.
         cand_mask: (B, n) True on real candidates.
         theta: relevance-diversity trade-off in [0, 1).
+        relevance: "probability" (r = e) or "log" (r = log e), see above.
         jitter: added to the diagonal of S.
     Returns:
         (B, m) candidate indices, NO_ITEM where a request has run out of candidates.
@@ -243,14 +275,19 @@ def dpp(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tensor, *
         raise Nar4recError(f"DPP decoding: theta must be in [0, 1), got {theta}")
     if not jitter >= 0.0:
         raise Nar4recError(f"DPP decoding: jitter must be >= 0, got {jitter}")
+    if relevance not in DPP_RELEVANCES:
+        raise Nar4recError(f"DPP decoding: relevance must be one of {DPP_RELEVANCES}, got "
+                           f"{relevance!r}")
     device = probs.device
     if n == 0:
         return torch.full((batch, m), NO_ITEM, dtype=torch.long, device=device)
     rows = torch.arange(batch, device=device)
-    relevance = probs.double().sum(dim=2).masked_fill(~cand_mask, -torch.inf)  # (B, n)
+    exposure = probs.double().sum(dim=2)                                     # (B, n) e
+    score = exposure.log() if relevance == "log" else exposure
+    score = score.masked_fill(~cand_mask, -torch.inf)                        # (B, n) r
     # Dividing q by a per-request constant leaves the selection unchanged and avoids overflow.
-    top = relevance.amax(dim=1, keepdim=True).clamp_min(0.0)
-    quality = torch.exp(theta / (2.0 * (1.0 - theta)) * (relevance - top))   # (B, n)
+    top = score.amax(dim=1, keepdim=True).nan_to_num(0.0, neginf=0.0)
+    quality = torch.exp(theta / (2.0 * (1.0 - theta)) * (score - top))       # (B, n)
     vectors = F.normalize(item_repr.double(), dim=-1)                        # (B, n, d)
     residual = quality ** 2 * ((vectors * vectors).sum(dim=-1) + jitter)     # (B, n) d_i^2
     cholesky = torch.zeros((batch, m, n), dtype=torch.float64, device=device)  # rows c_i
@@ -322,6 +359,17 @@ def _in_graph() -> bool:
     """True while a graph is traced (torch.compile, ONNX export) or a CUDA graph captured."""
     return torch.compiler.is_compiling() or (torch.cuda.is_available()
                                              and torch.cuda.is_current_stream_capturing())
+
+
+def _most_probable(column: torch.Tensor, available: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, n) True on the k most probable available candidates of column (B, n), and on those
+    tied with the k-th; every available one where fewer than k are left."""
+    masked = column.masked_fill(~available, -torch.inf)                      # (B, n)
+    # k columns of -inf appended, so that topk never asks for more than there are, without a
+    # branch on n (which is dynamic in the exported graph)
+    padded = torch.cat([masked, masked.new_full((len(masked), k), -torch.inf)], dim=1)
+    kth = padded.topk(k, dim=1).values[:, -1:]                               # (B, 1)
+    return available & (masked >= kth)
 
 
 def _take_best(scores: torch.Tensor, available: torch.Tensor) -> torch.Tensor:

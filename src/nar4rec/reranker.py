@@ -33,6 +33,11 @@ class RerankerConfig:
     """How the generator's lists are proposed and chosen.
 
     alphas: the contrastive-decoding weights (eq. 16) of the decoded proposals; 0 is greedy.
+    contrastive_k: the candidate set V(k) of every contrastive decoding (SimCTG's contrastive
+        search, `decode.contrastive`): the argmax of eq. 16 ranges over the k most probable
+        unplaced candidates. 0: over all of them, the literal reading of eq. 16.
+    contrastive_alpha: the weight of the generator-alone contrastive decoding (the paper's
+        Table 7 row, `RerankerSystem`'s "generator_contrastive").
     evaluator_alphas: more contrastive-decoded proposals, one per weight, whose similarity
         is the evaluator's learned redundancy (`Evaluator.candidate_similarity`) instead of
         the generator's representations; needs an evaluator with `similarity_heads` or
@@ -49,6 +54,8 @@ class RerankerConfig:
     """
 
     alphas: tuple[float, ...] = (0.0, 0.3, 0.6, 0.9)
+    contrastive_k: int = decode.CONTRASTIVE_K
+    contrastive_alpha: float = decode.CONTRASTIVE_ALPHA
     evaluator_alphas: tuple[float, ...] = ()
     samples: int = 4
     evaluator_top_m: bool = False
@@ -67,6 +74,12 @@ class RerankerConfig:
         for name in ("alphas", "evaluator_alphas"):
             if any(not 0.0 <= a <= 1.0 for a in getattr(self, name)):
                 problems.append(f"{name} must lie in [0, 1], not {list(getattr(self, name))}")
+        if self.contrastive_k < 0:
+            problems.append(f"contrastive_k must be >= 0 (0: every candidate), not "
+                            f"{self.contrastive_k}")
+        if not 0.0 <= self.contrastive_alpha <= 1.0:
+            problems.append(f"contrastive_alpha must lie in [0, 1], not "
+                            f"{self.contrastive_alpha}")
         if self.samples < 0:
             problems.append(f"samples must be >= 0, not {self.samples}")
         if self.sample_k < 1:
@@ -80,6 +93,11 @@ class RerankerConfig:
             problems.append(f"select must be one of {SELECTIONS}, not {self.select!r}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def candidate_set(self) -> int | None:
+        """`contrastive_k` as `decode.contrastive`'s k: None for every candidate."""
+        return self.contrastive_k or None
 
     @property
     def proposals(self) -> int:
@@ -355,7 +373,7 @@ def propose(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tenso
     row_alpha = alphas[:, None].expand(copies, batch).reshape(-1)      # (A B,)
     decoded = decode.contrastive(
         probs.repeat(copies, 1, 1), item_repr.repeat(copies, 1, 1), cand_mask.repeat(copies, 1),
-        alpha=row_alpha, similarity=config.similarity)                 # (A B, m)
+        alpha=row_alpha, k=config.candidate_set, similarity=config.similarity)  # (A B, m)
     lists = [decoded.view(copies, batch, m).transpose(0, 1)]           # (B, A, m)
     if config.evaluator_alphas:
         if pairwise is None:
@@ -365,7 +383,7 @@ def propose(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tenso
         alphas = _constant(config.evaluator_alphas, probs.dtype, probs.device)
         decoded = decode.contrastive(
             probs.repeat(copies, 1, 1), None, cand_mask.repeat(copies, 1),
-            alpha=alphas[:, None].expand(copies, batch).reshape(-1),
+            alpha=alphas[:, None].expand(copies, batch).reshape(-1), k=config.candidate_set,
             pairwise=pairwise.repeat(copies, 1, 1))                    # (E B, m)
         lists.append(decoded.view(copies, batch, m).transpose(0, 1))   # (B, E, m)
     if config.samples:
