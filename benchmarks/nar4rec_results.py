@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from nar4rec import decode
-from nar4rec.config import load_overrides
+from nar4rec.config import dataset_settings, load_overrides
 from nar4rec.data.loader import RequestLoader
 from nar4rec.metrics import list_utility
 from nar4rec.pipeline import RunConfig, evaluate_run, load_run, read_run, split_files, train_run
@@ -82,7 +82,7 @@ def one_seed(preset: str, seed: int, args, sets: list[str]) -> dict:
         if not finished(run):
             config = load_overrides(RunConfig(), args.config, [
                 f"train.seed={seed}", f"evaluator_train.seed={seed}",
-                f"generator.objective={objective}", *sets])
+                f"generator.objective={objective}", *sets], defaults=dataset_settings(data))
             started = time.perf_counter()
             train_run(data, run, config=config, overwrite=True, progress=False,
                       evaluator_from=None if objective == "unlikelihood"

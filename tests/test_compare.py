@@ -10,9 +10,18 @@ import pytest
 
 from helpers import simulate_small
 from nar4rec import cli
-from nar4rec.compare import compare, relative_change, write_report
-from nar4rec.config import load_overrides
-from nar4rec.pipeline import MODELS, RunConfig, evaluate_run, load_run, rerank_file, train_run
+from nar4rec.compare import compare, format_tables, relative_change, write_report
+from nar4rec.config import dataset_of, dataset_settings, load_overrides
+from nar4rec.pipeline import (
+    MODELS,
+    RunConfig,
+    evaluate_run,
+    load_run,
+    read_run,
+    rerank_file,
+    train_run,
+)
+from nar4rec.report import NDCG_NOTE
 
 TINY = ["train.epochs=1", "train.steps_per_epoch=6", "evaluator_train.epochs=1",
         "evaluator_train.steps_per_epoch=6", "train.batch_size=64",
@@ -126,3 +135,48 @@ def test_compare_command_and_its_errors(data, tmp_path, capsys):
     assert code == 2 and "unknown model 'nope'" in capsys.readouterr().err
     code = cli.main(["compare", "--data", str(data), "--models", "dnn", "--json", str(out)])
     assert code == 2 and "--resume" in capsys.readouterr().err       # runs exist already
+
+
+def test_avito_data_train_at_the_papers_batch_size_unless_set(data, tmp_path):
+    """The paper trains on Avito at batch 1024 (section 5.1), elsewhere at 256; `--set`
+    still wins."""
+    avito = tmp_path / "avito"
+    simulate_small(avito, preset="avito", requests=1500)
+    assert dataset_of(avito) == "avito" and dataset_of(data) == "kuaishou"
+    assert dataset_settings(data) == {}
+    rows = pq.read_metadata(avito / "train.parquet").num_rows
+    quick = ["--model", "evaluator", "--data", str(avito), "--quiet", "--set",
+             "evaluator_train.epochs=1", "--set", "evaluator.d_model=16"]
+
+    def trained(run) -> tuple[int, int]:
+        """The run's evaluator batch size, and the steps of its one epoch."""
+        info = json.loads((run / "run.json").read_text())
+        epoch = json.loads((run / "evaluator" / "metrics.jsonl").read_text().splitlines()[0])
+        return info["config"]["evaluator_train"]["batch_size"], epoch["step"]
+
+    assert cli.main(["train", "--out", str(tmp_path / "default"), *quick]) == 0
+    assert trained(tmp_path / "default") == (1024, -(-rows // 1024))
+    assert cli.main(["train", "--out", str(tmp_path / "set"), *quick,
+                     "--set", "evaluator_train.batch_size=64"]) == 0
+    assert trained(tmp_path / "set") == (64, -(-rows // 64))
+    # `nar4rec compare` too, under --set.
+    assert cli.main(["compare", "--data", str(avito), "--models", "dnn", "--json",
+                     str(tmp_path / "cmp.json"), "--quiet", "--set", "train.epochs=1",
+                     "--set", "dnn.d_model=16"]) == 0
+    run = read_run(tmp_path / "cmp-runs" / "seed0" / "dnn")
+    assert run["config"]["train"]["batch_size"] == 1024
+    # Its Table 2 says which NDCG mean it shows; the JSON has both.
+    result = json.loads((tmp_path / "cmp.json").read_text())
+    assert {"ndcg", "ndcg_all_requests"} <= set(result["rows"][0]["metrics"])
+    assert NDCG_NOTE in format_tables(result)
+
+
+def test_dataset_of_reads_a_converters_summary(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"source": "avito (/data/raw)"}))
+    assert dataset_of(tmp_path) == "avito"
+    assert dataset_settings(tmp_path) == {"train.batch_size": 1024,
+                                          "evaluator_train.batch_size": 1024}
+    (tmp_path / "summary.json").write_text(json.dumps({"source": "mind"}))
+    assert dataset_of(tmp_path) == "mind" and dataset_settings(tmp_path) == {}
+    (tmp_path / "summary.json").unlink()
+    assert dataset_of(tmp_path) is None and dataset_settings(tmp_path) == {}

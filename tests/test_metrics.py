@@ -24,6 +24,7 @@ from nar4rec.metrics import (
     list_utility,
     logloss,
     ndcg,
+    ndcg_all_requests,
     recall_at_k,
     utility_report,
 )
@@ -69,12 +70,48 @@ def test_logloss_equals_scikit_learn() -> None:
 @pytest.mark.parametrize("k", [None, 1, 3])
 def test_ndcg_equals_scikit_learn_request_by_request(k: int | None) -> None:
     scores, labels, mask = padded_requests(2, min_real=2)
-    expected = np.mean([ndcg_score(labels[row, mask[row]][None], scores[row, mask[row]][None],
-                                   k=k) for row in range(len(scores))])
-    assert ndcg(scores, labels, mask, k=k) == pytest.approx(expected, abs=1e-12)
-    full = ndcg_score(labels, scores, k=k)
-    assert ndcg(torch.from_numpy(scores), torch.from_numpy(labels), k=k) == \
+    per_request = np.array([ndcg_score(labels[row, mask[row]][None],
+                                       scores[row, mask[row]][None], k=k)
+                            for row in range(len(scores))])
+    clicked = (labels * mask).sum(axis=1) > 0
+    assert 0 < clicked.sum() < len(clicked)
+    assert ndcg(scores, labels, mask, k=k) == \
+        pytest.approx(per_request[clicked].mean(), abs=1e-12)
+    assert ndcg_all_requests(scores, labels, mask, k=k) == \
+        pytest.approx(per_request.mean(), abs=1e-12)
+    full = ndcg_score(labels, scores, k=k)         # every request, those without a click at 0
+    assert ndcg_all_requests(torch.from_numpy(scores), torch.from_numpy(labels), k=k) == \
         pytest.approx(full, abs=1e-12)
+    positive = labels.sum(axis=1) > 0
+    assert ndcg(torch.from_numpy(scores), torch.from_numpy(labels), k=k) == \
+        pytest.approx(ndcg_score(labels[positive], scores[positive], k=k), abs=1e-12)
+
+
+def test_ndcg_averages_over_the_requests_with_a_click() -> None:
+    """A hand-made batch: two requests with a click, two without (one clicked only on a
+    padded item, which does not count), one with no real item."""
+    scores = np.array([[0.9, 0.5, 0.1],
+                       [0.9, 0.5, 0.1],
+                       [0.9, 0.5, 0.1],
+                       [0.3, 0.2, 9.0],
+                       [0.1, 0.2, 0.3]])
+    labels = np.array([[1, 0, 0],        # click ranked first: 1
+                       [0, 0, 1],        # click ranked last: 1 / log2(4) = 0.5
+                       [0, 0, 0],        # no click
+                       [0, 0, 1],        # the click is on padding: no click
+                       [1, 1, 1]])       # no real item: left out of both means
+    mask = np.array([[True] * 3, [True] * 3, [True] * 3, [True, True, False], [False] * 3])
+    clicked = [0, 1]
+    expected = np.mean([ndcg_score(labels[[row]], scores[[row]]) for row in clicked])
+    assert expected == pytest.approx(0.75)
+    assert ndcg(scores, labels, mask) == pytest.approx(expected)
+    assert ndcg_all_requests(scores, labels, mask) == pytest.approx((1 + 0.5 + 0 + 0) / 4)
+    assert ndcg(torch.from_numpy(scores), torch.from_numpy(labels), torch.from_numpy(mask)) \
+        == pytest.approx(expected)
+    # No click at all: nothing to rank, nan (not 0); the all-requests mean is 0.
+    assert math.isnan(ndcg(scores[2:4], labels[2:4], mask[2:4]))
+    assert ndcg_all_requests(scores[2:4], labels[2:4], mask[2:4]) == 0.0
+    assert math.isnan(ndcg_all_requests(scores[4:], labels[4:], mask[4:]))
 
 
 @pytest.mark.parametrize("k", [None, 2])
@@ -100,11 +137,13 @@ def test_list_ndcg_equals_scikit_learn_on_the_lists_order(k: int | None) -> None
 
 
 def test_ndcg_conventions() -> None:
-    # scikit-learn scores a request with no positive label 0, and it counts in the mean.
+    # scikit-learn scores a request with no positive label 0, and it counts in its mean: in
+    # ndcg_all_requests' too, not in ndcg's.
     assert ndcg_score([[0, 0, 0]], [[0.3, 0.2, 0.1]]) == 0.0
     scores = np.array([[0.3, 0.2, 0.1], [0.1, 0.2, 0.3]])
     labels = np.array([[0, 0, 0], [0, 0, 2]])
-    assert ndcg(scores, labels) == pytest.approx(0.5)
+    assert ndcg_all_requests(scores, labels) == pytest.approx(0.5)
+    assert ndcg(scores, labels) == pytest.approx(1.0)
     # Padded items neither rank nor gain, even scored high; a request with no real item is
     # left out.
     mask = np.array([[True, False, True], [False, False, False]])

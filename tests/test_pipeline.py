@@ -268,8 +268,18 @@ def test_item_wise_protocol_when_every_candidate_is_shown(tmp_path):
     assert kept < FeatureSpace.fit([data / "train.parquet"]).cand_cat["item_id"].size
     report = evaluate_run(run, data)
     assert report["model"] == "evaluator"
-    assert {"auc", "logloss", "ndcg"} <= set(report["metrics"])
+    assert {"auc", "logloss", "ndcg", "ndcg_all_requests"} <= set(report["metrics"])
     assert "recall@6" not in report["metrics"]
+    # ndcg averages over the requests with a click, ndcg_all_requests over all (0 without one).
+    test = list(RequestLoader([data / "test.parquet"], load_run(run).space, batch_size=512))
+    clicked = sum(int(((b.feedback[..., 0] > 0) & b.exposed_mask).any(1).sum()) for b in test)
+    requests = sum(len(b) for b in test)
+    assert 0 < clicked < requests
+    assert report["metrics"]["ndcg_all_requests"] == \
+        pytest.approx(report["metrics"]["ndcg"] * clicked / requests, rel=1e-9)
+    in_batches = evaluate_run(run, data, batch_size=32)["metrics"]       # weighted per batch
+    for name in ("ndcg", "ndcg_all_requests"):
+        assert in_batches[name] == pytest.approx(report["metrics"][name], rel=1e-9)
     assert 0.5 < report["metrics"]["auc"] <= 1
     assert set(report["variants"]) == {"evaluator_top_m", "logging", "oracle"}
 

@@ -147,10 +147,11 @@ def _prepare_mind(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from nar4rec.config import load_overrides
+    from nar4rec.config import dataset_settings, load_overrides
     from nar4rec.pipeline import RunConfig, train_run
 
-    config = load_overrides(RunConfig(), args.config, list(args.set))
+    config = load_overrides(RunConfig(), args.config, list(args.set),
+                            defaults=dataset_settings(args.data))
     if args.evaluator and args.model != "nar4rec":
         raise Nar4recError("--evaluator reuses an evaluator for --model nar4rec only")
     info = train_run(args.data, args.out, model=args.model, config=config,
@@ -224,10 +225,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from nar4rec.compare import compare, format_tables, write_json, write_report
-    from nar4rec.config import load_overrides
+    from nar4rec.config import dataset_settings, load_overrides
     from nar4rec.pipeline import RunConfig
 
-    config = load_overrides(RunConfig(), args.config, list(args.set))
+    config = load_overrides(RunConfig(), args.config, list(args.set),
+                            defaults=dataset_settings(args.data))
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     runs = Path(args.runs) if args.runs else Path(args.json).with_name(
         Path(args.json).stem + "-runs")
@@ -404,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train NAR4Rec (the evaluator, then the generator), the evaluator alone, "
                     "or a baseline (dnn, dcn, prm, edge_rerank, seq2slate, pier) on "
                     "DIR/train.parquet, validating on DIR/valid.parquet, into one run "
-                    "directory (run.json, evaluator/ and generator/, or model/).")
+                    "directory (run.json, evaluator/ and generator/, or model/). Settings: "
+                    "the defaults, then the data set's (Avito: batch size 1024, as in the "
+                    "paper), then --config, then --set.")
     tr.add_argument("--model", default="nar4rec", choices=list(MODEL_NAMES))
     tr.add_argument("--data", required=True, help="data directory (train and valid splits)")
     tr.add_argument("--out", required=True, help="run directory")
@@ -466,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--json", required=True, help="write the tables here")
     cp.add_argument("--report", help="write a Markdown report here (and PATH-lifts.png)")
     cp.add_argument("--runs", help="run directories (default: beside --json, NAME-runs/)")
-    cp.add_argument("--config", help="TOML file of settings shared by every run")
+    cp.add_argument("--config", help="TOML file of settings shared by every run (over the "
+                    "data set's: batch size 1024 on Avito, as in the paper)")
     cp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override one setting for every run, e.g. train.epochs=3")
     cp.add_argument("--time-batch", type=_positive, default=256,

@@ -9,8 +9,8 @@ from decoding the unlikelihood generator with each decoder. The seed sets every 
 and the reranker's sampling seed; the data stay the same.
 
 Tables (the paper's numbering):
-    2 / 3  offline metrics (AUC, LogLoss, NDCG for n = m; Recall@6, Recall@10, LogLoss for
-           n > m), mean and standard deviation over seeds
+    2 / 3  offline metrics (AUC, LogLoss, NDCG over the requests with a click for n = m;
+           Recall@6, Recall@10, LogLoss for n > m), mean and standard deviation over seeds
     4      training and inference seconds per batch (seed 0's models, this machine)
     5      on simulated data: each behaviour's expected count per request, as a relative change
            against the reference model (Edge-rerank, the paper's online baseline), with 95%
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from nar4rec import bench
+from nar4rec.config import apply_overrides, dataset_settings
 from nar4rec.data.loader import RequestLoader
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_file
@@ -44,6 +45,7 @@ from nar4rec.pipeline import (
     split_files,
     train_run,
 )
+from nar4rec.report import NDCG_NOTE
 
 DEFAULT_MODELS = ("nar4rec", "pier", "edge_rerank", "prm", "seq2slate", "dcn", "dnn")
 REFERENCE = "edge_rerank"
@@ -66,7 +68,8 @@ def compare(data_dir: str | Path, runs_dir: str | Path, *, models=DEFAULT_MODELS
     Args:
         runs_dir: where the runs go (RUNS/seed<S>/<model>/).
         models: names from `pipeline.MODELS` (the evaluator alone is not compared).
-        config: settings shared by every run (seeds are set per run).
+        config: settings shared by every run (seeds are set per run); default: RunConfig's
+            with the data set's settings (`config.DATASET_SETTINGS`: batch 1024 on Avito).
         resume: reuse finished runs in runs_dir and continue unfinished ones.
         overwrite: delete runs_dir first.
         time_batch: requests per batch in the Table 4 timings.
@@ -80,7 +83,8 @@ def compare(data_dir: str | Path, runs_dir: str | Path, *, models=DEFAULT_MODELS
             raise Nar4recError(f"{runs_dir}: already exists; use --resume to reuse its runs or "
                                "--overwrite to replace them")
         shutil.rmtree(runs_dir)
-    config = config or RunConfig()
+    config = config or apply_overrides(RunConfig(), dataset_settings(data_dir),
+                                       source="the data set's settings")
     evaluations: dict[str, list[dict]] = {}
     timings: dict[str, dict] = {}
     for seed in range(seeds):
@@ -260,10 +264,12 @@ def format_tables(result: dict) -> str:
     seeds = result["seeds"]
     lines = [f"## Table {number} style: offline metrics ({protocol})", "",
              f"Test split of `{result['data']}`, {result['requests']:,} requests; mean ± "
-             f"standard deviation over {seeds} seed{'s' if seeds > 1 else ''}.", "",
-             "| model | " + " | ".join(offline) + (" | utility | captured lift |"
-                                                    if "table5" in result else " |"),
-             "|---|" + "---|" * (len(offline) + (2 if "table5" in result else 0))]
+             f"standard deviation over {seeds} seed{'s' if seeds > 1 else ''}.", ""]
+    if "ndcg" in offline:
+        lines += [NDCG_NOTE, ""]
+    lines += ["| model | " + " | ".join(offline) + (" | utility | captured lift |"
+                                                   if "table5" in result else " |"),
+              "|---|" + "---|" * (len(offline) + (2 if "table5" in result else 0))]
     for row in result["rows"]:
         keys = offline + (SIMULATED if "table5" in result else ())
         lines.append(f"| {row['model']} | " + " | ".join(
@@ -287,8 +293,10 @@ def format_tables(result: dict) -> str:
                          + f" | {_relative(row['utility_relative'])} |")
     if "table6" in result:
         keys = list(result["table6"][0]["metrics"])
-        lines += ["", "## Table 6: NAR4Rec, vanilla against unlikelihood training", "",
-                  "| training | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        lines += ["", "## Table 6: NAR4Rec, vanilla against unlikelihood training", ""]
+        if "ndcg" in keys:
+            lines += ["`ndcg` as in Table 2: averaged over the requests with a click.", ""]
+        lines += ["| training | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         lines += [f"| {row['training']} | " + " | ".join(
             _cell(row["metrics"][k], row["std"][k]) for k in keys) + " |"
             for row in result["table6"]]

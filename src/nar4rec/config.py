@@ -10,6 +10,14 @@ from typing import Any
 
 from nar4rec.errors import Nar4recError
 
+SUMMARY_FILE = "summary.json"   # written beside the splits by `nar4rec simulate` and converters
+# Run settings the paper gives per data set (section 5.1): batch 1024 on Avito, 256 on Kuaishou
+# (TrainConfig's default). Keyed by the data set a data directory's summary says it holds; a
+# `--config` file or `--set` overrides them.
+DATASET_SETTINGS: dict[str, dict[str, Any]] = {
+    "avito": {"train.batch_size": 1024, "evaluator_train.batch_size": 1024},
+}
+
 
 def _coerce(current: Any, text: str, key: str) -> Any:
     """Parse `text` into the type of `current`."""
@@ -77,8 +85,12 @@ def apply_overrides(config: Any, values: dict[str, Any], *, source: str) -> Any:
         raise Nar4recError(f"{source}: {exc}") from None
 
 
-def load_overrides(config: Any, toml_path: str | Path | None, sets: list[str]) -> Any:
-    """Apply a TOML file, then `key=value` strings, to a dataclass config."""
+def load_overrides(config: Any, toml_path: str | Path | None, sets: list[str], *,
+                   defaults: dict[str, Any] | None = None) -> Any:
+    """Apply `defaults` (such as `dataset_settings`), then a TOML file, then `key=value`
+    strings, to a dataclass config."""
+    if defaults:
+        config = apply_overrides(config, defaults, source="the data set's settings")
     if toml_path is not None:
         path = Path(toml_path)
         try:
@@ -89,6 +101,29 @@ def load_overrides(config: Any, toml_path: str | Path | None, sets: list[str]) -
             raise Nar4recError(f"{path}: not valid TOML ({exc})") from None
         config = apply_overrides(config, table, source=str(path))
     return apply_overrides(config, parse_sets(sets), source="--set")
+
+
+def dataset_of(data_dir: str | Path) -> str | None:
+    """The data set a data directory holds, as its summary.json says: the simulator's preset
+    ("avito", "kuaishou", "movielens") or the first word of a converter's source ("avito",
+    "mind", "kuairand"); None without a readable summary."""
+    try:
+        summary = json.loads((Path(data_dir) / SUMMARY_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    preset = summary.get("preset") if isinstance(summary, dict) else None
+    source = summary.get("source") if isinstance(summary, dict) else None
+    if isinstance(preset, str) and preset:
+        return preset
+    if isinstance(source, str) and source.split():
+        return source.split()[0]
+    return None
+
+
+def dataset_settings(data_dir: str | Path) -> dict[str, Any]:
+    """The run settings `DATASET_SETTINGS` gives the data set in `data_dir` (often none), as
+    dotted keys for `apply_overrides`."""
+    return dict(DATASET_SETTINGS.get(dataset_of(data_dir) or "", {}))
 
 
 def parse_sets(items: list[str]) -> dict[str, str]:

@@ -3,7 +3,8 @@
 Offline metrics take numpy arrays or torch tensors, padded per request as in a RequestBatch
 (scores and labels (B, N) with a (B, N) mask of real entries), and return one float:
 - Avito protocol (n = m = 5): `auc` and `logloss` of item-wise click predictions, and `ndcg`
-  of the ranking of each request's candidates by score; `list_ndcg`, each request's NDCG of
+  of the ranking of each request's candidates by score, averaged over the requests with a
+  click (`ndcg_all_requests` counts the others as 0); `list_ndcg`, each request's NDCG of
   one list (for n = m logs such as MIND's, where a reranker's list of m < n can be scored).
 - Kuaishou protocol (n = 60, m = 6): `recall_at_k`, the share of the exposed items that are
   among the model's top k candidates, and `exposure_logloss` of the "is this candidate
@@ -74,20 +75,52 @@ def logloss(probs: Array, labels: Array, mask: Array | None = None, eps: float =
 
 def ndcg(scores: Array, labels: Array, mask: Array | None = None,
          k: int | None = None) -> float:
-    """Mean over requests of the NDCG of the ranking of each request's items by score.
+    """Mean over the requests with a positive label of the NDCG of the ranking of each
+    request's items by score.
 
-    Follows scikit-learn's `ndcg_score`: linear gains (the labels, graded), discount
-    1 / log2(rank + 1), tied scores share the average gain of their group (McSherry and Najork
-    2008), only the first k ranks count if k is given, and a request whose labels are all 0
-    scores 0 (it still counts in the mean). Requests with no real item are left out.
+    Each request's NDCG follows scikit-learn's `ndcg_score` (linear gains, discount
+    1 / log2(rank + 1), tied scores sharing their group's average gain, only the first k ranks
+    if k is given). A request without a click has no ranking better than another, so it is
+    left out: on logs where a few percent of the items are clicked, counting it as 0 would make
+    the mean measure the click rate. The paper's Table 2 (NDCG 0.69-0.74 on Avito, where about
+    1 % of the ads are clicked) can hardly be anything but this mean, though the paper does not
+    say. `ndcg_all_requests` is the mean with those requests at 0.
 
     Args:
         scores: (B, N) predicted scores.
-        labels: (B, N) graded relevance, >= 0.
+        labels: (B, N) graded relevance, >= 0; > 0 is a click.
         mask: (B, N) True on real items; None counts all.
         k: cut-off rank, or None for the whole list.
     Returns:
-        The mean NDCG, or nan when no request has a real item.
+        The mean NDCG, or nan when no request has a real item with a positive label.
+    """
+    per_request, _, clicked = _request_ndcg(scores, labels, mask, k)
+    return float(per_request[clicked].mean()) if clicked.any() else math.nan
+
+
+def ndcg_all_requests(scores: Array, labels: Array, mask: Array | None = None,
+                      k: int | None = None) -> float:
+    """`ndcg` averaged over every request with a real item, a request without a click
+    scoring 0 (scikit-learn's `ndcg_score` convention): on sparse clicks it tracks the click
+    rate as much as the ranking.
+
+    Arguments as in `ndcg`. Returns nan when no request has a real item.
+    """
+    per_request, counted, _ = _request_ndcg(scores, labels, mask, k)
+    return float(per_request[counted].mean()) if counted.any() else math.nan
+
+
+def _request_ndcg(scores: Array, labels: Array, mask: Array | None,
+                  k: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each request's NDCG of the ranking of its items by score, as scikit-learn's `ndcg_score`.
+
+    Linear gains (the labels, graded), discount 1 / log2(rank + 1), tied scores share the
+    average gain of their group (McSherry and Najork 2008), only the first k ranks count if k
+    is given; a request whose labels are all 0 scores 0.
+
+    Returns:
+        (B,) NDCG per request; (B,) True where a request has a real item; (B,) True where it
+        has a real item with a positive label.
     """
     score = _numpy(scores).astype(np.float64)
     batch, width = score.shape
@@ -116,8 +149,7 @@ def ndcg(scores: Array, labels: Array, mask: Array | None = None,
     dcg = np.bincount(group_row, weights=group_gain * group_discount, minlength=batch)  # (B,)
     ideal = (-np.sort(-gain, axis=1)) @ discount                              # (B,)
     per_request = np.divide(dcg, ideal, out=np.zeros(batch), where=ideal > 0)
-    counted = real.any(axis=1)
-    return float(per_request[counted].mean()) if counted.any() else math.nan
+    return per_request, real.any(axis=1), ideal > 0
 
 
 def list_ndcg(lists: Array, labels: Array, k: int | None = None) -> np.ndarray:

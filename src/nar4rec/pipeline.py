@@ -480,7 +480,8 @@ class RerankerSystem:
         return ranking, {
             "generator_greedy": decode.greedy(out.probs, out.cand_mask),
             "generator_contrastive": decode.contrastive(
-                out.probs, out.item_repr, out.cand_mask, similarity=config.similarity),
+                out.probs, out.item_repr, out.cand_mask, alpha=config.contrastive_alpha,
+                k=config.candidate_set, similarity=config.similarity),
             "generator_beam": decode.beam_search(out.probs, out.cand_mask),
             "generator_top_k": decode.top_k_sampling(
                 out.probs, out.cand_mask, k=config.sample_k, temperature=config.temperature,
@@ -522,12 +523,14 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, *, split: str = "tes
 
     Item-wise prediction (the probability of the first behaviour, e.g. click, of each item of
     the logged lists, in their logged context: for NAR4Rec the evaluator's): `auc`, `logloss`,
-    `ndcg` when requests have n = m (the paper's Avito protocol). Exposure prediction: the
-    model's candidate scores rank candidates for `recall@6` and `recall@10`, and its exposure
-    probability (NAR4Rec: a candidate's row sum of the probability matrix, clipped to 1) gives
-    `logloss`, when n > m (the Kuaishou protocol; models without an exposure probability
-    have no logloss there). On simulated data, the true expected `utility` of the returned
-    lists, `logging_utility`, and on the test split `oracle_utility` and `captured_lift`;
+    `ndcg` (the mean over requests with a click) and `ndcg_all_requests` (over every request,
+    those without a click at 0) when requests have n = m (the paper's Avito protocol).
+    Exposure prediction: the model's candidate scores rank candidates for `recall@6` and
+    `recall@10`, and its exposure probability (NAR4Rec: a candidate's row sum of the
+    probability matrix, clipped to 1) gives `logloss`, when n > m (the Kuaishou protocol;
+    models without an exposure probability have no logloss there). On simulated data, the
+    true expected `utility` of the returned lists, `logging_utility`, and on the test split
+    `oracle_utility` and `captured_lift`;
     `variants` holds the same for the logging policy, the oracle and, for NAR4Rec, the
     generator's other decodings and the evaluator's item-wise top m; `behaviour_means` each
     behaviour's expected count per request.
@@ -546,7 +549,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, *, split: str = "tes
     model = run.info["model"]
     method = "evaluator_top_m" if model == "evaluator" else model   # the lists `rerank` returns
     item_scores, item_labels = [], []
-    means = {name: _Mean() for name in ("ndcg", "recall@6", "recall@10", "exposure_logloss")}
+    means = {name: _Mean() for name in ("ndcg", "ndcg_all_requests", "recall@6", "recall@10",
+                                        "exposure_logloss")}
     behaviour_counts: dict[str, list[np.ndarray]] = {}
     has_exposure = False
     requests = 0
@@ -557,8 +561,10 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, *, split: str = "tes
         labels = batch.feedback[..., 0]
         item_scores.append(click[logged_mask].numpy())
         item_labels.append(labels[logged_mask].numpy())
-        means["ndcg"].add(metrics.ndcg(click, labels, logged_mask),
-                          float(logged_mask.any(1).sum()))
+        clicked = ((labels > 0) & logged_mask).any(1)                      # (B,)
+        means["ndcg"].add(metrics.ndcg(click, labels, logged_mask), float(clicked.sum()))
+        means["ndcg_all_requests"].add(metrics.ndcg_all_requests(click, labels, logged_mask),
+                                       float(logged_mask.any(1).sum()))
         ranking, variants = system.evaluate(batch, variants=world is not None)
         if exposure_protocol:
             counted = float(logged_mask.any(1).sum())
@@ -592,6 +598,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, *, split: str = "tes
         result_metrics["auc"] = metrics.auc(scores, labels)
         result_metrics["logloss"] = metrics.logloss(scores, labels)
         result_metrics["ndcg"] = means["ndcg"].value
+        result_metrics["ndcg_all_requests"] = means["ndcg_all_requests"].value
     report = {"model": model, "run": str(run_dir), "data": str(data_dir),
               "split": split, "requests": requests,
               "protocol": "exposure (n > m)" if exposure_protocol else "item-wise (n = m)",

@@ -8,8 +8,12 @@ from pathlib import Path
 
 from nar4rec.io import atomic_file
 
-METRIC_ORDER = ("auc", "logloss", "ndcg", "recall@6", "recall@10", "utility",
-                "logging_utility", "oracle_utility", "captured_lift")
+METRIC_ORDER = ("auc", "logloss", "ndcg", "ndcg_all_requests", "recall@6", "recall@10",
+                "utility", "logging_utility", "oracle_utility", "captured_lift")
+NDCG_NOTE = ("`ndcg`: NDCG of each request's logged items ranked by the predicted click "
+             "probability, averaged over the requests with a click (the mean the paper's "
+             "Table 2 figures imply); `ndcg_all_requests` counts the requests without a click "
+             "as 0.")
 VARIANT_NOTES = {
     "nar4rec": "the pipeline: generator proposals, evaluator picks",
     "generator_greedy": "generator alone, greedy decoding",
@@ -36,6 +40,9 @@ def format_evaluation(result: dict) -> str:
     for name in METRIC_ORDER:
         if name in result["metrics"]:
             lines.append(f"  {name:<17}{_number(result['metrics'][name]):>10}")
+    if "ndcg" in result["metrics"]:
+        lines.append("  (ndcg: over the requests with a click; ndcg_all_requests: over all, "
+                     "0 without a click)")
     if "variants" in result:
         lines.append(f"  {'true utility of':<26}{'utility':>10}{'captured lift':>15}")
         for name, values in result["variants"].items():
@@ -56,6 +63,8 @@ def write_report(result: dict, path: str | Path) -> None:
              "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {_number(result['metrics'][name])} |"
               for name in METRIC_ORDER if name in result["metrics"]]
+    if "ndcg" in result["metrics"]:
+        lines += ["", NDCG_NOTE]
     if "variants" in result:
         lines += ["", "## True expected utility per request (simulator ground truth)", "",
                   "| lists | utility | captured lift | what they are |", "|---|---|---|---|"]

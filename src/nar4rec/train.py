@@ -41,7 +41,7 @@ class TrainConfig:
     """Optimisation settings; the paper's defaults: Adam, learning rate 1e-3 (section 5.1)."""
 
     epochs: int = 10
-    batch_size: int = 256          # the paper: 1024 on Avito, 256 on Kuaishou
+    batch_size: int = 256          # the paper's Kuaishou size; Avito: config.DATASET_SETTINGS
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 5.0         # max gradient norm; 0 turns clipping off

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from nar4rec.config import SUMMARY_FILE
 from nar4rec.data.format import (
     CAND_CAT,
     CAND_NUM,
@@ -49,7 +50,6 @@ from nar4rec.sim.presets import SimConfig
 from nar4rec.sim.world import TRUTH_DIR, WORLD_FILE, World, build_synthetic_world
 
 ORACLE_FILE = "oracle_test.parquet"
-SUMMARY_FILE = "summary.json"
 
 
 def build_world(config: SimConfig, seed: int) -> World:
