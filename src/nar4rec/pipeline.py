@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from nar4rec import decode, metrics
-from nar4rec.config import apply_overrides
+from nar4rec.config import apply_overrides, dataset_settings
 from nar4rec.data.loader import FeatureSpace, RequestBatch, RequestLoader, max_lengths
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_file
@@ -150,7 +150,8 @@ def train_run(data_dir: str | Path, run_dir: str | Path, *, model: str = "nar4re
     Args:
         data_dir: the data (train and valid splits).
         model: "nar4rec" (evaluator and generator) or "evaluator" (the evaluator alone).
-        config: every setting; defaults to RunConfig().
+        config: every setting; defaults to RunConfig() with the data set's settings
+            (`config.dataset_settings`: batch size 1024 on Avito).
         evaluator_from: a run whose trained evaluator is copied instead of training one.
         resume: continue an interrupted run: finished phases are kept, the one in progress
             restarts from its last checkpoint. The run's own settings are used.
@@ -164,7 +165,10 @@ def train_run(data_dir: str | Path, run_dir: str | Path, *, model: str = "nar4re
     run_dir = Path(run_dir)
     train_paths = split_files(data_dir, "train")
     valid_paths = split_files(data_dir, "valid", required=False)
-    info = _start_run(run_dir, data_dir, model, config or RunConfig(), train_paths,
+    if config is None:
+        config = apply_overrides(RunConfig(), dataset_settings(data_dir),
+                                 source="the data set's settings")
+    info = _start_run(run_dir, data_dir, model, config, train_paths,
                       evaluator_from, resume, overwrite, context)
     config = RunConfig.from_dict(info["config"])
     space = FeatureSpace.from_dict(info["space"])
