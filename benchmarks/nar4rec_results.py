@@ -36,10 +36,10 @@ ROWS = [  # (label, objective, variant)
     ("logging policy", "unlikelihood", "logging"),
     ("evaluator: item-wise top m", "unlikelihood", "evaluator_top_m"),
     ("generator, greedy (unlikelihood)", "unlikelihood", "generator_greedy"),
-    ("generator, contrastive a=0.6 (unlikelihood)", "unlikelihood", "generator_contrastive"),
+    ("generator, contrastive (unlikelihood)", "unlikelihood", "generator_contrastive"),
     ("NAR4Rec: generator + evaluator (unlikelihood)", "unlikelihood", "nar4rec"),
     ("generator, greedy (vanilla)", "likelihood", "generator_greedy"),
-    ("generator, contrastive a=0.6 (vanilla)", "likelihood", "generator_contrastive"),
+    ("generator, contrastive (vanilla)", "likelihood", "generator_contrastive"),
     ("NAR4Rec: generator + evaluator (vanilla)", "likelihood", "nar4rec"),
     ("oracle", "unlikelihood", "oracle"),
 ]
@@ -55,7 +55,8 @@ def finished(run: Path) -> bool:
 
 @torch.no_grad()
 def alpha_sweep(run: Path, data: Path) -> dict[str, float]:
-    """Mean true utility of the generator's contrastive lists at each alpha (cosine)."""
+    """Mean true utility of the generator's contrastive lists at each alpha (cosine, the
+    default candidate set k)."""
     loaded = load_run(run)
     world = World.load(data)
     totals = dict.fromkeys(ALPHAS, 0.0)

@@ -124,6 +124,25 @@ def test_the_pipeline_graph_proposes_the_evaluators_top_m(exported, tmp_path):
     np.testing.assert_allclose(utility, expected.utility.numpy(), atol=1e-4)
 
 
+@pytest.mark.parametrize("size", [0, 4])
+def test_the_pipeline_graph_keeps_the_contrastive_candidate_set(exported, tmp_path, size):
+    """The candidate set V(k) of contrastive decoding inside the pipeline graph (every
+    candidate at k = 0; k = 4 more than the padded request's 3 candidates): PyTorch's
+    proposals and lists, and the setting changes some proposal against the default k."""
+    run = load_run(exported / "run")
+    config = dataclasses.replace(run.reranker.config, contrastive_k=size)
+    reranker = Reranker(run.reranker.generator, run.reranker.evaluator,
+                        run.space.utility_weights, config)
+    batch = padded_batch(exported, run.space)
+    assert not torch.equal(reranker.propose(batch), run.reranker.propose(batch))
+    export_pipeline(reranker, run.space, 5, tmp_path / "pipeline.onnx")
+    session = cpu_session(tmp_path / "pipeline.onnx")
+    expected = reranker.rerank(batch)
+    lists, _, utility = session.run(None, {k: getattr(batch, k).numpy() for k in FEATURE_INPUTS})
+    np.testing.assert_array_equal(lists, expected.lists.numpy())
+    np.testing.assert_allclose(utility, expected.utility.numpy(), atol=1e-4)
+
+
 def test_manifest_and_command(exported, tmp_path):
     manifest = json.loads((exported / "onnx" / "manifest.json").read_text())
     assert manifest["list_length"] == 5 and set(manifest["graphs"]) == {

@@ -17,7 +17,8 @@ NDCG_NOTE = ("`ndcg`: NDCG of each request's logged items ranked by the predicte
 VARIANT_NOTES = {
     "nar4rec": "the pipeline: generator proposals, evaluator picks",
     "generator_greedy": "generator alone, greedy decoding",
-    "generator_contrastive": "generator alone, contrastive decoding (alpha 0.6)",
+    "generator_contrastive": ("generator alone, contrastive decoding (reranker.contrastive_k, "
+                              "contrastive_alpha)"),
     "generator_beam": "generator alone, beam search (width 4)",
     "generator_top_k": "generator alone, one top-k sampled list",
     "generator_dpp": "generator alone, DPP (greedy MAP) decoding",
