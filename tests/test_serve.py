@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import http.client
+import itertools
+import json
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from helpers import train_tiny
@@ -21,6 +32,7 @@ from nar4rec.serve import (
     Backend,
     BadInput,
     Batcher,
+    BodyLimit,
     RerankRequest,
     create_app,
     request_json,
@@ -119,6 +131,122 @@ def test_an_oversized_body_sent_in_chunks_is_refused(served):
                          headers={"content-type": "application/json"})
     assert answer.status_code == 413 and "body over 60000 bytes" in answer.json()["detail"]
     assert client.post("/v1/rerank", json=body(served)).status_code == 200   # still alive
+
+
+@pytest.fixture(scope="module")
+def service(served):
+    """`nar4rec serve` in its own process on a free loopback port (60,000-byte body limit)."""
+    root, _, _ = served
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "nar4rec", "serve", "--run",
+                                str(root / "run"), "--port", str(port),
+                                "--max-body-bytes", "60000"])
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except OSError:
+                assert process.poll() is None, "the service did not start"
+                time.sleep(0.1)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def post_with_urllib(port: int, content: bytes) -> tuple[int, str] | str:
+    """(status, detail), or the name of the error the client got instead of an answer."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/rerank", data=content,
+                                     headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, ""
+    except urllib.error.HTTPError as answer:
+        return answer.code, json.loads(answer.read())["detail"]
+    except urllib.error.URLError as exc:
+        return type(exc.reason).__name__
+    except OSError as exc:
+        return type(exc).__name__
+
+
+def post_with_http_client(port: int, content: bytes, chunked: bool) -> tuple[int, str] | str:
+    """As `post_with_urllib`, from http.client on a connection it closes after the answer."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    pieces = (content[i:i + 65536] for i in range(0, len(content), 65536))
+    try:
+        connection.request("POST", "/v1/rerank", body=pieces if chunked else content,
+                           headers={"content-type": "application/json",
+                                    "connection": "close"}, encode_chunked=chunked)
+        answer = connection.getresponse()
+        return answer.status, json.loads(answer.read())["detail"]
+    except OSError as exc:
+        return type(exc).__name__
+    finally:
+        connection.close()
+
+
+def test_a_plain_client_sending_an_oversized_body_reads_the_413(service):
+    # urllib and http.client send the whole body before they read: had the service closed
+    # with bytes unread, the connection would be reset under them (a broken pipe)
+    outcomes: Counter = Counter()
+    for size in (240_000, 3_000_000):                  # 4x and 50x the limit
+        content = b'{"user": "' + b"x" * size + b'"}'
+        for _ in range(15):
+            outcomes[post_with_urllib(service, content)] += 1
+            outcomes[post_with_http_client(service, content, chunked=False)] += 1
+            outcomes[post_with_http_client(service, content, chunked=True)] += 1
+    assert outcomes == {(413, "body over 60000 bytes"): 90}
+
+
+def drained(limit_app: BodyLimit, headers: dict[str, str], chunks) -> tuple[int, dict, int]:
+    """POST `chunks` to `limit_app` (past the last one the client stalls): the status, the
+    answer's headers and the bytes read of the body."""
+    read = 0
+    answer: dict = {}
+
+    async def receive() -> dict:
+        nonlocal read
+        chunk = next(chunks, None)
+        if chunk is None:
+            await asyncio.sleep(3600)
+        read += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            answer.update(status=message["status"], headers=dict(message["headers"]))
+
+    scope = {"type": "http", "method": "POST", "path": "/", "raw_path": b"/",
+             "query_string": b"", "root_path": "", "http_version": "1.1", "scheme": "http",
+             "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1),
+             "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
+    asyncio.run(limit_app(scope, receive, send))
+    return answer["status"], answer["headers"], read
+
+
+def test_the_drain_of_a_refused_body_is_bounded():
+    app = FastAPI()
+
+    @app.post("/")
+    async def read_all(request: Request) -> dict:
+        return {"bytes": len(await request.body())}
+
+    limit_app = BodyLimit(app, limit=1000, on_refuse=lambda: None, drain_bytes=100_000,
+                          drain_seconds=0.5)
+    endless = itertools.repeat(b"x" * 4096)
+    status, headers, read = drained(limit_app, {}, endless)                  # chunked
+    assert status == 413 and headers[b"connection"] == b"close"
+    assert 100_000 < read <= 100_000 + 4096
+    status, headers, read = drained(limit_app, {"content-length": str(10**10)}, endless)
+    assert (status, headers[b"connection"], read) == (413, b"close", 0)   # not read at all
+    started = time.perf_counter()
+    status, headers, read = drained(limit_app, {"content-length": "50000"},
+                                    iter([b"x" * 20_000]))             # then the client stalls
+    assert (status, headers[b"connection"], read) == (413, b"close", 20_000)
+    assert time.perf_counter() - started < 5
 
 
 def test_garbage_bodies_and_health(served):

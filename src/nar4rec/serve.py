@@ -332,22 +332,53 @@ class BodyLimit:
     """ASGI middleware: a body over `limit` bytes gets a 413, judged by its Content-Length
     or, for a body sent in chunks, as soon as the bytes read so far pass the limit;
     `on_refuse` is called for each refusal. (A plain ASGI layer: Starlette's
-    @app.middleware("http") costs about a millisecond per request.)"""
+    @app.middleware("http") costs about a millisecond per request.)
 
-    def __init__(self, app, *, limit: int, on_refuse: Callable[[], None]):
+    Before the 413 goes out, the rest of the body is read and dropped, up to `drain_bytes` in
+    all (default: 4x the limit, at least 64 MiB) and for at most `drain_seconds`: a client that
+    sends its whole body before it reads the answer (urllib, requests, http.client) then reads
+    the 413, where closing on unread bytes would reset the connection under it (a broken
+    pipe). A body announced longer than that, found longer or slower, or sent with
+    `Expect: 100-continue` (never invited) gets the 413 at once with `Connection: close`.
+    """
+
+    def __init__(self, app, *, limit: int, on_refuse: Callable[[], None],
+                 drain_bytes: int | None = None, drain_seconds: float = 5.0):
         self.app, self.limit, self.on_refuse = app, limit, on_refuse
+        self.drain_bytes = max(4 * limit, 64 * 2**20) if drain_bytes is None else drain_bytes
+        self.drain_seconds = drain_seconds
 
-    def refusal(self) -> HTTPException:
+    def refusal(self, drained: bool) -> HTTPException:
         self.on_refuse()
-        return HTTPException(413, f"body over {self.limit} bytes")
+        return HTTPException(413, f"body over {self.limit} bytes",
+                             headers=None if drained else {"Connection": "close"})
+
+    async def drain(self, receive, received: int, more_body: bool) -> bool:
+        """Read and drop the rest of a body of which `received` bytes were read, within the
+        bounds; True when the whole body has come."""
+        try:
+            async with asyncio.timeout(self.drain_seconds):
+                while more_body and received <= self.drain_bytes:
+                    message = await receive()
+                    if message["type"] != "http.request":     # the client went away
+                        return False
+                    received += len(message.get("body", b""))
+                    more_body = message.get("more_body", False)
+        except TimeoutError:
+            return False
+        return not more_body
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            refused = self.refusal()
-            response = JSONResponse({"detail": refused.detail}, refused.status_code)
+            drainable = (length.isdigit() and int(length) <= self.drain_bytes
+                         and headers.get(b"expect", b"").lower() != b"100-continue")
+            refused = self.refusal(drainable and await self.drain(receive, 0, True))
+            response = JSONResponse({"detail": refused.detail}, refused.status_code,
+                                    headers=refused.headers)
             return await response(scope, receive, send)
         received = 0
 
@@ -355,8 +386,9 @@ class BodyLimit:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.limit:
-                raise self.refusal()       # FastAPI answers an HTTPException from the body
+            if received > self.limit:       # FastAPI answers an HTTPException from the body
+                more_body = message.get("more_body", False)
+                raise self.refusal(await self.drain(receive, received, more_body))
             return message
 
         return await self.app(scope, counted, send)
