@@ -119,6 +119,20 @@ def test_every_row_once_per_epoch_across_ranks(data):
     assert sorted(np.concatenate(seen)) == sorted(table.column("request_id").to_pylist())
 
 
+def test_skipped_batches_leave_the_rest_of_the_epoch_unchanged(data):
+    path = data / "train.parquet"
+    space = FeatureSpace.fit([path])
+    loader = RequestLoader([path], space, batch_size=64, shuffle=True, seed=3,
+                           buffer_row_groups=1)
+    loader.set_epoch(2)
+    every = [b.request_id for b in loader]
+    assert len(every) == 32                 # 2000 rows in 2 row groups: 15 + 16 + a last of 16
+    for skip in (0, 1, 15, 16, 31, 32, 40):  # across the buffers' boundaries and past the end
+        rest = [b.request_id for b in loader.batches(skip)]
+        assert len(rest) == len(every[skip:])
+        assert all(np.array_equal(a, b) for a, b in zip(rest, every[skip:], strict=True))
+
+
 def test_shuffle_changes_with_epoch_and_batches_match_the_file(data):
     path = data / "valid.parquet"
     space = FeatureSpace.fit([data / "train.parquet"])

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,91 @@ def test_a_killed_run_resumes_to_the_same_weights(data, tmp_path):
         (interrupted / "weights-rank0.txt").read_text()
     lines = (interrupted / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+
+
+# NAR4Rec, its evaluator for one epoch, then the generator for three: with dropout and lists
+# sampled for the evaluator to judge, so that every step draws random numbers; 1200 training
+# requests in batches of 64 are 19 steps per epoch, the last of 48 requests.
+KILLABLE = ["--set", "evaluator.d_model=16", "--set", "evaluator_train.epochs=1",
+            "--set", "generator.d_model=16", "--set", "generator.dropout=0.1",
+            "--set", "generator.evaluator_lists=2", "--set", "train.epochs=3",
+            "--set", "train.batch_size=64", "--set", "train.checkpoint_every=5",
+            "--set", "train.log_every=1", "--set", "train.patience=10",
+            "--set", "train.threads=1", "--set", "evaluator_train.threads=1"]
+STEPS_PER_EPOCH = 19
+
+
+def start_training(data: Path, run: Path, *extra: str) -> subprocess.Popen:
+    with open(run.with_suffix(".log"), "a") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "nar4rec", "train", "--data", str(data), "--out", str(run),
+             "--quiet", *KILLABLE, *extra], stdout=log, stderr=log,
+            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def finish(process: subprocess.Popen, run: Path) -> None:
+    try:
+        code = process.wait(timeout=300)
+    finally:
+        process.kill()                                # our own child, if it hangs
+    assert code == 0, run.with_suffix(".log").read_text()[-3000:]
+
+
+def progress_of(checkpoint: Path) -> dict | None:
+    try:
+        return load_checkpoint(checkpoint)["progress"]
+    except Nar4recError:                              # not written yet
+        return None
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_run_killed_mid_epoch_resumes_every_batch_once_to_the_same_weights(data, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    uninterrupted = start_training(data, straight)    # alongside the one to kill
+    try:
+        # SIGKILL the run once the generator has checkpointed after step 6 of its epoch 1
+        process = start_training(data, killed)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                progress = progress_of(killed / "generator" / "last.pt")
+                if progress and progress["epoch"] == 1 and progress["step_in_epoch"] >= 6:
+                    break
+                assert process.poll() is None and time.monotonic() < deadline, \
+                    "the run ended before it could be killed"
+                time.sleep(0.01)
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.kill()                            # our own child only; no-op once dead
+            assert process.wait(timeout=60) == -signal.SIGKILL
+        progress = progress_of(killed / "generator" / "last.pt")
+        assert progress["epoch"] == 1 and 0 < progress["step_in_epoch"] < STEPS_PER_EPOCH
+
+        finish(start_training(data, killed, "--resume"), killed)
+        finish(uninterrupted, straight)
+    finally:
+        uninterrupted.kill()                          # only if a check above failed
+        uninterrupted.wait(timeout=60)
+    for name in ("evaluator/best.pt", "generator/best.pt", "generator/last.pt"):
+        ours, theirs = load_checkpoint(killed / name), load_checkpoint(straight / name)
+        assert ours["model"].keys() == theirs["model"].keys()
+        assert all(torch.equal(ours["model"][k], theirs["model"][k]) for k in ours["model"]), \
+            f"{name}: the resumed run's weights differ"
+    # steps.jsonl (log_every=1): one record per step with the digest of its batch's request
+    # ids; every step's loss and batch the same as the uninterrupted run's, each once
+    steps = records(killed / "generator" / "steps.jsonl")
+    assert steps == records(straight / "generator" / "steps.jsonl")
+    assert [r["step"] for r in steps] == list(range(1, 3 * STEPS_PER_EPOCH + 1))
+    for epoch in range(3):
+        batches = [b for r in steps if r["epoch"] == epoch for b in r["batches"]]
+        assert len(batches) == len(set(batches)) == STEPS_PER_EPOCH
+    epochs = records(killed / "generator" / "metrics.jsonl")
+    expected = records(straight / "generator" / "metrics.jsonl")
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in epochs] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in expected]
 
 
 def test_a_truncated_checkpoint_is_a_clear_error(tmp_path, data):

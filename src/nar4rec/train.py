@@ -6,11 +6,19 @@ NAR4Rec, its evaluator and every baseline train the same way. Under `torchrun
 --nproc-per-node N` each rank reads its own share of the row groups (`RequestLoader(rank=...,
 world_size=...)`), gradients are averaged by DistributedDataParallel (gloo on CPU, NCCL on GPU),
 every rank takes the same number of steps per epoch, and only rank 0 writes.
+
+A run killed at any point resumes from its last checkpoint exactly as if it had not stopped:
+the checkpoint holds the weights, Adam's moments, the step counters, the running sums of the
+epoch in progress and of the steps.jsonl window, and each step draws its random numbers
+(dropout, sampled lists) from a seed of (seed, global step); the loader replays the epoch's
+shuffle and skips the batches already trained on; records written after the checkpoint are
+dropped from metrics.jsonl and steps.jsonl, which the resumed run writes again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -20,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -50,7 +59,8 @@ class TrainConfig:
     steps_per_epoch: int = 0       # 0: the whole training split every epoch
     checkpoint_every: int = 0      # steps between mid-epoch checkpoints; 0: at epoch ends only
     threads: int = 0               # torch intra-op threads; 0: torch's default
-    log_every: int = 20            # steps between training-curve records in steps.jsonl; 0: off
+    log_every: int = 20            # steps between training-curve records in steps.jsonl
+                                   # (and at each epoch's end); 0: off
 
 
 @dataclass
@@ -135,8 +145,11 @@ def train(model: nn.Module, loss_fn: LossFn, train_loader: RequestLoader,
     # make the step memory-bound on CPU).
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate,
                                  weight_decay=config.weight_decay, fused=True)
+    # progress: the counters, and the running sums of the epoch in progress (per rank) and
+    # of rank 0's steps.jsonl window, with a digest of each of its batches' request ids
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_valid_loss": math.inf,
-             "best_epoch": -1, "bad_epochs": 0}
+             "best_epoch": -1, "bad_epochs": 0, "epoch_loss_sums": [], "epoch_requests": [],
+             "window_loss_sum": 0.0, "window_requests": 0, "window_batches": []}
     if resume and (run_dir / LAST).exists():
         checkpoint = load_checkpoint(run_dir / LAST)
         model.load_state_dict(checkpoint["model"])
@@ -145,6 +158,9 @@ def train(model: nn.Module, loss_fn: LossFn, train_loader: RequestLoader,
         torch.set_rng_state(checkpoint["torch_rng"])
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:                 # what a killed run wrote after its checkpoint is redone
+            _keep_records(run_dir / METRICS, lambda r: r["epoch"] < state["epoch"])
+            _keep_records(run_dir / STEPS, lambda r: r["step"] <= state["global_step"])
     network = nn.parallel.DistributedDataParallel(model) if context.active else model
     started = time.perf_counter()
     stopped_early = False
@@ -159,16 +175,16 @@ def train(model: nn.Module, loss_fn: LossFn, train_loader: RequestLoader,
         train_loader.set_epoch(epoch)
         steps = _steps_this_epoch(train_loader, config, context)
         skip = state["step_in_epoch"]
+        total, count = _epoch_sums_of_rank(state, context)
+        window, window_count = state["window_loss_sum"], state["window_requests"]
+        window_batches = list(state["window_batches"])
         network.train()
-        total, count = 0.0, 0
-        window, window_count = 0.0, 0
         bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch}", unit="batch",
                    disable=(not context.is_main) or (None if progress is None else not progress))
-        for index, batch in enumerate(train_loader):
+        # resumed mid-epoch: the loader skips the batches already trained on
+        for index, batch in enumerate(train_loader.batches(skip), start=skip):
             if index >= steps:
                 break
-            if index < skip:
-                continue                      # resumed mid-epoch: these batches are done
             torch.manual_seed(config.seed * 1_000_003 + state["global_step"])
             loss, _ = loss_fn(network, batch.to(context.device))
             optimiser.zero_grad(set_to_none=True)
@@ -184,13 +200,21 @@ def train(model: nn.Module, loss_fn: LossFn, train_loader: RequestLoader,
             state["step_in_epoch"] = index + 1
             bar.update(1)
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
-            if config.log_every and state["global_step"] % config.log_every == 0:
-                if context.is_main:           # rank 0's own share: a curve, not a metric
-                    _append_metrics(run_dir / STEPS, {
-                        "epoch": epoch, "step": state["global_step"],
-                        "train_loss": window / max(window_count, 1)})
-                window, window_count = 0.0, 0
+            if config.log_every:
+                if context.is_main:
+                    window_batches.append(batch_digest(batch))
+                if state["global_step"] % config.log_every == 0 or index + 1 == steps:
+                    if context.is_main:       # rank 0's own share: a curve, not a metric
+                        _append_metrics(run_dir / STEPS, {
+                            "epoch": epoch, "step": state["global_step"],
+                            "train_loss": window / max(window_count, 1),
+                            "batches": window_batches})
+                    window, window_count, window_batches = 0.0, 0, []
             if config.checkpoint_every and state["global_step"] % config.checkpoint_every == 0:
+                sums = _gather(total, count, context)
+                state.update(epoch_loss_sums=[s for s, _ in sums],
+                             epoch_requests=[n for _, n in sums], window_loss_sum=window,
+                             window_requests=window_count, window_batches=list(window_batches))
                 save(LAST)
         bar.close()
         train_loss = _mean_over_ranks(total, count, context)
@@ -201,7 +225,8 @@ def train(model: nn.Module, loss_fn: LossFn, train_loader: RequestLoader,
             state.update(best_valid_loss=valid_loss, best_epoch=epoch, bad_epochs=0)
         else:
             state["bad_epochs"] += 1
-        state.update(epoch=epoch + 1, step_in_epoch=0)
+        state.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sums=[], epoch_requests=[],
+                     window_loss_sum=0.0, window_requests=0, window_batches=[])
         if context.is_main:
             _append_metrics(run_dir / METRICS, {
                 "epoch": epoch, "step": state["global_step"], "train_loss": train_loss,
@@ -251,6 +276,32 @@ def _steps_this_epoch(loader: RequestLoader, config: TrainConfig,
     return steps
 
 
+def batch_digest(batch: RequestBatch) -> str:
+    """16 hex digits naming a batch's request ids in order: steps.jsonl's record of which
+    requests each step trained on (`batches`, one digest per step of the record's window)."""
+    ids = np.asarray(batch.request_id).astype(str)
+    return hashlib.blake2b(ids.tobytes(), digest_size=8).hexdigest()
+
+
+def _gather(total: float, count: int, context: DistributedContext) -> list[tuple[float, int]]:
+    """Every rank's (total, count), in rank order (float64: exact)."""
+    if not context.active:
+        return [(total, count)]
+    mine = torch.tensor([total, float(count)], dtype=torch.float64, device=context.device)
+    every = [torch.empty_like(mine) for _ in range(context.world_size)]
+    dist.all_gather(every, mine)
+    return [(float(t[0]), int(t[1])) for t in every]
+
+
+def _epoch_sums_of_rank(state: dict, context: DistributedContext) -> tuple[float, int]:
+    """This rank's loss sum and request count so far in the epoch, from a checkpoint's
+    per-rank sums; resumed on another number of ranks, rank 0 takes them all."""
+    sums, counts = state["epoch_loss_sums"], state["epoch_requests"]
+    if len(sums) == context.world_size:
+        return sums[context.rank], counts[context.rank]
+    return (math.fsum(sums), sum(counts)) if context.is_main else (0.0, 0)
+
+
 def _mean_over_ranks(total: float, count: int, context: DistributedContext) -> float:
     if context.active:
         tensor = torch.tensor([total, float(count)], dtype=torch.float64, device=context.device)
@@ -262,6 +313,23 @@ def _mean_over_ranks(total: float, count: int, context: DistributedContext) -> f
 def _append_metrics(path: Path, record: dict) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
+
+
+def _keep_records(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Rewrite a JSON-lines file with only the records `keep` accepts (a killed run's last
+    line may be cut short: it goes too)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if keep(record):
+            kept.append(line + "\n")
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(kept))
 
 
 def save_checkpoint(path: Path, model: nn.Module, describe: dict, *,

@@ -378,6 +378,12 @@ class RequestLoader:
         return sum(rows for _, _, rows in self.my_units())
 
     def __iter__(self) -> Iterator[RequestBatch]:
+        return self.batches()
+
+    def batches(self, skip: int = 0) -> Iterator[RequestBatch]:
+        """The epoch's batches after its first `skip`: those are read and shuffled as usual,
+        so that the rest are the same requests in the same order, but never encoded (a run
+        resumed mid-epoch fast-forwards over the batches it has trained on)."""
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, 1])
         units = self.my_units()
         files: dict[Path, object] = {}
@@ -397,10 +403,12 @@ class RequestLoader:
             if self.shuffle:
                 table = table.take(rng.permutation(table.num_rows))
             full = table.num_rows - table.num_rows % self.batch_size
-            for offset in range(0, full, self.batch_size):
+            first = min(skip, full // self.batch_size)       # batches of this table to skip
+            skip -= first
+            for offset in range(first * self.batch_size, full, self.batch_size):
                 yield self.space.encode(table.slice(offset, self.batch_size))
             carry = table.slice(full) if full < table.num_rows else None
-        if carry is not None and carry.num_rows and not self.drop_last:
+        if carry is not None and carry.num_rows and not self.drop_last and not skip:
             yield self.space.encode(carry)
 
 
