@@ -252,7 +252,7 @@ class Study:
         resume = recorded is not None and not differ
         train_run(self.data, run, model=model, config=None if resume else config,
                   resume=resume, overwrite=not resume, progress=False,
-                  evaluator_from=evaluator_from)
+                  reuse={"evaluator": evaluator_from} if evaluator_from else None)
         print(f"{self.args.preset} seed {self.seed} {model} {name}: trained in "
               f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         return run

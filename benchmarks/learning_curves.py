@@ -56,12 +56,12 @@ from nar4rec.io import atomic_file
 from nar4rec.models import BASELINES
 from nar4rec.pipeline import (
     RunConfig,
-    check_models,
     evaluate_run,
     phases_of,
     read_run,
     train_run,
 )
+from nar4rec.registry import check_models
 from nar4rec.sim.presets import preset_config
 from nar4rec.sim.simulate import simulate
 

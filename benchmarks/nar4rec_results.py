@@ -86,8 +86,8 @@ def one_seed(preset: str, seed: int, args, sets: list[str]) -> dict:
                 f"generator.objective={objective}", *sets], defaults=dataset_settings(data))
             started = time.perf_counter()
             train_run(data, run, config=config, overwrite=True, progress=False,
-                      evaluator_from=None if objective == "unlikelihood"
-                      else base / "unlikelihood")
+                      reuse=None if objective == "unlikelihood"
+                      else {"evaluator": base / "unlikelihood"})
             print(f"{preset} seed {seed} {objective}: trained in "
                   f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         evaluation = evaluate_run(run, data)

@@ -26,13 +26,15 @@ def test_bench_measures_every_figure(tmp_path):
     assert set(rows) == {"nar4rec", "seq2slate", "dnn", "nar4rec_pipeline"}
     for name in ("nar4rec", "seq2slate", "dnn"):
         assert rows[name]["train_s_per_batch"] > 0 and rows[name]["infer_s_per_batch"] > 0
-    pipeline = rows["nar4rec_pipeline"]
-    assert 0 < pipeline["latency_ms_p50"] <= pipeline["latency_ms_p99"]
-    assert pipeline["latency_requests"] == 20
-    generator = result["generator"]
-    assert generator["flops_per_batch"] > 1e6 and result["matmul_gflops"] > 0
-    assert generator["gflops"] == pytest.approx(
-        generator["flops_per_batch"] / generator["forward_s"] / 1e9)
+    for name in ("nar4rec_pipeline", "seq2slate", "dnn"):     # each whole system, batch 1
+        assert 0 < rows[name]["latency_ms_p50"] <= rows[name]["latency_ms_p99"]
+        assert rows[name]["latency_requests"] == 20
+    assert "latency_ms_p50" not in rows["nar4rec"]     # the generation alone (Table 4)
+    for name in ("nar4rec", "seq2slate", "dnn"):
+        arithmetic = result["arithmetic"][name]
+        assert arithmetic["flops_per_batch"] > 1e5 and result["matmul_gflops"] > 0
+        assert arithmetic["gflops"] == pytest.approx(
+            arithmetic["flops_per_batch"] / arithmetic["forward_s"] / 1e9)
     assert [row["m"] for row in result["sweep"]] == [2, 5, 6]
     for row in result["sweep"]:
         assert row["infer_ratio"] == pytest.approx(row["seq2slate_infer_s"]
@@ -48,7 +50,8 @@ def test_generator_flops_grow_with_the_batch(tmp_path):
     large = run_bench(BenchConfig(models=("nar4rec",), batch=32, steps=1, warmup=1,
                                   latency_requests=2, lengths=(), onnx=False), tmp_path,
                       log=lambda _: None)
-    ratio = large["generator"]["flops_per_batch"] / small["generator"]["flops_per_batch"]
+    ratio = (large["arithmetic"]["nar4rec"]["flops_per_batch"]
+             / small["arithmetic"]["nar4rec"]["flops_per_batch"])
     assert ratio == pytest.approx(2.0, rel=0.05)
     assert matmul_gflops(size=128, repeats=2) > 0
 
@@ -70,7 +73,10 @@ def test_bench_times_the_configuration_it_is_given(tmp_path):
     assert rows["nar4rec_pipeline"]["proposals"] == 4 + 4 + 4 + 1
     assert rows["nar4rec"]["train_s_per_batch"] > 0
     assert wide["settings"]["evaluator"]["similarity_heads"] == 4
-    assert narrow["generator"]["flops_per_batch"] < 0.6 * wide["generator"]["flops_per_batch"]
+    assert (narrow["arithmetic"]["nar4rec"]["flops_per_batch"]
+            < 0.6 * wide["arithmetic"]["nar4rec"]["flops_per_batch"])
+    assert (narrow["arithmetic"]["dnn"]["flops_per_batch"]
+            < wide["arithmetic"]["dnn"]["flops_per_batch"])
     assert list(narrow["settings"]["dnn"]["hidden"]) == [16]
 
 
@@ -83,11 +89,12 @@ def test_bench_command(tmp_path, capsys):
     assert code == 0
     result = json.loads(out.read_text())
     assert result["preset"] == "avito" and result["list_length"] == 5
-    assert "Seq2Slate / NAR4Rec" in report.read_text()
+    assert "seq2slate / nar4rec" in report.read_text()
     assert (tmp_path / "bench-sweep.png").stat().st_size > 1000
     printed = capsys.readouterr().out
-    assert "| nar4rec_pipeline |" in printed and "| nar4rec_pipeline_onnx |" in printed
-    onnx = next(row for row in result["rows"] if row["model"] == "nar4rec_pipeline_onnx")
+    assert "| nar4rec_pipeline |" in printed and "| nar4rec_system_onnx |" in printed
+    assert "seq2slate_system_onnx" not in printed        # refused: no graph, no row
+    onnx = next(row for row in result["rows"] if row["model"] == "nar4rec_system_onnx")
     assert 0 < onnx["latency_ms_p50"] <= onnx["latency_ms_p99"] and onnx["infer_s_per_batch"] > 0
     assert onnx["latency_requests"] == 5
     assert onnx["proposals"] == 4 + 2 and result["settings"]["reranker"]["samples"] == 2
@@ -110,11 +117,12 @@ def test_bench_on_the_gpu(tmp_path):
     assert result["device"] == "cuda" and result["machine"]["gpu"]
     rows = {row["model"]: row for row in result["rows"]}
     assert set(rows) == {"nar4rec", "seq2slate", "pier", "nar4rec_pipeline",
-                         "nar4rec_pipeline_cuda_graph"}                      # no onnx row
+                         "nar4rec_system_cuda_graph", "seq2slate_system_cuda_graph",
+                         "pier_system_cuda_graph"}                           # no onnx row
     assert all(row["infer_s_per_batch"] > 0 for row in rows.values())
     assert rows["nar4rec"]["infer_s_per_batch_cuda_graph"] > 0
-    graphed = rows["nar4rec_pipeline_cuda_graph"]
+    graphed = rows["nar4rec_system_cuda_graph"]
     assert 0 < graphed["latency_ms_p50"] <= graphed["latency_ms_p99"]
-    assert result["generator"]["share_of_peak"] > 0
-    assert result["generator"]["gflops_graph"] > 0
+    assert result["arithmetic"]["nar4rec"]["share_of_peak"] > 0
+    assert result["arithmetic"]["nar4rec"]["gflops_graph"] > 0
     assert "CUDA graph" in format_bench(result)

@@ -16,14 +16,14 @@ from nar4rec.data.loader import RequestLoader
 from nar4rec.export import (
     FEATURE_INPUTS,
     OnnxReranker,
-    _batch,
     cpu_session,
     example_inputs,
-    export_pipeline,
+    export_graph,
     export_run,
 )
 from nar4rec.pipeline import load_run
-from nar4rec.reranker import Reranker
+from nar4rec.reranker import NAR4RecSystem
+from nar4rec.system import batch_of
 
 pytest.importorskip("onnxruntime")
 
@@ -49,6 +49,16 @@ def as_numpy(inputs: dict) -> dict:
     return {k: v.numpy() for k, v in inputs.items()}
 
 
+def with_reranker(run, tmp_path, **settings):
+    """The run's NAR4Rec system with other reranker settings, and its system graph exported
+    to tmp_path/system.onnx under onnxruntime."""
+    config = dataclasses.replace(run.config, reranker=dataclasses.replace(
+        run.config.reranker, **settings))
+    system = NAR4RecSystem(run.system.modules, config, run.space, 5)
+    export_graph(system.graphs()["system"], run.space, 5, tmp_path / "system.onnx")
+    return system, cpu_session(tmp_path / "system.onnx")
+
+
 @pytest.mark.parametrize("batch,n", [(1, 5), (4, 20), (7, 33)])
 def test_probabilities_and_logits_agree_on_random_requests(exported, batch, n):
     run = load_run(exported / "run")
@@ -56,23 +66,20 @@ def test_probabilities_and_logits_agree_on_random_requests(exported, batch, n):
     inputs = example_inputs(run.space, batch=batch, n=n, m=5, lists=3, seed=n)
     features = [inputs[k] for k in FEATURE_INPUTS]
     with torch.no_grad():
-        out = run.reranker.generator(_batch(*features))
-        logits = run.reranker.evaluator(_batch(*features), inputs["lists"], inputs["list_mask"])
-    probs, item_repr = onnx.generator(as_numpy(inputs))
+        out = run.reranker.generator(batch_of(*features))
+        logits = run.reranker.evaluator(batch_of(*features), inputs["lists"],
+                                        inputs["list_mask"])
+    probs, item_repr = onnx.run("generator", as_numpy(inputs))
     np.testing.assert_allclose(probs, out.probs.numpy(), atol=1e-4)
     np.testing.assert_allclose(item_repr, out.item_repr.numpy(), atol=1e-4)
     assert (probs[~inputs["cand_mask"].numpy()] == 0).all()        # padding gets 0
-    onnx_logits = onnx.evaluator(as_numpy(inputs), inputs["lists"].numpy(),
-                                 inputs["list_mask"].numpy())
+    onnx_logits, = onnx.run("evaluator", as_numpy(inputs))
     np.testing.assert_allclose(onnx_logits, logits.numpy(), atol=1e-4)
 
 
-@pytest.mark.parametrize("graph", ["pipeline", "generator and evaluator"])
-def test_the_same_lists_on_simulated_requests_padded_ones_included(exported, graph):
+def test_the_same_lists_on_simulated_requests_padded_ones_included(exported):
     run = load_run(exported / "run")
     onnx = OnnxReranker(exported / "onnx")
-    if graph != "pipeline":              # an export without the one-graph pipeline (format 1)
-        del onnx.sessions["pipeline"]
     batch = next(iter(RequestLoader([exported / "data" / "test.parquet"], run.space,
                                     batch_size=64)))
     mask = batch.cand_mask.clone()
@@ -111,14 +118,10 @@ def test_the_pipeline_graph_proposes_the_evaluators_top_m(exported, tmp_path):
     appends its top m to the proposals (ONNX TopK in place of a stable sort): PyTorch's
     lists, padded requests included, and the appended list is chosen for some requests."""
     run = load_run(exported / "run")
-    config = dataclasses.replace(run.reranker.config, evaluator_top_m=True)
-    reranker = Reranker(run.reranker.generator, run.reranker.evaluator,
-                        run.space.utility_weights, config)
-    export_pipeline(reranker, run.space, 5, tmp_path / "pipeline.onnx")
-    session = cpu_session(tmp_path / "pipeline.onnx")
+    system, session = with_reranker(run, tmp_path, evaluator_top_m=True)
     batch = padded_batch(exported, run.space)
-    expected = reranker.rerank(batch)
-    assert (expected.chosen == config.proposals - 1).any()
+    expected = system.rerank(batch)
+    assert (expected.chosen == system.reranker.config.proposals - 1).any()
     lists, _, utility = session.run(None, {k: getattr(batch, k).numpy() for k in FEATURE_INPUTS})
     np.testing.assert_array_equal(lists, expected.lists.numpy())
     np.testing.assert_allclose(utility, expected.utility.numpy(), atol=1e-4)
@@ -130,14 +133,10 @@ def test_the_pipeline_graph_keeps_the_contrastive_candidate_set(exported, tmp_pa
     candidate at k = 0; k = 4 more than the padded request's 3 candidates): PyTorch's
     proposals and lists, and the setting changes some proposal against the default k."""
     run = load_run(exported / "run")
-    config = dataclasses.replace(run.reranker.config, contrastive_k=size)
-    reranker = Reranker(run.reranker.generator, run.reranker.evaluator,
-                        run.space.utility_weights, config)
+    system, session = with_reranker(run, tmp_path, contrastive_k=size)
     batch = padded_batch(exported, run.space)
-    assert not torch.equal(reranker.propose(batch), run.reranker.propose(batch))
-    export_pipeline(reranker, run.space, 5, tmp_path / "pipeline.onnx")
-    session = cpu_session(tmp_path / "pipeline.onnx")
-    expected = reranker.rerank(batch)
+    assert not torch.equal(system.reranker.propose(batch), run.reranker.propose(batch))
+    expected = system.rerank(batch)
     lists, _, utility = session.run(None, {k: getattr(batch, k).numpy() for k in FEATURE_INPUTS})
     np.testing.assert_array_equal(lists, expected.lists.numpy())
     np.testing.assert_allclose(utility, expected.utility.numpy(), atol=1e-4)
@@ -146,7 +145,8 @@ def test_the_pipeline_graph_keeps_the_contrastive_candidate_set(exported, tmp_pa
 def test_manifest_and_command(exported, tmp_path):
     manifest = json.loads((exported / "onnx" / "manifest.json").read_text())
     assert manifest["list_length"] == 5 and set(manifest["graphs"]) == {
-        "generator", "evaluator", "pipeline"}
+        "generator", "evaluator", "system"}
+    assert manifest["settings"]["reranker"]["contrastive_k"] == 2
     assert manifest["inputs"]["cand_mask"] == {"dtype": "bool",
                                                "axes": ["batch", "candidates"]}
     assert "item_id" in manifest["space"]["cand_cat"]

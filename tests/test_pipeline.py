@@ -303,7 +303,7 @@ def test_evaluator_reuse_and_resume(run, data, tmp_path):
     reused = tmp_path / "vanilla"
     config = load_overrides(RunConfig(), None, [*SMALL, "train.epochs=1",
                                                 "generator.objective=likelihood"])
-    info = train_run(data, reused, config=config, evaluator_from=run, progress=False)
+    info = train_run(data, reused, config=config, reuse={"evaluator": run}, progress=False)
     assert info["phases"]["evaluator"] == {"copied_from": str(run)}
     original = torch.load(run / "evaluator" / "best.pt", weights_only=True)["model"]
     copied = torch.load(reused / "evaluator" / "best.pt", weights_only=True)["model"]
@@ -314,7 +314,7 @@ def test_evaluator_reuse_and_resume(run, data, tmp_path):
     (reused / "run.json").write_text(json.dumps(state))
     with pytest.raises(Nar4recError, match="generator has not finished"):
         load_run(reused)
-    info = train_run(data, reused, config=config, evaluator_from=run, resume=True,
+    info = train_run(data, reused, config=config, reuse={"evaluator": run}, resume=True,
                      progress=False)
     assert "generator" in info["phases"] and "copied_from" in info["phases"]["evaluator"]
     assert load_run(reused).config.generator.objective == "likelihood"
@@ -342,7 +342,8 @@ def test_commands_end_to_end_and_their_errors(run, data, tmp_path):
     assert done.returncode == 2 and "not a run directory" in done.stderr
     done = cli("evaluate", "--run", str(run), "--data", str(data), "--set",
                "generator.d_model=8")
-    assert done.returncode == 2 and "only reranker.* settings" in done.stderr
+    assert done.returncode == 2 and "only these settings after training: reranker.*" \
+        in done.stderr
     done = cli("train", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2"))
     assert done.returncode == 2 and "no such data directory" in done.stderr
     assert "Traceback" not in done.stderr
@@ -351,13 +352,13 @@ def test_commands_end_to_end_and_their_errors(run, data, tmp_path):
 def test_training_on_the_generators_own_lists(run, data, tmp_path):
     """`generator.evaluator_lists`: the generator trains with the run's evaluator judging its
     sampled lists, and validation reports the evaluator's utility for its greedy lists."""
-    from nar4rec.bench import time_training, training_step_of
+    from nar4rec.bench import time_training
     from nar4rec.models.nar4rec import greedy_judged_utility
 
     out = tmp_path / "self_critical"
     config = load_overrides(RunConfig(), None, [*SMALL, "train.epochs=1",
                                                 "generator.evaluator_lists=4"])
-    train_run(data, out, config=config, evaluator_from=run, progress=False)
+    train_run(data, out, config=config, reuse={"evaluator": run}, progress=False)
     system = load_run(out)
     valid_loss = json.loads((out / "generator" / "metrics.jsonl").read_text()
                             .splitlines()[0])["valid_loss"]
@@ -372,5 +373,5 @@ def test_training_on_the_generators_own_lists(run, data, tmp_path):
     assert valid_loss == pytest.approx(-judged / count, rel=1e-4)
     assert judged / count > 0
     # `nar4rec compare` and `bench` time such a run's training step with its evaluator judging
-    module, step = training_step_of(system)
+    module, step = system.system.training_step()
     assert time_training(module, step, batch, warmup=1, repeats=1) > 0

@@ -1,5 +1,5 @@
-"""Timing: training and inference seconds per batch of any model, single-request latency of the
-NAR4Rec pipeline, and the machine's matrix-multiply peak to compare them with (`nar4rec
+"""Timing: training and inference seconds per batch of any model, single-request latency of
+every model's whole system, and the machine's matrix-multiply peak to compare them with (`nar4rec
 bench`, the paper's Table 4).
 
 Every figure is a median over repeated calls after warm-up calls, measured with
@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from nar4rec.data.loader import RequestBatch, RequestLoader
-from nar4rec.models.base import ListModel
 from nar4rec.models.nar4rec import utility_threshold
-from nar4rec.pipeline import RunConfig, check_models, evaluator_step, generator_step
+from nar4rec.pipeline import RunConfig
+from nar4rec.registry import COMPARED, check_models, system_class
 from nar4rec.train import resolve_device
 
 
@@ -58,19 +58,6 @@ def _synchroniser(device: torch.device | str | None) -> Callable[[], None]:
 
 def device_of(batch: RequestBatch) -> torch.device:
     return batch.cand_mask.device
-
-
-def training_step_of(run) -> tuple[nn.Module, Callable]:
-    """The module a run trains last and its loss function (NAR4Rec: the generator; an
-    evaluator run: the evaluator; a baseline: itself), as `nar4rec.train.train` calls them."""
-    if run.model is not None:
-        return run.model, ListModel.step
-    reranker = run.reranker
-    if reranker.generator is not None:      # (trained on its own lists: judged by the evaluator)
-        judge = reranker.evaluator if reranker.generator.config.evaluator_lists else None
-        return reranker.generator, generator_step(reranker.generator.config,
-                                                  run.space.utility_weights, judge)
-    return reranker.evaluator, evaluator_step
 
 
 def time_training(module: nn.Module, step: Callable, batch: RequestBatch, *,
@@ -121,7 +108,6 @@ def matmul_gflops(size: int | None = None, *, repeats: int = 10,
 # ---------------------------------------------------------------------------------------------
 # `nar4rec bench`: the paper's Table 4 and the distance to the hardware's limit
 
-BENCH_MODELS = ("nar4rec", "seq2slate", "pier", "edge_rerank", "prm", "dcn", "dnn")
 SWEEP = tuple(range(2, 11))
 
 
@@ -132,11 +118,13 @@ class BenchConfig:
     preset: simulated data whose shapes are timed ("kuaishou": n = 60, m = 6; "avito": 5, 5).
     models: the models of the Table 4 rows; batch: requests per batch (the paper's 1024).
     steps, warmup: timed and untimed calls per figure (the paper averages 100 steps).
-    latency_requests: single requests timed through the whole NAR4Rec pipeline.
-    lengths: the list lengths m of the NAR4Rec / Seq2Slate inference sweep.
+    latency_requests: single requests timed through each model's whole system (0: none).
+    lengths: the list lengths m of the inference sweep of `sweep`'s two models.
+    sweep: the two models timed against each other for every m (when both are in `models`).
     threads: torch intra-op threads (0: torch's default); onnxruntime gets as many.
-    onnx: also time the pipeline exported as one ONNX graph under onnxruntime (the export
-        takes a minute or two); on the CPU only (onnxruntime's CPU package is the dependency).
+    onnx: also time each system exported as one ONNX graph under onnxruntime (the export
+        takes up to a minute or two a model); on the CPU only (onnxruntime's CPU package is
+        the dependency).
     device: "cpu", "cuda" or "auto" (CUDA when there is one, as training does).
     settings: the models' settings (`--config FILE`, `--set key=value`, as for training):
         sizes and options of every model and the reranker's proposals; list_length comes
@@ -144,12 +132,13 @@ class BenchConfig:
     """
 
     preset: str = "kuaishou"
-    models: tuple[str, ...] = BENCH_MODELS
+    models: tuple[str, ...] = COMPARED
     batch: int = 1024
     steps: int = 100
     warmup: int = 5
     latency_requests: int = 1000
     lengths: tuple[int, ...] = SWEEP
+    sweep: tuple[str, str] = ("nar4rec", "seq2slate")
     threads: int = 0
     onnx: bool = True
     device: str = "cpu"
@@ -176,6 +165,7 @@ def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
     batch = next(iter(loader)).to(device)
     single = [request.to(device)
               for request in RequestLoader([data / "test.parquet"], space, batch_size=1)]
+    requests = [single[i % len(single)] for i in range(config.latency_requests)]
     m = batch.exposed.shape[1]
     tau = utility_threshold([batch], space.utility_weights, 0.5)   # the default tau
     timing = {"warmup": config.warmup, "repeats": config.steps}
@@ -183,31 +173,64 @@ def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
               int(batch.cand_mask.shape[1]), "list_length": m, "threads":
               torch.get_num_threads(), "steps": config.steps, "machine": machine(),
               "device": device.type, "matmul_gflops": matmul_gflops(device=device),
-              "settings": dataclasses.asdict(config.settings), "rows": []}
+              "settings": dataclasses.asdict(config.settings), "rows": [], "arithmetic": {}}
     log(f"{device.type}: float32 matrix-multiply peak {result['matmul_gflops']:.1f} GFLOP/s")
     for name in config.models:
-        module, step, infer = build_for_timing(name, space, m, tau, device, config.settings)
-        row = {"model": name, "preset": config.preset,
-               "train_s_per_batch": time_training(module, step, batch, **timing),
-               "infer_s_per_batch": time_inference(infer, batch, **timing)}
-        if device.type == "cuda":
-            row["infer_s_per_batch_cuda_graph"] = time_graphed(infer, batch, timing, log, name)
-        result["rows"].append(row)
-        log(f"{name}: train {row['train_s_per_batch']:.4f} s, infer "
-            f"{row['infer_s_per_batch']:.4f} s per batch of {len(batch)}"
-            + (f" ({_seconds(row['infer_s_per_batch_cuda_graph'])} from a CUDA graph)"
-               if device.type == "cuda" else ""))
-    if "nar4rec" in config.models:
-        result["rows"] += _pipeline_rows(space, m, tau, batch, single, config, workdir, timing)
-        result["generator"] = _generator_figures(space, m, tau, batch, timing, config.settings,
-                                                 log)
-        log(f"generator {result['generator']['gflops']:.1f} GFLOP/s "
-            f"({result['generator']['share_of_peak']:.0%} of the peak); decoding "
-            f"{result['generator']['decode_s']:.4f} s vs forward "
-            f"{result['generator']['forward_s']:.4f} s")
-    if "nar4rec" in config.models and "seq2slate" in config.models:
+        system = untrained_system(name, space, m, tau, device, config.settings)
+        module, step = system.training_step()
+        calls = list(system.inference_calls().items())
+        proposals = int(system.rerank(batch).proposals.shape[1])
+        for index, (call_name, call) in enumerate(calls):
+            row = {"model": call_name, "preset": config.preset,
+                   "train_s_per_batch": time_training(module, step, batch, **timing)
+                   if index == 0 else None,
+                   "infer_s_per_batch": time_inference(call, batch, **timing)}
+            if device.type == "cuda":
+                row["infer_s_per_batch_cuda_graph"] = time_graphed(call, batch, timing, log,
+                                                                   call_name)
+            if call == system.rerank:               # the whole system: one request at a time
+                row["proposals"] = proposals
+                if requests:
+                    with torch.no_grad():
+                        row.update(_latencies(system.rerank, requests,
+                                              warmup=config.warmup * 10, device=device))
+            result["rows"].append(row)
+            log(f"{call_name}: " + (f"train {row['train_s_per_batch']:.4f} s, "
+                                    if index == 0 else "")
+                + f"infer {row['infer_s_per_batch']:.4f} s per batch of {len(batch)}"
+                + (f" ({_seconds(row['infer_s_per_batch_cuda_graph'])} from a CUDA graph)"
+                   if device.type == "cuda" else "")
+                + (f"; one request p50 {row['latency_ms_p50']:.2f} ms"
+                   if "latency_ms_p50" in row else ""))
+        if device.type == "cuda" and requests:
+            result["rows"].append(_cuda_graph_row(system, requests, batch, config, timing))
+        if config.onnx and device.type == "cpu" and requests:
+            onnx_row = _onnx_system_row(system, requests, batch, config, workdir, timing, log)
+            if onnx_row is not None:
+                result["rows"].append({**onnx_row, "proposals": proposals})
+        result["arithmetic"][name] = _arithmetic(module, batch, timing, result["matmul_gflops"],
+                                                 log, name)
+    if set(config.sweep) <= set(config.models):
         result["sweep"] = _sweep(space, tau, batch, config, timing, log)
+        result["sweep_models"] = list(config.sweep)
     return result
+
+
+def untrained_system(name: str, space, m: int, tau: float, device: torch.device | str = "cpu",
+                     settings: RunConfig | None = None):
+    """The system registered as `name` with untrained modules at `settings` (default: every
+    model at its default size, d_model 64), on `device`: weights do not change the cost."""
+    torch.manual_seed(0)
+    return system_class(name).untrained(settings or RunConfig(), space, m, tau=tau).to(device)
+
+
+def build_for_timing(name: str, space, m: int, tau: float, device: torch.device | str = "cpu",
+                     settings: RunConfig | None = None) -> tuple[nn.Module, Callable, Callable]:
+    """An untrained system's module of its last phase, its loss function and the call timed
+    in the paper's Table 4 (its first `inference_calls`): (module, step, infer)."""
+    system = untrained_system(name, space, m, tau, device, settings)
+    module, step = system.training_step()
+    return module, step, next(iter(system.inference_calls().values()))
 
 
 def time_graphed(infer: Callable[[RequestBatch], object], batch: RequestBatch, timing: dict,
@@ -231,72 +254,21 @@ def _seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f} s"
 
 
-def build_for_timing(name: str, space, m: int, tau: float, device: torch.device | str = "cpu",
-                     settings: RunConfig | None = None) -> tuple[nn.Module, Callable, Callable]:
-    """An untrained model with `settings` (default: every model at its default size, d_model
-    64) on `device`, its loss function and the call that produces lists: (module, step,
-    infer). Weights do not change the cost. A generator trained on its own lists
-    (`evaluator_lists`) is timed with the evaluator that judges them."""
-    from nar4rec.decode import contrastive
-    from nar4rec.models import baseline
-    from nar4rec.models.evaluator import Evaluator
-    from nar4rec.models.nar4rec import NAR4Rec
+def _onnx_system_row(system, requests, batch, config: BenchConfig, workdir: Path, timing,
+                     log) -> dict | None:
+    """The system exported as one graph (`nar4rec export`'s system.onnx) and run by
+    onnxruntime with as many threads as torch has; None, and a logged reason, where the
+    system does not export."""
+    from nar4rec.errors import Nar4recError
+    from nar4rec.export import FEATURE_INPUTS, cpu_session, export_graph
 
-    settings = settings or RunConfig()
-    torch.manual_seed(0)
-    if name == "nar4rec":
-        config = dataclasses.replace(settings.generator, list_length=m, tau=tau)
-        generator = NAR4Rec(config, space).to(device).eval()
-        judge = Evaluator(dataclasses.replace(settings.evaluator, list_length=m), space).to(
-            device).eval() if config.evaluator_lists else None
-
-        def infer(batch):                    # generation: forward + contrastive decoding
-            out = generator(batch)
-            return contrastive(out.probs, out.item_repr, out.cand_mask)
-        return generator, generator_step(config, space.utility_weights, judge), infer
-    model_class, _ = baseline(name)
-    model = model_class(dataclasses.replace(getattr(settings, name), list_length=m), space
-                        ).to(device).eval()
-    return model, ListModel.step, model.rerank
-
-
-def _pipeline_rows(space, m, tau, batch, single, config: BenchConfig, workdir: Path,
-                   timing) -> list[dict]:
-    """The whole NAR4Rec pipeline (generator, K proposals, evaluator choosing): per batch, and
-    p50/p99 latency of single requests; in PyTorch, and exported to onnxruntime."""
-    from nar4rec.models.evaluator import Evaluator
-    from nar4rec.models.nar4rec import NAR4Rec
-    from nar4rec.reranker import Reranker
-
-    torch.manual_seed(0)
-    settings = config.settings
-    reranker = Reranker(
-        NAR4Rec(dataclasses.replace(settings.generator, list_length=m, tau=tau), space),
-        Evaluator(dataclasses.replace(settings.evaluator, list_length=m), space),
-        space.utility_weights, settings.reranker).to(device_of(batch))
-    requests = [single[i % len(single)] for i in range(config.latency_requests)]
-    with torch.no_grad():
-        latencies = _latencies(reranker.rerank, requests, warmup=config.warmup * 10,
-                               device=device_of(batch))
-    rows = [{"model": "nar4rec_pipeline", "preset": config.preset, "train_s_per_batch": None,
-             "infer_s_per_batch": time_inference(reranker.rerank, batch, **timing),
-             "proposals": reranker.config.proposals, **latencies}]
-    if device_of(batch).type == "cuda":
-        rows.append(_cuda_graph_row(reranker, requests, batch, config, timing))
-    if config.onnx and device_of(batch).type == "cpu":
-        rows.append(_onnx_pipeline_row(reranker, space, m, requests, batch, config, workdir,
-                                       timing))
-    return rows
-
-
-def _onnx_pipeline_row(reranker, space, m, requests, batch, config: BenchConfig,
-                       workdir: Path, timing) -> dict:
-    """The same pipeline exported as one graph (`nar4rec export`'s pipeline.onnx) and run by
-    onnxruntime with as many threads as torch has."""
-    from nar4rec.export import FEATURE_INPUTS, cpu_session, export_pipeline
-
-    path = workdir / f"{config.preset}-pipeline.onnx"
-    export_pipeline(reranker, space, m, path)
+    path = workdir / f"{config.preset}-{system.name}.onnx"
+    try:
+        export_graph(system.graphs()["system"], system.space, system.list_length, path,
+                     what=f"{system.name} system graph")
+    except Nar4recError as exc:
+        log(f"{system.name}: no ONNX row ({exc})")
+        return None
     session = cpu_session(path, threads=torch.get_num_threads())
 
     def feeds(batch: RequestBatch) -> dict[str, np.ndarray]:
@@ -306,26 +278,24 @@ def _onnx_pipeline_row(reranker, space, m, requests, batch, config: BenchConfig,
                            [feeds(request) for request in requests],
                            warmup=config.warmup * 10)
     whole = feeds(batch)
-    return {"model": "nar4rec_pipeline_onnx", "preset": config.preset,
+    return {"model": f"{system.name}_system_onnx", "preset": config.preset,
             "train_s_per_batch": None,
             "infer_s_per_batch": statistics.median(seconds_per_call(
                 lambda: session.run(None, whole), warmup=timing["warmup"],
-                repeats=timing["repeats"])),
-            "proposals": reranker.config.proposals, **latencies}
+                repeats=timing["repeats"])), **latencies}
 
 
-def _cuda_graph_row(reranker, requests, batch, config: BenchConfig, timing) -> dict:
-    """The same pipeline replayed from CUDA graphs (`cuda_graphs.GraphedReranker`), which
-    launches its kernels in one call instead of several hundred."""
+def _cuda_graph_row(system, requests, batch, config: BenchConfig, timing) -> dict:
+    """The system replayed from CUDA graphs (`cuda_graphs.GraphedReranker`), which launches
+    its kernels in one call instead of several hundred."""
     from nar4rec.cuda_graphs import GraphedReranker
 
-    graphed = GraphedReranker(reranker)
+    graphed = GraphedReranker(system)
     latencies = _latencies(graphed.rerank, requests, warmup=config.warmup * 10,
                            device=device_of(batch))
-    return {"model": "nar4rec_pipeline_cuda_graph", "preset": config.preset,
+    return {"model": f"{system.name}_system_cuda_graph", "preset": config.preset,
             "train_s_per_batch": None,
-            "infer_s_per_batch": time_inference(graphed.rerank, batch, **timing),
-            "proposals": reranker.config.proposals, **latencies}
+            "infer_s_per_batch": time_inference(graphed.rerank, batch, **timing), **latencies}
 
 
 def _latencies(call: Callable, requests: list, *, warmup: int,
@@ -342,58 +312,51 @@ def _latencies(call: Callable, requests: list, *, warmup: int,
             "latency_requests": len(seconds)}
 
 
-def _generator_figures(space, m, tau, batch, timing, settings: RunConfig | None = None,
-                       log=print) -> dict:
-    """The generator's FLOPs, achieved GFLOP/s against the measured peak, and the cost of
-    contrastive decoding next to the forward pass."""
+def _arithmetic(module: nn.Module, batch: RequestBatch, timing, peak: float, log=print,
+                name: str = "") -> dict:
+    """The forward pass of the module a system trains last (NAR4Rec: the generator): its
+    FLOPs per batch, and the GFLOP/s it achieves against the measured matrix-multiply peak,
+    eager and (on a GPU) from a CUDA graph."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from nar4rec.decode import contrastive
-
-    device = device_of(batch)
-    generator, _, _ = build_for_timing("nar4rec", space, m, tau, device, settings)
+    module = module.eval()
     with torch.no_grad():
         with FlopCounterMode(display=False) as counter:
-            out = generator(batch)
-        flops = counter.get_total_flops()
-        forward = time_inference(generator, batch, **timing)
-
-        def decoding(_):                     # the batch's forward pass, decoded again
-            return contrastive(out.probs, out.item_repr, out.cand_mask)
-        decode = time_inference(decoding, batch, **timing)
-    peak = matmul_gflops(device=device)
+            module(batch)
+    flops = counter.get_total_flops()
+    forward = time_inference(module, batch, **timing)
     figures = {"flops_per_batch": flops, "forward_s": forward, "gflops": flops / forward / 1e9,
-               "matmul_gflops": peak, "share_of_peak": flops / forward / 1e9 / peak,
-               "decode_s": decode}
-    if device.type == "cuda":
-        forward_graph = time_graphed(generator, batch, timing, log, "generator")
+               "matmul_gflops": peak, "share_of_peak": flops / forward / 1e9 / peak}
+    if device_of(batch).type == "cuda":
+        forward_graph = time_graphed(module, batch, timing, log, f"{name} forward")
         figures["forward_graph_s"] = forward_graph
         figures["gflops_graph"] = flops / forward_graph / 1e9 if forward_graph else None
-        figures["decode_graph_s"] = time_graphed(decoding, batch, timing, log,
-                                                 "contrastive decoding")
+    log(f"{name} forward: {figures['gflops']:.1f} GFLOP/s ({figures['share_of_peak']:.0%} of "
+        "the peak)")
     return figures
 
 
 def _sweep(space, tau, batch, config: BenchConfig, timing, log) -> list[dict]:
-    """Inference seconds per batch of NAR4Rec (forward + contrastive decoding) and Seq2Slate
-    (greedy pointer decoding) for each m; training seconds where the logged lists are at least
-    m long (they are cut to m)."""
+    """Inference seconds per batch of the two models of `config.sweep` (NAR4Rec's forward and
+    contrastive decoding against Seq2Slate's greedy pointer decoding) for each m; training
+    seconds where the logged lists are at least m long (they are cut to m)."""
     rows = []
     logged = batch.exposed.shape[1]
     for m in config.lengths:
         row = {"m": m}
-        for name in ("nar4rec", "seq2slate"):
+        for name in config.sweep:
             module, step, infer = build_for_timing(name, space, m, tau, device_of(batch),
                                                    config.settings)
             row[f"{name}_infer_s"] = time_inference(infer, batch, **timing)
             row[f"{name}_train_s"] = time_training(module, step, _cut(batch, m), **timing) \
                 if m <= logged and m in (5, 6) else None
-        row["infer_ratio"] = row["seq2slate_infer_s"] / row["nar4rec_infer_s"]
-        if row["nar4rec_train_s"] is not None:
-            row["train_ratio"] = row["seq2slate_train_s"] / row["nar4rec_train_s"]
+        ours, theirs = config.sweep
+        row["infer_ratio"] = row[f"{theirs}_infer_s"] / row[f"{ours}_infer_s"]
+        if row[f"{ours}_train_s"] is not None:
+            row["train_ratio"] = row[f"{theirs}_train_s"] / row[f"{ours}_train_s"]
         rows.append(row)
-        log(f"m = {m}: NAR4Rec {row['nar4rec_infer_s']:.4f} s, Seq2Slate "
-            f"{row['seq2slate_infer_s']:.4f} s per batch (Seq2Slate / NAR4Rec "
+        log(f"m = {m}: {ours} {row[f'{ours}_infer_s']:.4f} s, {theirs} "
+            f"{row[f'{theirs}_infer_s']:.4f} s per batch ({theirs} / {ours} "
             f"{row['infer_ratio']:.2f}x)")
     return rows
 
@@ -447,33 +410,31 @@ def format_bench(result: dict) -> str:
                      f"{cell(row['infer_s_per_batch'])} | {graph}"
                      f"{cell(row.get('latency_ms_p50'), 2)}"
                      f" | {cell(row.get('latency_ms_p99'), 2)} |")
-    if "generator" in result:
-        g = result["generator"]
-        lines += ["", f"Generator forward: {g['flops_per_batch'] / 1e9:.2f} GFLOP per batch in "
-                  f"{g['forward_s']:.4f} s = {g['gflops']:.1f} GFLOP/s, "
-                  f"{100 * g['share_of_peak']:.0f}% of the measured matrix-multiply peak "
-                  f"({g['matmul_gflops']:.1f} GFLOP/s). Contrastive decoding of the batch: "
-                  f"{g['decode_s']:.4f} s ({g['decode_s'] / g['forward_s']:.2f}x the forward "
-                  "pass)."]
-        if g.get("forward_graph_s"):
-            lines[-1] += (f" From a CUDA graph: forward {g['forward_graph_s']:.4f} s = "
-                          f"{g['gflops_graph']:.1f} GFLOP/s "
-                          f"({100 * g['gflops_graph'] / g['matmul_gflops']:.0f}% of the peak), "
-                          f"decoding {cell(g.get('decode_graph_s'))} s.")
+    if result.get("arithmetic"):
+        lines += ["", "The forward pass of each model's last-trained module (NAR4Rec: the "
+                  "generator) against the measured matrix-multiply peak:", "",
+                  "| model | GFLOP per batch | forward s | GFLOP/s | share of the peak |"
+                  + (" GFLOP/s (CUDA graph) |" if graphs else ""),
+                  "|---|---|---|---|---|" + ("---|" if graphs else "")]
+        for name, g in result["arithmetic"].items():
+            lines.append(f"| {name} | {g['flops_per_batch'] / 1e9:.2f} | {g['forward_s']:.4f} | "
+                         f"{g['gflops']:.1f} | {100 * g['share_of_peak']:.0f}% |"
+                         + (f" {cell(g.get('gflops_graph'), 1)} |" if graphs else ""))
     if "sweep" in result:
-        lines += ["", "| m | NAR4Rec inference s | Seq2Slate inference s | Seq2Slate / NAR4Rec "
-                  "| NAR4Rec training s | Seq2Slate training s | ratio |",
+        ours, theirs = result["sweep_models"]
+        lines += ["", f"| m | {ours} inference s | {theirs} inference s | {theirs} / {ours} "
+                  f"| {ours} training s | {theirs} training s | ratio |",
                   "|---|---|---|---|---|---|---|"]
         for row in result["sweep"]:
-            lines.append(f"| {row['m']} | {cell(row['nar4rec_infer_s'])} | "
-                         f"{cell(row['seq2slate_infer_s'])} | {row['infer_ratio']:.2f}x | "
-                         f"{cell(row['nar4rec_train_s'])} | {cell(row['seq2slate_train_s'])} | "
+            lines.append(f"| {row['m']} | {cell(row[f'{ours}_infer_s'])} | "
+                         f"{cell(row[f'{theirs}_infer_s'])} | {row['infer_ratio']:.2f}x | "
+                         f"{cell(row[f'{ours}_train_s'])} | {cell(row[f'{theirs}_train_s'])} | "
                          + (f"{row['train_ratio']:.2f}x |" if "train_ratio" in row else "n/a |"))
     return "\n".join(lines)
 
 
 def plot_sweep(result: dict, out: Path) -> bool:
-    """Inference seconds per batch against m, NAR4Rec and Seq2Slate."""
+    """Inference seconds per batch against m, the two models of the sweep."""
     if "sweep" not in result:
         return False
     import matplotlib
@@ -484,10 +445,9 @@ def plot_sweep(result: dict, out: Path) -> bool:
 
     lengths = [r["m"] for r in result["sweep"]]
     figure, axis = plt.subplots(figsize=(5.5, 3.6))
-    axis.plot(lengths, [r["nar4rec_infer_s"] for r in result["sweep"]], "o-",
-              label="NAR4Rec (forward + contrastive decoding)")
-    axis.plot(lengths, [r["seq2slate_infer_s"] for r in result["sweep"]], "s-",
-              label="Seq2Slate (greedy pointer decoding)")
+    for name, marker in zip(result["sweep_models"], "os", strict=True):
+        axis.plot(lengths, [r[f"{name}_infer_s"] for r in result["sweep"]], f"{marker}-",
+                  label=f"{name} (its Table 4 inference call)")
     axis.set_xlabel("list length m")
     axis.set_ylabel(f"seconds per batch of {result['batch']}")
     axis.set_ylim(bottom=0)

@@ -12,11 +12,10 @@ from pathlib import Path
 from nar4rec import __version__
 from nar4rec.config import parse_sets
 from nar4rec.errors import Nar4recError
+from nar4rec.registry import COMPARED, MODELS
 
 EXIT_USAGE = 2
 EXIT_INVALID = 1
-# pipeline.MODELS, without importing torch to build the parser
-MODEL_NAMES = ("nar4rec", "evaluator", "dnn", "dcn", "prm", "edge_rerank", "seq2slate", "pier")
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -152,10 +151,9 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_overrides(RunConfig(), args.config, list(args.set),
                             defaults=dataset_settings(args.data))
-    if args.evaluator and args.model != "nar4rec":
-        raise Nar4recError("--evaluator reuses an evaluator for --model nar4rec only")
     info = train_run(args.data, args.out, model=args.model, config=config,
-                     evaluator_from=args.evaluator, resume=args.resume, overwrite=args.overwrite,
+                     reuse={"evaluator": args.evaluator} if args.evaluator else None,
+                     resume=args.resume, overwrite=args.overwrite,
                      progress=False if args.quiet else None)
     if not args.quiet:
         for phase, result in info["phases"].items():
@@ -409,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "directory (run.json, evaluator/ and generator/, or model/). Settings: "
                     "the defaults, then the data set's (Avito: batch size 1024, as in the "
                     "paper), then --config, then --set.")
-    tr.add_argument("--model", default="nar4rec", choices=list(MODEL_NAMES))
+    tr.add_argument("--model", default="nar4rec", choices=list(MODELS),
+                    help="the model to train (default nar4rec): " + "; ".join(
+                        f"{name}: {summary}" for name, (_, summary) in MODELS.items()))
     tr.add_argument("--data", required=True, help="data directory (train and valid splits)")
     tr.add_argument("--out", required=True, help="run directory")
     tr.add_argument("--config", help="TOML file with tables [generator], [evaluator], [train], "
@@ -417,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(see docs/models.md)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override one setting, e.g. generator.d_model=128 or train.epochs=5")
-    tr.add_argument("--evaluator", metavar="RUN", help="reuse the evaluator of this run")
+    tr.add_argument("--evaluator", metavar="RUN", help="reuse the trained evaluator of this "
+                    "run instead of training one (a model with an evaluator phase: nar4rec)")
     tr.add_argument("--resume", action="store_true",
                     help="continue an interrupted run from its last checkpoint")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing run")
@@ -464,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "test split, and lay the results out as the paper's Tables 2-7 (JSON, and "
                     "Markdown with a chart of the lifts).")
     cp.add_argument("--data", required=True, help="data directory (train, valid, test)")
-    cp.add_argument("--models", default="nar4rec,pier,edge_rerank,prm,seq2slate,dcn,dnn",
+    cp.add_argument("--models", default=",".join(COMPARED),
                     help="comma-separated models (default: all seven)")
     cp.add_argument("--seeds", type=_positive, default=1, help="training seeds 0..N-1")
     cp.add_argument("--json", required=True, help="write the tables here")
@@ -490,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "generator's GFLOP/s next to this "
                     "machine's matrix-multiply peak, and NAR4Rec against Seq2Slate for m = 2..10.")
     bn.add_argument("--preset", default="kuaishou", choices=["kuaishou", "avito"])
-    bn.add_argument("--models", default="nar4rec,seq2slate,pier,edge_rerank,prm,dcn,dnn")
+    bn.add_argument("--models", default=",".join(COMPARED),
+                    help="comma-separated models (default: every registered one)")
     bn.add_argument("--batch", type=_positive, default=1024)
     bn.add_argument("--steps", type=_positive, default=100,
                     help="timed steps per figure, after --warmup untimed ones (default 100)")

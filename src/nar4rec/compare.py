@@ -37,7 +37,6 @@ from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_file
 from nar4rec.pipeline import (
     RunConfig,
-    check_models,
     evaluate_run,
     load_run,
     phases_of,
@@ -45,21 +44,17 @@ from nar4rec.pipeline import (
     split_files,
     train_run,
 )
+from nar4rec.registry import COMPARED, check_models, system_class
 from nar4rec.report import NDCG_NOTE
 
-DEFAULT_MODELS = ("nar4rec", "pier", "edge_rerank", "prm", "seq2slate", "dcn", "dnn")
 REFERENCE = "edge_rerank"
-VANILLA = "nar4rec_vanilla"
-DECODERS = {"contrastive": "generator_contrastive", "greedy": "generator_greedy",
-            "beam search": "generator_beam", "top-k sampling": "generator_top_k",
-            "DPP": "generator_dpp", "pipeline (proposals + evaluator)": "nar4rec"}
 OFFLINE = {"item-wise (n = m)": ("auc", "logloss", "ndcg"),
            "exposure (n > m)": ("recall@6", "recall@10", "logloss")}
 SIMULATED = ("utility", "captured_lift")
 Z95 = 1.959964
 
 
-def compare(data_dir: str | Path, runs_dir: str | Path, *, models=DEFAULT_MODELS,
+def compare(data_dir: str | Path, runs_dir: str | Path, *, models=COMPARED,
             seeds: int = 1, config: RunConfig | None = None, resume: bool = False,
             overwrite: bool = False, time_batch: int = 256, progress: bool | None = None,
             log=print) -> dict:
@@ -67,7 +62,8 @@ def compare(data_dir: str | Path, runs_dir: str | Path, *, models=DEFAULT_MODELS
 
     Args:
         runs_dir: where the runs go (RUNS/seed<S>/<model>/).
-        models: names from `pipeline.MODELS` (the evaluator alone is not compared).
+        models: names from `registry.COMPARED`; each model's companions
+            (`System.companions`, NAR4Rec's vanilla training for Table 6) are trained too.
         config: settings shared by every run (seeds are set per run); default: RunConfig's
             with the data set's settings (`config.DATASET_SETTINGS`: batch 1024 on Avito).
         resume: reuse finished runs in runs_dir and continue unfinished ones.
@@ -97,15 +93,14 @@ def compare(data_dir: str | Path, runs_dir: str | Path, *, models=DEFAULT_MODELS
                 evaluate_run(run, data_dir, per_request=True))
             if seed == 0:
                 timings[model] = time_run(run, data_dir, time_batch)
-        if "nar4rec" in models:
-            vanilla = dataclasses.replace(seeded, generator=dataclasses.replace(
-                seeded.generator, objective="likelihood"))
-            run = runs_dir / f"seed{seed}" / VANILLA
-            log(f"seed {seed}: nar4rec, vanilla training (Table 6)")
-            _train(data_dir, run, "nar4rec", vanilla, resume, progress,
-                   evaluator_from=runs_dir / f"seed{seed}" / "nar4rec")
-            evaluations.setdefault(VANILLA, []).append(
-                evaluate_run(run, data_dir, per_request=True))
+            companions = system_class(model).companions(seeded)
+            for name, (settings, reused) in companions.items():
+                run = runs_dir / f"seed{seed}" / name
+                log(f"seed {seed}: {name}")
+                _train(data_dir, run, model, settings, resume, progress,
+                       reuse={phase: runs_dir / f"seed{seed}" / model for phase in reused})
+                evaluations.setdefault(name, []).append(
+                    evaluate_run(run, data_dir, per_request=True))
     return tables(evaluations, timings, data_dir=str(data_dir), seeds=seeds,
                   time_batch=time_batch, models=list(models))
 
@@ -118,16 +113,15 @@ def _seeded(config: RunConfig, seed: int) -> RunConfig:
 
 
 def _train(data_dir, run: Path, model: str, config: RunConfig, resume: bool, progress,
-           evaluator_from: Path | None = None) -> None:
+           reuse: dict[str, Path] | None = None) -> None:
     if resume and (run / "run.json").exists():
         info = read_run(run)
         if all(p in info["phases"] for p in phases_of(model)):
             return
-        train_run(data_dir, run, model=model, resume=True, progress=progress,
-                  evaluator_from=evaluator_from)
+        train_run(data_dir, run, model=model, resume=True, progress=progress, reuse=reuse)
         return
     train_run(data_dir, run, model=model, config=config, overwrite=True, progress=progress,
-              evaluator_from=evaluator_from)
+              reuse=reuse)
 
 
 def time_run(run_dir: Path, data_dir, batch_size: int) -> dict:
@@ -135,7 +129,7 @@ def time_run(run_dir: Path, data_dir, batch_size: int) -> dict:
     loaded = load_run(run_dir)
     batch = next(iter(RequestLoader(split_files(data_dir, "test"), loaded.space,
                                     batch_size=batch_size)))
-    module, step = bench.training_step_of(loaded)
+    module, step = loaded.system.training_step()
     return {"train_s_per_batch": bench.time_training(module, step, batch),
             "infer_s_per_batch": bench.time_inference(loaded.system.rerank, batch),
             "batch": len(batch)}
@@ -187,15 +181,18 @@ def tables(evaluations: dict[str, list[dict]], timings: dict[str, dict], *, data
             name: _mean_std([{"utility": r["variants"][name]["utility"]}
                              for r in evaluations[models[0]]])["mean"]
             for name in ("logging", "oracle") if name in first["variants"]}
-    if "nar4rec" in models and VANILLA in evaluations:
-        result["table6"] = [
-            {"training": label, **_summary(evaluations[name], "nar4rec", protocol, simulated)}
-            for label, name in (("vanilla (likelihood on every logged list)", VANILLA),
-                                ("unlikelihood (eq. 15)", "nar4rec"))]
-        if simulated:
+    for model in models:                # the first model whose system has Tables 6 and 7
+        system = system_class(model)
+        if system.TABLE6 and all(name in evaluations for name in system.TABLE6):
+            result["table6"] = [
+                {"training": label, **_summary(evaluations[name], model, protocol, simulated)}
+                for name, label in system.TABLE6.items()]
+        if system.TABLE7 and simulated:
             result["table7"] = [
-                {"decoding": label, **_variant_summary(evaluations["nar4rec"], variant)}
-                for label, variant in DECODERS.items()]
+                {"decoding": label, **_variant_summary(evaluations[model], variant)}
+                for label, variant in system.TABLE7.items()]
+        if "table6" in result or "table7" in result:
+            break
     return result
 
 

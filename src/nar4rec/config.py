@@ -135,7 +135,3 @@ def parse_sets(items: list[str]) -> dict[str, str]:
             raise Nar4recError(f"--set {item}: expected key=value")
         pairs[key.strip()] = value.strip()
     return pairs
-
-
-def to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)

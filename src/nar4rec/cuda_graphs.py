@@ -31,8 +31,7 @@ import torch
 
 from nar4rec.data.loader import RequestBatch
 from nar4rec.errors import Nar4recError
-from nar4rec.export import FEATURE_INPUTS
-from nar4rec.reranker import Reranked, Reranker
+from nar4rec.system import FEATURE_INPUTS, Reranked, System
 
 
 @dataclasses.dataclass
@@ -122,8 +121,9 @@ def _cloned(outputs):
 
 
 class GraphedReranker(CudaGraphed):
-    """`Reranker.rerank` on a CUDA device, replayed from captured graphs: the same answers as
-    `reranker.rerank(batch)`, with one launch per call instead of several hundred.
+    """A system's `rerank` (`system.System`, or NAR4Rec's `Reranker`) on a CUDA device,
+    replayed from captured graphs: the same answers as `system.rerank(batch)`, with one
+    launch per call instead of several hundred.
 
     buckets: pad each batch to `bucket_shape` first (fewer, reused graphs; the answers are
         cut back to the batch's own requests). The first batch of a new candidate width
@@ -133,9 +133,10 @@ class GraphedReranker(CudaGraphed):
         captured whole again the next time it is seen.
     """
 
-    def __init__(self, reranker: Reranker, *, buckets: bool = False, max_batch: int = 64,
+    def __init__(self, reranker: System, *, buckets: bool = False, max_batch: int = 64,
                  warmup: int = 3, max_graphs: int = 64):
-        module = reranker.generator or reranker.evaluator
+        module = next(iter(reranker.modules.values())) if isinstance(reranker, System) \
+            else reranker.generator or reranker.evaluator
         super().__init__(reranker.rerank, next(module.parameters()).device, warmup=warmup,
                          max_graphs=max_graphs)
         self.reranker, self.buckets, self.max_batch = reranker, buckets, max_batch

@@ -172,7 +172,7 @@ def beam_search(probs: torch.Tensor, cand_mask: torch.Tensor, *, width: int = 4)
         extended = score[:, :, None] + log_probs[:, None, :, position]       # (B, W, n)
         extended = extended.masked_fill(used, -torch.inf).reshape(batch, width * n)
         best, flat = extended.topk(width, dim=1)             # (B, W)
-        parent, item = flat // n, flat % n
+        parent, item = beam_origin(flat, n)
         active = (position < real)[:, None]                                  # (B, 1)
         parent = torch.where(active, parent, beams)
         item = torch.where(active, item, NO_ITEM)
@@ -311,6 +311,15 @@ def dpp(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tensor, *
         cholesky[:, step] = update
         residual = residual - update ** 2
     return lists
+
+
+def beam_origin(flat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(parent beam, candidate) of each index into beams' extensions flattened as
+    (width * n): the bookkeeping of every beam search here (`beam_search`, Edge-rerank's,
+    Seq2Slate's). A floor division and a product, not `%`, which the ONNX exporter cannot
+    take with a dynamic n."""
+    parent = torch.div(flat, n, rounding_mode="floor")
+    return parent, flat - parent * n
 
 
 def _without_repr(decoder: Callable[..., torch.Tensor]) -> Decoder:

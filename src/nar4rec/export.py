@@ -1,22 +1,25 @@
-"""A trained run as ONNX models: the generator and the evaluator, for serving without PyTorch.
+"""A trained run as ONNX models, for serving without PyTorch.
 
-`export_run(run, out)` writes
+`export_run(run, out)` writes every graph of the run's system (`System.graphs`):
 
-    generator.onnx   (user_cat, user_num, cand_cat, cand_num, upstream_score, cand_mask)
-                     -> probs (B, n, m), item_repr (B, n, d)
-    evaluator.onnx   (the same six inputs, lists (B, L, m), list_mask (B, L, m))
+    system.onnx      (user_cat, user_num, cand_cat, cand_num, upstream_score, cand_mask)
+                     -> list (B, m), item_scores (B, m), utility (B,): what the system's
+                     `rerank` returns, in one graph (NAR4Rec: the generator, the reranker's
+                     proposals, the evaluator and the choice; a baseline: its scoring and its
+                     list construction, beam search included)
+    generator.onnx   NAR4Rec: the six inputs -> probs (B, n, m), item_repr (B, n, d), which
+                     every decoder of `nar4rec.decode` reads
+    evaluator.onnx   NAR4Rec: the six inputs, lists (B, L, m), list_mask (B, L, m)
                      -> logits (B, L, m, K)
-    pipeline.onnx    (the six inputs) -> list (B, m), item_scores (B, m), utility (B,): the
-                     generator, the reranker's proposals, the evaluator and the choice in one
-                     graph (when the run has both models and selects by the evaluator)
     manifest.json    the inputs and outputs with their dtypes and axes, the list length m,
-                     the behaviours and their utility weights, the reranker settings, and the
+                     the behaviours and their utility weights, the run's settings, and the
                      FeatureSpace (vocabularies, numeric scaling) that turns raw requests into
                      the inputs
 
-with the batch size B, the candidate count n and the number of lists L dynamic. The generator
-graph leaves decoding outside (`nar4rec.decode` runs on its outputs), so it serves every
-decoder; `OnnxReranker` answers with the pipeline graph, one onnxruntime call per batch.
+with the batch size B, the candidate count n and the number of lists L dynamic. A graph the
+exporter cannot hold ends the export with a one-line reason (the PyTorch service, `nar4rec
+serve --run`, still answers). `OnnxReranker` answers with the system graph, one onnxruntime
+call per batch.
 """
 
 from __future__ import annotations
@@ -33,27 +36,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from nar4rec.data.loader import RequestBatch
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_dir
-from nar4rec.models.base import predicted_utility
 from nar4rec.pipeline import load_run
-from nar4rec.reranker import Reranker, best_of, proposals_of, propose, request_keys
+from nar4rec.system import FEATURE_INPUTS, Graph, batch_of
 
-FEATURE_INPUTS = ("user_cat", "user_num", "cand_cat", "cand_num", "upstream_score", "cand_mask")
 LIST_INPUTS = ("lists", "list_mask")
-PIPELINE_OUTPUTS = ("list", "item_scores", "utility")
+FORMAT = 3                       # 3: the system graph (system.onnx) for every model
 OPSET = 18
 MANIFEST = "manifest.json"
 QUIET_LOGGERS = ("torch.onnx", "onnx_ir", "onnxscript")
-
-
-def _batch(user_cat, user_num, cand_cat, cand_num, upstream_score, cand_mask) -> RequestBatch:
-    """A RequestBatch holding only what the models' forward passes read."""
-    return RequestBatch(request_id=None, user_id=None, item_id=None, user_cat=user_cat,
-                        user_num=user_num, cand_cat=cand_cat, cand_num=cand_num,
-                        upstream_score=upstream_score, cand_mask=cand_mask, exposed=None,
-                        exposed_mask=None, feedback=None, log_propensity=None)
 
 
 class GeneratorGraph(nn.Module):
@@ -64,8 +56,8 @@ class GeneratorGraph(nn.Module):
         self.generator = generator
 
     def forward(self, user_cat, user_num, cand_cat, cand_num, upstream_score, cand_mask):
-        out = self.generator(_batch(user_cat, user_num, cand_cat, cand_num, upstream_score,
-                                    cand_mask))
+        out = self.generator(batch_of(user_cat, user_num, cand_cat, cand_num, upstream_score,
+                                      cand_mask))
         return out.probs, out.item_repr
 
 
@@ -78,35 +70,8 @@ class EvaluatorGraph(nn.Module):
 
     def forward(self, user_cat, user_num, cand_cat, cand_num, upstream_score, cand_mask,
                 lists, list_mask):
-        return self.evaluator(_batch(user_cat, user_num, cand_cat, cand_num, upstream_score,
-                                     cand_mask), lists, list_mask)
-
-
-class PipelineGraph(nn.Module):
-    """The whole generator-evaluator pipeline in one graph: -> (list (B, m), item_scores (B, m),
-    utility (B,)), what `Reranker.rerank` returns.
-
-    Decoding the proposals (`reranker.propose`: contrastive at every alpha, seeded top-k
-    samples) and choosing the best (`reranker.best_of`) run inside the graph, from the same
-    code as in PyTorch: at batch 1 a separate decoding step in Python costs more than the
-    generator itself (docs/benchmarks.md).
-    """
-
-    def __init__(self, reranker: Reranker):
-        super().__init__()
-        self.generator, self.evaluator = reranker.generator, reranker.evaluator
-        self.config = reranker.config
-        self.register_buffer("weights", reranker.weights.float(), persistent=False)
-
-    def forward(self, user_cat, user_num, cand_cat, cand_num, upstream_score, cand_mask):
-        batch = _batch(user_cat, user_num, cand_cat, cand_num, upstream_score, cand_mask)
-        proposals = proposals_of(self.generator(batch), batch, self.evaluator, self.weights,
-                                 self.config)                          # (B, K, m)
-        mask = proposals >= 0
-        logits = self.evaluator(batch, proposals.clamp_min(0), mask)       # (B, K, m, K_b)
-        item_utility = predicted_utility(logits, self.weights) * mask     # (B, K, m)
-        lists, utility, item_scores, _ = best_of(proposals, item_utility)
-        return lists, item_scores, utility
+        return self.evaluator(batch_of(user_cat, user_num, cand_cat, cand_num, upstream_score,
+                                       cand_mask), lists, list_mask)
 
 
 def example_inputs(space, batch: int = 2, n: int = 7, m: int = 3, lists: int = 2,
@@ -167,53 +132,43 @@ def _export(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: tuple[s
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> dict:
-    """Write generator.onnx (when the run has a generator), evaluator.onnx and manifest.json."""
+    """Write every graph of the run's system (system.onnx first) and manifest.json."""
     run = load_run(run_dir)
-    space, reranker = run.space, run.reranker
+    system, space = run.system, run.space
     m = run.info["list_length"]
     inputs = _tracing_inputs(space, m)
-    features = {k: inputs[k] for k in FEATURE_INPUTS}
     manifest = {
-        "format": 2, "model": run.info["model"], "list_length": m,
+        "format": FORMAT, "model": run.info["model"], "list_length": m,
         "behaviours": list(space.behaviours),
         "utility_weights": [float(w) for w in space.utility_weights],
-        "reranker": dataclasses.asdict(run.config.reranker),
+        "settings": {name: dataclasses.asdict(getattr(run.config, name))
+                     for name in system.sections},
         "opset": OPSET,
         "inputs": {name: {"dtype": str(t.dtype).removeprefix("torch."),
                           "axes": _axis_names(name, t.dim())} for name, t in inputs.items()},
         "graphs": {}, "space": space.to_dict()}
-    try:
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-            if reranker.generator is not None:
-                _export(GeneratorGraph(reranker.generator), features, ("probs", "item_repr"),
-                        tmp / "generator.onnx")
-                manifest["graphs"]["generator"] = {
-                    "file": "generator.onnx", "inputs": list(FEATURE_INPUTS),
-                    "outputs": {"probs": ["batch", "candidates", m],
-                                "item_repr": ["batch", "candidates",
-                                              reranker.generator.config.d_model]}}
-            _export(EvaluatorGraph(reranker.evaluator), inputs, ("logits",),
-                    tmp / "evaluator.onnx")
-            manifest["graphs"]["evaluator"] = {
-                "file": "evaluator.onnx", "inputs": [*FEATURE_INPUTS, *LIST_INPUTS],
-                "outputs": {"logits": ["batch", "lists", m, len(space.behaviours)]}}
-            if reranker.generator is not None and reranker.config.select == "evaluator":
-                export_pipeline(reranker, space, m, tmp / "pipeline.onnx")
-                manifest["graphs"]["pipeline"] = {
-                    "file": "pipeline.onnx", "inputs": list(FEATURE_INPUTS),
-                    "outputs": {"list": ["batch", m], "item_scores": ["batch", m],
-                                "utility": ["batch"]}}
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    except torch.onnx.errors.OnnxExporterError as exc:
-        raise Nar4recError(f"ONNX export failed: {exc}") from None
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for name, graph in system.graphs().items():
+            export_graph(graph, space, m, tmp / f"{name}.onnx", what=f"{run.info['model']} "
+                         f"{name} graph")
+            manifest["graphs"][name] = {"file": f"{name}.onnx", "inputs": list(graph.inputs),
+                                        "outputs": list(graph.outputs)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
-def export_pipeline(reranker: Reranker, space, list_length: int, path: str | Path) -> None:
-    """Write the reranker's whole pipeline (`PipelineGraph`) as one ONNX model."""
+def export_graph(graph: Graph, space, list_length: int, path: str | Path, *,
+                 what: str = "graph") -> None:
+    """Write one graph as an ONNX model, traced on `example_inputs`; a graph the exporter
+    cannot hold is a one-line Nar4recError naming `what` and the exporter's reason."""
     inputs = _tracing_inputs(space, list_length)
-    _export(PipelineGraph(reranker), {k: inputs[k] for k in FEATURE_INPUTS}, PIPELINE_OUTPUTS,
-            Path(path))
+    try:
+        _export(graph.module, {k: inputs[k] for k in graph.inputs}, graph.outputs, Path(path))
+    except torch.onnx.errors.OnnxExporterError as exc:
+        reason = next((line.strip() for line in str(exc).splitlines()
+                       if "Error" in line and "<class" in line), str(exc).splitlines()[0])
+        raise Nar4recError(f"ONNX export of the {what} failed: {reason[:300]} (serve it "
+                           "with `nar4rec serve --run`)") from None
 
 
 def _tracing_inputs(space, list_length: int) -> dict[str, torch.Tensor]:
@@ -241,59 +196,31 @@ def _axis_names(name: str, rank: int) -> list:
 
 
 class OnnxReranker:
-    """The exported models under onnxruntime, with the same proposals and choice as Reranker.
-
-    `rerank(inputs)` takes the six feature inputs as NumPy arrays and returns (lists (B, m),
-    utility (B,)) exactly as `Reranker.rerank` would from the same run.
-    """
+    """An export under onnxruntime: `rerank(inputs)` takes the six feature inputs as NumPy
+    arrays and returns (lists (B, m), utility (B,)) exactly as the run's `System.rerank`
+    would, from the system graph (an export of format 2, NAR4Rec only, named it pipeline)."""
 
     def __init__(self, export_dir: str | Path, *, threads: int = 0):
-        from nar4rec.reranker import RerankerConfig
-
         export_dir = Path(export_dir)
         manifest_path = export_dir / MANIFEST
         if not manifest_path.exists():
             raise Nar4recError(f"{export_dir}: no {MANIFEST}; not an export directory")
         self.manifest = json.loads(manifest_path.read_text())
+        self.graphs = self.manifest["graphs"]
+        self.system = "system" if "system" in self.graphs else "pipeline"
+        if self.system not in self.graphs:
+            raise Nar4recError(f"{export_dir}: this export has no system graph (exported "
+                               "before format 2): export the run again")
         self.sessions = {name: cpu_session(export_dir / graph["file"], threads=threads)
-                         for name, graph in self.manifest["graphs"].items()}
-        self.weights = np.asarray(self.manifest["utility_weights"], dtype=np.float32)
-        self.config = RerankerConfig(**self.manifest["reranker"])
+                         for name, graph in self.graphs.items()}
 
-    def generator(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        probs, item_repr = self.sessions["generator"].run(
-            None, {k: inputs[k] for k in FEATURE_INPUTS})
-        return probs, item_repr
-
-    def evaluator(self, inputs: dict[str, np.ndarray], lists: np.ndarray,
-                  list_mask: np.ndarray) -> np.ndarray:
-        feeds = {k: inputs[k] for k in FEATURE_INPUTS}
-        return self.sessions["evaluator"].run(None, {**feeds, "lists": lists,
-                                                     "list_mask": list_mask})[0]
+    def run(self, graph: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The outputs of the exported graph `graph` (for example NAR4Rec's "generator") fed
+        from `inputs`, which holds at least its inputs by name."""
+        names = self.graphs[graph].get("inputs", FEATURE_INPUTS)
+        return self.sessions[graph].run(None, {k: inputs[k] for k in names})
 
     def rerank(self, inputs: dict[str, np.ndarray], *, with_scores: bool = False) -> tuple:
         """(lists (B, m), utility (B,)); with_scores: (lists, item scores (B, m), utility)."""
-        if "generator" not in self.sessions:
-            raise Nar4recError("this export holds no generator")
-        if "pipeline" in self.sessions:                 # one graph call (exports since v2)
-            best, item_scores, utility = self.sessions["pipeline"].run(
-                None, {k: inputs[k] for k in FEATURE_INPUTS})
-            return (best, item_scores, utility) if with_scores else (best, utility)
-        if self.config.evaluator_alphas or self.config.evaluator_top_m:
-            raise Nar4recError("this export has no pipeline graph, which evaluator alphas "
-                               "and the evaluator's top-m proposal need: export the run "
-                               "again")
-        probs, item_repr = self.generator(inputs)
-        cand_mask = torch.from_numpy(inputs["cand_mask"])
-        keys = request_keys(torch.from_numpy(inputs["user_cat"]),
-                            torch.from_numpy(inputs["cand_cat"]), cand_mask)
-        lists = propose(torch.from_numpy(probs), torch.from_numpy(item_repr), cand_mask,
-                        self.config, keys).numpy()                     # (B, K, m)
-        mask = lists >= 0
-        logits = self.evaluator(inputs, np.where(mask, lists, 0), mask)   # (B, K, m, K_b)
-        item_utility = (1.0 / (1.0 + np.exp(-logits))) @ self.weights * mask
-        best, utility, item_scores, _ = (
-            t.numpy() for t in best_of(torch.from_numpy(lists), torch.from_numpy(item_utility)))
-        if with_scores:
-            return best, item_scores, utility
-        return best, utility
+        lists, item_scores, utility = self.run(self.system, inputs)
+        return (lists, item_scores, utility) if with_scores else (lists, utility)

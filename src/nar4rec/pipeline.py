@@ -4,10 +4,9 @@ This is what `nar4rec train`, `evaluate` and `rerank` run. A run directory holds
 
     run.json            the model name, every setting (RunConfig), the FeatureSpace, the data
                         it was trained on and each finished phase's result
-    evaluator/          the evaluator's training: best.pt, last.pt, metrics.jsonl, steps.jsonl
-    generator/          the generator's (model "nar4rec" only)
-    model/              a baseline's (models "dnn", "dcn", "prm", "edge_rerank", "seq2slate",
-                        "pier": one model, no separate evaluator)
+    PHASE/              each training phase of the model's system (`system.System.phases`):
+                        best.pt, last.pt, metrics.jsonl, steps.jsonl. NAR4Rec: evaluator/,
+                        then generator/; a baseline: model/
 
 A data directory holds `train`, `valid` and `test` splits, each a `SPLIT.parquet` file or a
 `SPLIT/` folder of Parquet shards (what `nar4rec simulate` and `nar4rec prepare` write).
@@ -21,7 +20,6 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -33,17 +31,17 @@ from nar4rec.config import apply_overrides, dataset_settings
 from nar4rec.data.loader import FeatureSpace, RequestBatch, RequestLoader, max_lengths
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_file
-from nar4rec.models import BASELINES, baseline
-from nar4rec.models.base import ListModel, Ranking
-from nar4rec.models.evaluator import Evaluator, EvaluatorConfig, evaluator_loss
-from nar4rec.models.nar4rec import (
-    NAR4Rec,
-    NAR4RecConfig,
-    generator_loss,
-    greedy_judged_utility,
-    resolve_tau,
-)
-from nar4rec.reranker import Reranker, RerankerConfig, request_keys, request_uniforms
+from nar4rec.models.dcn import DCNConfig
+from nar4rec.models.dnn import DNNConfig
+from nar4rec.models.edge_rerank import EdgeRerankConfig
+from nar4rec.models.evaluator import EvaluatorConfig
+from nar4rec.models.nar4rec import NAR4RecConfig
+from nar4rec.models.pier import PIERConfig
+from nar4rec.models.prm import PRMConfig
+from nar4rec.models.seq2slate import Seq2SlateConfig
+from nar4rec.registry import system_class
+from nar4rec.reranker import Reranker, RerankerConfig
+from nar4rec.system import Phase, System
 from nar4rec.train import (
     BEST,
     METRICS,
@@ -55,19 +53,7 @@ from nar4rec.train import (
     train,
 )
 
-if TYPE_CHECKING:
-    from nar4rec.models.dcn import DCNConfig
-    from nar4rec.models.dnn import DNNConfig
-    from nar4rec.models.edge_rerank import EdgeRerankConfig
-    from nar4rec.models.pier import PIERConfig
-    from nar4rec.models.prm import PRMConfig
-    from nar4rec.models.seq2slate import Seq2SlateConfig
-
-MODELS = ("nar4rec", "evaluator", *BASELINES)
 RUN_FILE = "run.json"
-PHASES = ("evaluator", "generator")
-BASELINE_PHASE = "model"
-TAU_REQUESTS = 200_000          # logged lists read to set tau from the training utilities
 
 
 @dataclass
@@ -85,10 +71,6 @@ class FeaturesConfig:
     def __post_init__(self) -> None:
         if self.min_count < 1 or self.max_vocabulary < 1:
             raise ValueError("min_count and max_vocabulary must be >= 1")
-
-
-def _baseline_config(name: str):
-    return field(default_factory=lambda: baseline(name)[1]())
 
 
 @dataclass
@@ -110,12 +92,12 @@ class RunConfig:
     evaluator_train: TrainConfig = field(default_factory=TrainConfig)
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
-    dnn: DNNConfig = _baseline_config("dnn")
-    dcn: DCNConfig = _baseline_config("dcn")
-    prm: PRMConfig = _baseline_config("prm")
-    edge_rerank: EdgeRerankConfig = _baseline_config("edge_rerank")
-    seq2slate: Seq2SlateConfig = _baseline_config("seq2slate")
-    pier: PIERConfig = _baseline_config("pier")
+    dnn: DNNConfig = field(default_factory=DNNConfig)
+    dcn: DCNConfig = field(default_factory=DCNConfig)
+    prm: PRMConfig = field(default_factory=PRMConfig)
+    edge_rerank: EdgeRerankConfig = field(default_factory=EdgeRerankConfig)
+    seq2slate: Seq2SlateConfig = field(default_factory=Seq2SlateConfig)
+    pier: PIERConfig = field(default_factory=PIERConfig)
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
@@ -142,25 +124,30 @@ def split_files(data_dir: str | Path, split: str, *, required: bool = True) -> l
 
 
 def train_run(data_dir: str | Path, run_dir: str | Path, *, model: str = "nar4rec",
-              config: RunConfig | None = None, evaluator_from: str | Path | None = None,
+              config: RunConfig | None = None, reuse: dict[str, str | Path] | None = None,
               resume: bool = False, overwrite: bool = False, progress: bool | None = None,
               context: DistributedContext | None = None) -> dict:
-    """Train a whole system into `run_dir`: the evaluator, then (model "nar4rec") the generator.
+    """Train a whole system into `run_dir`, phase after phase (`System.phases`).
 
     Args:
         data_dir: the data (train and valid splits).
-        model: "nar4rec" (evaluator and generator) or "evaluator" (the evaluator alone).
+        model: a name of `registry.MODELS`.
         config: every setting; defaults to RunConfig() with the data set's settings
             (`config.dataset_settings`: batch size 1024 on Avito).
-        evaluator_from: a run whose trained evaluator is copied instead of training one.
+        reuse: {phase: run} phases copied, trained, from another run on the same data instead
+            of trained again (NAR4Rec's evaluator for vanilla training, Table 6); the feature
+            space then comes from that run.
         resume: continue an interrupted run: finished phases are kept, the one in progress
             restarts from its last checkpoint. The run's own settings are used.
         overwrite: replace an existing run directory.
     Returns:
         run.json's content.
     """
-    if model not in MODELS:
-        raise Nar4recError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    system = system_class(model)
+    reuse = {name: Path(run) for name, run in (reuse or {}).items()}
+    unknown = [name for name in reuse if name not in {p.name for p in system.phases}]
+    if unknown:
+        raise Nar4recError(f"a {model} run has no '{unknown[0]}' phase to reuse")
     context = context or distributed_context()
     run_dir = Path(run_dir)
     train_paths = split_files(data_dir, "train")
@@ -168,100 +155,47 @@ def train_run(data_dir: str | Path, run_dir: str | Path, *, model: str = "nar4re
     if config is None:
         config = apply_overrides(RunConfig(), dataset_settings(data_dir),
                                  source="the data set's settings")
-    info = _start_run(run_dir, data_dir, model, config, train_paths,
-                      evaluator_from, resume, overwrite, context)
+    info = _start_run(run_dir, data_dir, system, config, train_paths, reuse, resume,
+                      overwrite, context)
     config = RunConfig.from_dict(info["config"])
     space = FeatureSpace.from_dict(info["space"])
-    weights = space.utility_weights
 
-    if model in BASELINES:
-        if BASELINE_PHASE not in info["phases"]:
-            model_class, _ = baseline(model)
-            torch.manual_seed(config.train.seed)
-            network = model_class(getattr(config, model), space)
-            result = _train_phase(network, ListModel.step, BASELINE_PHASE, model,
-                                  getattr(config, model), config.train, space, train_paths,
-                                  valid_paths, run_dir, resume, progress, context)
-            info = _finish_phase(run_dir, info, BASELINE_PHASE, result, context)
-        return info
+    def trained(name: str) -> torch.nn.Module:
+        phase = next(p for p in system.phases if p.name == name)
+        return _load_phase(run_dir, system, phase, space).to(context.device)
 
-    if "evaluator" not in info["phases"]:
-        if evaluator_from is not None:
-            _copy_evaluator(Path(evaluator_from), run_dir, space, context)
-            result = {"copied_from": str(evaluator_from)}
-        else:
-            torch.manual_seed(config.evaluator_train.seed)
-            evaluator = Evaluator(config.evaluator, space)
-            result = _train_phase(evaluator, evaluator_step, "evaluator", "evaluator",
-                                  config.evaluator, config.evaluator_train, space,
-                                  train_paths, valid_paths, run_dir, resume, progress, context)
-        info = _finish_phase(run_dir, info, "evaluator", result, context)
-
-    if model == "nar4rec" and "generator" not in info["phases"]:
-        generator_config = config.generator
-        if generator_config.objective == "unlikelihood" and generator_config.tau is None:
-            loader = RequestLoader(train_paths, space, batch_size=4096)
-            generator_config = resolve_tau(generator_config, loader, max_requests=TAU_REQUESTS)
-            info["config"]["generator"] = dataclasses.asdict(generator_config)
+    for phase in system.phases:
+        if phase.name in info["phases"]:
+            continue
+        if phase.name in reuse:
+            _copy_phase(reuse[phase.name], run_dir, phase.name, context)
+            info = _finish_phase(run_dir, info, phase.name,
+                                 {"copied_from": str(reuse[phase.name])}, context)
+            continue
+        model_config = system.phase_config(phase, config, train_paths, space)
+        if model_config != getattr(config, phase.section):     # fitted on the training split
+            info["config"][phase.section] = dataclasses.asdict(model_config)
             _write_run(run_dir, info, context)
-        judge = _load_model(run_dir / "evaluator" / BEST, Evaluator, EvaluatorConfig,
-                            space).to(context.device) if generator_config.evaluator_lists else None
-        torch.manual_seed(config.train.seed)
-        generator = NAR4Rec(generator_config, space)
-        result = _train_phase(generator, generator_step(generator_config, weights, judge),
-                              "generator", "nar4rec", generator_config, config.train, space,
+        train_config = getattr(config, phase.train)
+        torch.manual_seed(train_config.seed)
+        module = system.build(phase, model_config, space)
+        result = _train_phase(module, system.loss(phase, model_config, space, trained),
+                              phase.name, model, model_config, train_config, space,
                               train_paths, valid_paths, run_dir, resume, progress, context)
-        info = _finish_phase(run_dir, info, "generator", result, context)
+        info = _finish_phase(run_dir, info, phase.name, result, context)
     return info
 
 
-def evaluator_step(network: torch.nn.Module, batch: RequestBatch
-                   ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The evaluator's LossFn for the training loop: per-behaviour BCE on the logged lists."""
-    loss = evaluator_loss(network(batch), batch.feedback, batch.exposed_mask)
-    return loss, {"loss": float(loss.detach())}
-
-
-def generator_step(config: NAR4RecConfig, weights: torch.Tensor,
-                   evaluator: Evaluator | None = None):
-    """The generator's LossFn for the training loop, with its objective settings (tau set)
-    and, for `evaluator_lists`, the trained evaluator (frozen).
-
-    With the evaluator, the validation loss is minus the evaluator's mean utility for the
-    generator's greedy lists: what that training optimises (its loss on sampled lists is
-    relative to the greedy list and does not compare epochs)."""
-    if evaluator is not None:
-        evaluator.requires_grad_(False)
-
-    def step(network: torch.nn.Module, batch: RequestBatch
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-        out = network(batch)
-        if evaluator is not None and not network.training:
-            judged = greedy_judged_utility(out, batch, evaluator, weights)
-            return -judged, {"greedy_judged_utility": float(judged)}
-        terms = generator_loss(out, batch, config, weights, evaluator)
-        return terms.total, terms.as_dict()
-    return step
-
-
-def check_models(models) -> None:
-    """`--models` of compare and bench: known models, the evaluator alone excepted."""
-    unknown = [m for m in models if m not in MODELS or m == "evaluator"]
-    if unknown or not models:
-        choices = ", ".join(m for m in MODELS if m != "evaluator")
-        raise Nar4recError(f"--models: unknown model {unknown[0] if unknown else '(none)'!r}; "
-                           f"choose from {choices}")
-
-
-def _start_run(run_dir: Path, data_dir, model: str, config: RunConfig, train_paths,
-               evaluator_from, resume: bool, overwrite: bool,
+def _start_run(run_dir: Path, data_dir, system: type[System], config: RunConfig, train_paths,
+               reuse: dict[str, Path], resume: bool, overwrite: bool,
                context: DistributedContext) -> dict:
     """run.json of a new run (settings, FeatureSpace, list length), or of the resumed one."""
     existing = run_dir / RUN_FILE
     if resume and existing.exists():
         info = read_run(run_dir)
-        if info["model"] != model:
-            raise Nar4recError(f"{run_dir}: resuming a '{info['model']}' run as '{model}'")
+        if info["model"] != system.name:
+            raise Nar4recError(f"{run_dir}: resuming a '{info['model']}' run as "
+                               f"'{system.name}'")
         return info
     occupied = run_dir.exists() and any(run_dir.iterdir())
     context_barrier(context)               # every rank looks before rank 0 writes anything
@@ -272,32 +206,25 @@ def _start_run(run_dir: Path, data_dir, model: str, config: RunConfig, train_pat
         if context.is_main:
             shutil.rmtree(run_dir)
     context_barrier(context)
-    if evaluator_from is not None:
-        space = FeatureSpace.from_dict(read_run(evaluator_from)["space"])
+    if reuse:
+        space = FeatureSpace.from_dict(read_run(next(iter(reuse.values())))["space"])
     else:
         space = FeatureSpace.fit(train_paths, min_count=config.features.min_count,
                                  max_vocabulary=config.features.max_vocabulary)
     most_candidates, list_length = max_lengths(train_paths)
     if list_length < 1:
         raise Nar4recError(f"{train_paths[0]}: no request shows any item")
-    sections = _sections_of(model)
     config = dataclasses.replace(config, **{
-        name: dataclasses.replace(getattr(config, name), list_length=list_length)
-        for name in ("generator", "evaluator", model) if name in sections})
+        phase.section: dataclasses.replace(getattr(config, phase.section),
+                                           list_length=list_length)
+        for phase in system.phases})
     settings = {name: value for name, value in dataclasses.asdict(config).items()
-                if name in sections}
-    info = {"model": model, "data": str(data_dir), "list_length": list_length,
+                if name in system.sections}
+    info = {"model": system.name, "data": str(data_dir), "list_length": list_length,
             "max_candidates": most_candidates, "config": settings,
             "space": space.to_dict(), "phases": {}}
     _write_run(run_dir, info, context)
     return info
-
-
-def _sections_of(model: str) -> tuple[str, ...]:
-    """The RunConfig tables a model's run uses (run.json records only those)."""
-    if model in BASELINES:
-        return (model, "train", "features")
-    return ("generator", "evaluator", "train", "evaluator_train", "reranker", "features")
 
 
 def _train_phase(network: torch.nn.Module, step, name: str, model_name: str, model_config,
@@ -323,18 +250,18 @@ def _finish_phase(run_dir: Path, info: dict, phase: str, result: dict,
     return info
 
 
-def _copy_evaluator(source: Path, run_dir: Path, space: FeatureSpace,
-                    context: DistributedContext) -> None:
+def _copy_phase(source: Path, run_dir: Path, phase: str, context: DistributedContext) -> None:
+    """A finished phase of another run, copied into this one."""
     info = read_run(source)
-    if "evaluator" not in info["phases"]:
-        raise Nar4recError(f"{source}: its evaluator has not finished training")
+    if phase not in info["phases"]:
+        raise Nar4recError(f"{source}: its {phase} has not finished training")
     if context.is_main:
-        target = run_dir / "evaluator"
+        target = run_dir / phase
         target.mkdir(parents=True, exist_ok=True)
         for name in (BEST, METRICS, STEPS):
-            if (source / "evaluator" / name).exists():
+            if (source / phase / name).exists():
                 with atomic_file(target / name) as tmp:
-                    shutil.copyfile(source / "evaluator" / name, tmp)
+                    shutil.copyfile(source / phase / name, tmp)
     context_barrier(context)
 
 
@@ -367,135 +294,48 @@ def read_run(run_dir: str | Path) -> dict:
 
 @dataclass
 class LoadedRun:
-    """A trained run. `reranker` is NAR4Rec's Reranker (None for a baseline), `model` the
-    baseline (None for NAR4Rec and evaluator runs); `system` answers either way."""
+    """A trained run: run.json's content, its feature space and settings, and its system."""
 
     info: dict
     space: FeatureSpace
     config: RunConfig
-    reranker: Reranker | None = None
-    model: ListModel | None = None
+    system: System
 
     @property
-    def system(self) -> RerankerSystem | BaselineSystem:
-        return RerankerSystem(self.reranker) if self.reranker is not None \
-            else BaselineSystem(self.model)
+    def reranker(self) -> Reranker | None:
+        """NAR4Rec's generator-evaluator `Reranker`, for a run that has one."""
+        return getattr(self.system, "reranker", None)
 
 
 def load_run(run_dir: str | Path, *, sets: dict | None = None) -> LoadedRun:
-    """A trained run's system (best checkpoints); `sets` changes NAR4Rec's `reranker`
-    settings."""
+    """A trained run's system (best checkpoints); `sets` changes the settings its system
+    allows after training (NAR4Rec's `reranker.*`)."""
     run_dir = Path(run_dir)
     info = read_run(run_dir)
+    system = system_class(info["model"])
     config = RunConfig.from_dict(info["config"])
     if sets:
-        unknown = [k for k in sets if not k.startswith("reranker.")]
-        if unknown:
-            raise Nar4recError(f"--set {unknown[0]}: only reranker.* settings can change after "
-                               "training")
-        if info["model"] in BASELINES:
-            raise Nar4recError(f"--set {next(iter(sets))}: a {info['model']} run has no "
-                               "reranker settings")
+        system.check_settable(sets)
         config = apply_overrides(config, sets, source="--set")
-    missing = [p for p in phases_of(info["model"]) if p not in info["phases"]]
+    missing = [p.name for p in system.phases if p.name not in info["phases"]]
     if missing:
         raise Nar4recError(f"{run_dir}: the {missing[0]} has not finished training (run "
                            "`nar4rec train ... --resume`)")
     space = FeatureSpace.from_dict(info["space"])
-    if info["model"] in BASELINES:
-        model_class, config_class = baseline(info["model"])
-        model = _load_model(run_dir / BASELINE_PHASE / BEST, model_class, config_class, space)
-        return LoadedRun(info=info, space=space, config=config, model=model)
-    evaluator = _load_model(run_dir / "evaluator" / BEST, Evaluator, EvaluatorConfig, space)
-    generator = _load_model(run_dir / "generator" / BEST, NAR4Rec, NAR4RecConfig, space) \
-        if info["model"] == "nar4rec" else None
-    reranker = Reranker(generator, evaluator, space.utility_weights, config.reranker,
-                        list_length=info["list_length"])
-    return LoadedRun(info=info, space=space, config=config, reranker=reranker)
+    modules = {phase.name: _load_phase(run_dir, system, phase, space)
+               for phase in system.phases}
+    return LoadedRun(info=info, space=space, config=config,
+                     system=system(modules, config, space, info["list_length"]))
 
 
-def phases_of(model: str) -> tuple[str, ...]:
-    """The training phases a finished run of `model` has."""
-    if model in BASELINES:
-        return (BASELINE_PHASE,)
-    return PHASES if model == "nar4rec" else ("evaluator",)
-
-
-def _load_model(path: Path, cls, config_cls, space: FeatureSpace) -> torch.nn.Module:
-    checkpoint = load_checkpoint(path)
-    model = cls(config_cls(**checkpoint["describe"]["config"]), space)
-    model.load_state_dict(checkpoint["model"])
-    return model.eval()
-
-
-class BaselineSystem:
-    """A baseline behind the interface evaluation uses (`base.ListModel` already is one)."""
-
-    def __init__(self, model: ListModel):
-        self.model = model.eval()
-
-    def rerank(self, batch: RequestBatch) -> Ranking:
-        return self.model.rerank(batch)
-
-    def evaluate(self, batch: RequestBatch, variants: bool = True
-                 ) -> tuple[Ranking, dict[str, torch.Tensor]]:
-        """The returned lists and, for NAR4Rec, its other decodings (none here)."""
-        return self.model.rerank(batch), {}
-
-    def logged_click(self, batch: RequestBatch) -> torch.Tensor:
-        return self.model.logged_click(batch)
-
-
-class RerankerSystem:
-    """NAR4Rec's Reranker behind the same interface as a baseline.
-
-    Scores for Recall@k and the exposure probability are a candidate's row sum of the
-    probability matrix, clipped to 1 (the evaluator's item-wise score without a generator);
-    logged clicks come from the evaluator's first behaviour on the logged list. `evaluate`
-    also decodes the generator's matrix with every decoder of the paper's Table 7 and ranks by
-    the evaluator's item-wise score, so the variants are measured on the same forward pass.
-    """
-
-    VARIANTS = ("generator_greedy", "generator_contrastive", "generator_beam", "generator_top_k",
-                "generator_dpp", "evaluator_top_m")
-
-    def __init__(self, reranker: Reranker):
-        self.reranker = reranker
-
-    def rerank(self, batch: RequestBatch) -> Ranking:
-        return self.evaluate(batch, variants=False)[0]
-
-    def evaluate(self, batch: RequestBatch, variants: bool = True
-                 ) -> tuple[Ranking, dict[str, torch.Tensor]]:
-        reranker = self.reranker
-        if reranker.generator is None:
-            ranking = Ranking(reranker.evaluator_top_m(batch).lists,
-                              reranker.item_wise_scores(batch))
-            return ranking, {}
-        out = reranker.generator(batch)
-        exposure = out.probs.sum(-1).clamp(0.0, 1.0)                       # (B, n)
-        ranking = Ranking(reranker.choose(batch, out).lists,
-                          exposure.masked_fill(~batch.cand_mask, -torch.inf), exposure)
-        if not variants:
-            return ranking, {}
-        config = reranker.config
-        keys = request_keys(batch.user_cat, batch.cand_cat, batch.cand_mask)
-        uniform = request_uniforms(keys, config.seed, 1, out.probs.shape[2])[:, 0]
-        return ranking, {
-            "generator_greedy": decode.greedy(out.probs, out.cand_mask),
-            "generator_contrastive": decode.contrastive(
-                out.probs, out.item_repr, out.cand_mask, alpha=config.contrastive_alpha,
-                k=config.candidate_set, similarity=config.similarity),
-            "generator_beam": decode.beam_search(out.probs, out.cand_mask),
-            "generator_top_k": decode.top_k_sampling(
-                out.probs, out.cand_mask, k=config.sample_k, temperature=config.temperature,
-                uniform=uniform),
-            "generator_dpp": decode.dpp(out.probs, out.item_repr, out.cand_mask),
-            "evaluator_top_m": reranker.evaluator_top_m(batch).lists,
-        }
-
-    def logged_click(self, batch: RequestBatch) -> torch.Tensor:
-        return torch.sigmoid(self.reranker.evaluator(batch)[..., 0])       # (B, M)
+def _load_phase(run_dir: Path, system: type[System], phase: Phase,
+                space: FeatureSpace) -> torch.nn.Module:
+    """The trained module of `phase` (its best checkpoint), in evaluation mode."""
+    checkpoint = load_checkpoint(run_dir / phase.name / BEST)
+    config_class = type(getattr(RunConfig(), phase.section))
+    module = system.build(phase, config_class(**checkpoint["describe"]["config"]), space)
+    module.load_state_dict(checkpoint["model"])
+    return module.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,7 +391,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, *, split: str = "tes
     most_candidates, _ = max_lengths(paths)
     exposure_protocol = most_candidates > run.info["list_length"]
     model = run.info["model"]
-    method = "evaluator_top_m" if model == "evaluator" else model   # the lists `rerank` returns
+    method = system.lists_name or model                  # the name of the lists it returns
     item_scores, item_labels = [], []
     means = {name: _Mean() for name in ("ndcg", "ndcg_all_requests", "recall@6", "recall@10",
                                         "exposure_logloss")}
@@ -685,14 +525,8 @@ def rerank_file(run_dir: str | Path, data_file: str | Path, out_file: str | Path
         raise Nar4recError(f"{data_file}: no such file")
     tables = []
     for batch in RequestLoader([data_file], run.space, batch_size=batch_size):
-        if run.reranker is not None:
-            reranked = run.reranker.rerank(batch)
-            lists, item_scores, utility = reranked.lists, reranked.item_scores, reranked.utility
-        else:                        # a baseline: its own score of each placed candidate
-            ranking = run.model.rerank(batch)
-            lists = ranking.lists
-            item_scores = ranking.scores.gather(1, lists.clamp_min(0))
-            utility = torch.full((len(batch),), torch.nan)
+        reranked = run.system.rerank(batch)
+        lists, item_scores, utility = reranked.lists, reranked.item_scores, reranked.utility
         lists = lists.numpy()                                           # (B, m)
         placed = lists >= 0
         items = np.take_along_axis(np.asarray(batch.item_id), np.where(placed, lists, 0), 1)
@@ -714,3 +548,8 @@ def rerank_file(run_dir: str | Path, data_file: str | Path, out_file: str | Path
 def _ragged(flat: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+
+def phases_of(model: str) -> tuple[str, ...]:
+    """The phases a finished run of `model` has."""
+    return tuple(phase.name for phase in system_class(model).phases)

@@ -87,8 +87,13 @@ def write_report(result: dict, path: str | Path) -> None:
 
 def plot_training_curves(run_dir: Path, out: Path) -> bool:
     """Training loss by step and validation loss by epoch of each phase; False if none."""
-    phases = [p for p in ("evaluator", "generator", "model")
-              if (run_dir / p / "metrics.jsonl").exists()]
+    import json
+
+    from nar4rec.pipeline import RUN_FILE
+
+    recorded = json.loads((run_dir / RUN_FILE).read_text())["phases"] \
+        if (run_dir / RUN_FILE).exists() else {}
+    phases = [p for p in recorded if (run_dir / p / "metrics.jsonl").exists()]
     if not phases:
         return False
     import matplotlib

@@ -14,16 +14,24 @@ item-wise scores (`evaluator_top_m`), the "rank by a point-wise model" strategy.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 import torch
 
 from nar4rec import decode
-from nar4rec.data.loader import RequestBatch
-from nar4rec.models.base import predicted_utility, top_m
-from nar4rec.models.evaluator import Evaluator
-from nar4rec.models.nar4rec import GeneratorOutput, NAR4Rec
+from nar4rec.data.loader import RequestBatch, RequestLoader
+from nar4rec.models.base import Ranking, predicted_utility, top_m
+from nar4rec.models.evaluator import Evaluator, evaluator_loss
+from nar4rec.models.nar4rec import (
+    GeneratorOutput,
+    NAR4Rec,
+    generator_loss,
+    greedy_judged_utility,
+    resolve_tau,
+)
+from nar4rec.system import Phase, Reranked, System
 
 SELECTIONS = ("evaluator", "first")
 
@@ -106,25 +114,6 @@ class RerankerConfig:
                 + int(self.evaluator_top_m))
 
 
-@dataclass
-class Reranked:
-    """The reranker's answer for B requests.
-
-    lists: (B, m) candidate indices in the order to show them, NO_ITEM (-1) past the end of a
-        request with fewer than m candidates.
-    utility: (B,) the evaluator's predicted utility of each returned list (nan without one).
-    item_scores: (B, m) the evaluator's predicted utility of each placed item, in list order
-        (without an evaluator: the generator's probability of the item at its position).
-    proposals: (B, K, m) every proposed list; chosen: (B,) which one was returned.
-    """
-
-    lists: torch.Tensor
-    utility: torch.Tensor
-    item_scores: torch.Tensor
-    proposals: torch.Tensor
-    chosen: torch.Tensor
-
-
 class Reranker:
     """A trained generator and/or evaluator behind one `rerank(batch)` call.
 
@@ -194,22 +183,6 @@ class Reranker:
     def proposals(self, batch: RequestBatch, out: GeneratorOutput) -> torch.Tensor:
         """`propose` from the generator's output for the batch, already computed."""
         return proposals_of(out, batch, self.evaluator, self.weights, self.config)
-
-    @torch.no_grad()
-    def decode(self, out: GeneratorOutput, keys: torch.Tensor | None = None,
-               pairwise: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, K, m) the K proposals decoded from a generator output; `keys` (B,) from
-        `request_keys` make each request's samples its own (None: drawn for the batch);
-        `pairwise` (B, n, n) from `pairwise(batch)` when there are evaluator alphas."""
-        return propose(out.probs, out.item_repr, out.cand_mask, self.config, keys, pairwise)
-
-    @torch.no_grad()
-    def pairwise(self, batch: RequestBatch) -> torch.Tensor | None:
-        """(B, n, n) the evaluator's candidate similarities when `evaluator_alphas` asks for
-        them, else None."""
-        if not self.config.evaluator_alphas:
-            return None
-        return self.evaluator.candidate_similarity(batch)
 
     @torch.no_grad()
     def item_utility(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
@@ -402,3 +375,185 @@ def propose(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tenso
                                             generator=sampler).unsqueeze(1)
                       for _ in range(samples)]
     return torch.cat(lists, dim=1)                                     # (B, K, m)
+
+
+# ---------------------------------------------------------------------------------------------
+# The systems of the registry: the evaluator alone, and NAR4Rec (evaluator, then generator)
+
+TAU_REQUESTS = 200_000          # logged lists read to set tau from the training utilities
+
+
+def evaluator_step(network: torch.nn.Module, batch: RequestBatch
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The evaluator's LossFn for the training loop: per-behaviour BCE on the logged lists."""
+    loss = evaluator_loss(network(batch), batch.feedback, batch.exposed_mask)
+    return loss, {"loss": float(loss.detach())}
+
+
+def generator_step(config, weights: torch.Tensor, evaluator: Evaluator | None = None):
+    """The generator's LossFn for the training loop, with its objective settings (tau set)
+    and, for `evaluator_lists`, the trained evaluator (frozen).
+
+    With the evaluator, the validation loss is minus the evaluator's mean utility for the
+    generator's greedy lists: what that training optimises (its loss on sampled lists is
+    relative to the greedy list and does not compare epochs)."""
+    if evaluator is not None:
+        evaluator.requires_grad_(False)
+
+    def step(network: torch.nn.Module, batch: RequestBatch
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        out = network(batch)
+        if evaluator is not None and not network.training:
+            judged = greedy_judged_utility(out, batch, evaluator, weights)
+            return -judged, {"greedy_judged_utility": float(judged)}
+        terms = generator_loss(out, batch, config, weights, evaluator)
+        return terms.total, terms.as_dict()
+    return step
+
+
+class EvaluatorSystem(System):
+    """NAR4Rec's evaluator alone: each candidate scored alone by it, the m best shown
+    (`Reranker.evaluator_top_m`, the "rank by a point-wise model" strategy)."""
+
+    phases = (Phase("evaluator", "evaluator", "evaluator_train"),)
+    sections = ("evaluator", "evaluator_train", "features")
+    lists_name = "evaluator_top_m"
+
+    def __init__(self, modules, config, space, list_length):
+        super().__init__(modules, config, space, list_length)
+        self.reranker = Reranker(modules.get("generator"), modules["evaluator"], self.weights,
+                                 config.reranker, list_length=list_length)
+
+    @classmethod
+    def build(cls, phase, model_config, space):
+        if phase.name == "evaluator":
+            return Evaluator(model_config, space)
+        return NAR4Rec(model_config, space)
+
+    @classmethod
+    def loss(cls, phase, model_config, space, trained):
+        return evaluator_step
+
+    def to(self, device) -> EvaluatorSystem:
+        super().to(device)
+        self.reranker.weights = self.weights
+        return self
+
+    @torch.no_grad()
+    def rerank(self, batch: RequestBatch) -> Reranked:
+        return self.reranker.evaluator_top_m(batch)
+
+    @torch.no_grad()
+    def evaluate(self, batch: RequestBatch, variants: bool = True
+                 ) -> tuple[Ranking, dict[str, torch.Tensor]]:
+        return Ranking(self.rerank(batch).lists, self.reranker.item_wise_scores(batch)), {}
+
+    @torch.no_grad()
+    def logged_click(self, batch: RequestBatch) -> torch.Tensor:
+        return torch.sigmoid(self.modules["evaluator"](batch)[..., 0])      # (B, M)
+
+
+class NAR4RecSystem(EvaluatorSystem):
+    """NAR4Rec (section 4): the evaluator, then the generator; the generator proposes lists
+    and the evaluator picks (`Reranker`).
+
+    For the offline metrics a candidate's score and exposure probability are its row sum of
+    the probability matrix, clipped to 1. `evaluate` also decodes the generator's matrix with
+    every decoder of the paper's Table 7 and ranks by the evaluator's item-wise score, so the
+    variants are measured on the same forward pass.
+    """
+
+    phases = (Phase("evaluator", "evaluator", "evaluator_train"),
+              Phase("generator", "generator", "train"))
+    sections = ("generator", "evaluator", "train", "evaluator_train", "reranker", "features")
+    settable = ("reranker",)
+    lists_name = None
+    VARIANTS = ("generator_greedy", "generator_contrastive", "generator_beam", "generator_top_k",
+                "generator_dpp", "evaluator_top_m")
+    TABLE6 = {"nar4rec_vanilla": "vanilla (likelihood on every logged list)",
+              "nar4rec": "unlikelihood (eq. 15)"}
+    TABLE7 = {"contrastive": "generator_contrastive", "greedy": "generator_greedy",
+              "beam search": "generator_beam", "top-k sampling": "generator_top_k",
+              "DPP": "generator_dpp", "pipeline (proposals + evaluator)": "nar4rec"}
+
+    @classmethod
+    def phase_config(cls, phase, config, train_paths, space):
+        model_config = getattr(config, phase.section)
+        if (phase.name == "generator" and model_config.objective == "unlikelihood"
+                and model_config.tau is None):
+            loader = RequestLoader(train_paths, space, batch_size=4096)
+            model_config = resolve_tau(model_config, loader, max_requests=TAU_REQUESTS)
+        return model_config
+
+    @classmethod
+    def loss(cls, phase, model_config, space, trained):
+        if phase.name == "evaluator":
+            return evaluator_step
+        judge = trained("evaluator") if model_config.evaluator_lists else None
+        return generator_step(model_config, space.utility_weights, judge)
+
+    @classmethod
+    def companions(cls, config):
+        """Table 6: a generator trained with vanilla (likelihood) training on the same
+        evaluator."""
+        vanilla = dataclasses.replace(config, generator=dataclasses.replace(
+            config.generator, objective="likelihood"))
+        return {"nar4rec_vanilla": (vanilla, ("evaluator",))}
+
+    @property
+    def generator(self) -> NAR4Rec:
+        return self.modules["generator"]
+
+    @torch.no_grad()
+    def rerank(self, batch: RequestBatch) -> Reranked:
+        return self.reranker.rerank(batch)
+
+    @torch.no_grad()
+    def evaluate(self, batch: RequestBatch, variants: bool = True
+                 ) -> tuple[Ranking, dict[str, torch.Tensor]]:
+        reranker = self.reranker
+        out = self.generator(batch)
+        exposure = out.probs.sum(-1).clamp(0.0, 1.0)                       # (B, n)
+        ranking = Ranking(reranker.choose(batch, out).lists,
+                          exposure.masked_fill(~batch.cand_mask, -torch.inf), exposure)
+        if not variants:
+            return ranking, {}
+        config = reranker.config
+        keys = request_keys(batch.user_cat, batch.cand_cat, batch.cand_mask)
+        uniform = request_uniforms(keys, config.seed, 1, out.probs.shape[2])[:, 0]
+        return ranking, {
+            "generator_greedy": decode.greedy(out.probs, out.cand_mask),
+            "generator_contrastive": decode.contrastive(
+                out.probs, out.item_repr, out.cand_mask, alpha=config.contrastive_alpha,
+                k=config.candidate_set, similarity=config.similarity),
+            "generator_beam": decode.beam_search(out.probs, out.cand_mask),
+            "generator_top_k": decode.top_k_sampling(
+                out.probs, out.cand_mask, k=config.sample_k, temperature=config.temperature,
+                uniform=uniform),
+            "generator_dpp": decode.dpp(out.probs, out.item_repr, out.cand_mask),
+            "evaluator_top_m": reranker.evaluator_top_m(batch).lists,
+        }
+
+    def inference_calls(self):
+        """The paper's Table 4 times the generation (the generator's forward pass and
+        contrastive decoding, under the model's name); then the whole pipeline."""
+        config = self.reranker.config
+
+        def generation(batch: RequestBatch) -> torch.Tensor:
+            out = self.generator(batch)
+            return decode.contrastive(out.probs, out.item_repr, out.cand_mask,
+                                      alpha=config.contrastive_alpha, k=config.candidate_set,
+                                      similarity=config.similarity)
+        return {self.name: generation, f"{self.name}_pipeline": self.rerank}
+
+    def graphs(self):
+        """The pipeline (the system graph), and the generator and evaluator alone, which
+        serve every other decoder."""
+        from nar4rec.export import EvaluatorGraph, GeneratorGraph
+        from nar4rec.system import FEATURE_INPUTS, Graph
+
+        return {**super().graphs(),
+                "generator": Graph(GeneratorGraph(self.generator), FEATURE_INPUTS,
+                                   ("probs", "item_repr")),
+                "evaluator": Graph(EvaluatorGraph(self.modules["evaluator"]),
+                                   (*FEATURE_INPUTS, "lists", "list_mask"), ("logits",))}

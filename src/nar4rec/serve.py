@@ -89,8 +89,10 @@ class RerankRequest(BaseModel):
 class RerankResponse(BaseModel):
     request_id: Id | None
     items: list[Id] = Field(description="item ids in the order to show them")
-    scores: list[float] = Field(description="each item's predicted utility")
-    predicted_utility: float = Field(description="the list's predicted utility")
+    scores: list[float] = Field(description="each item's predicted utility in the list (a "
+                                "baseline: its own score of the item)")
+    predicted_utility: float | None = Field(description="the list's predicted utility; null "
+                                            "for a model that predicts none (the baselines)")
     latency_ms: float
 
 
@@ -122,13 +124,12 @@ class Backend:
             torch.set_num_threads(max(threads, 1))
             where = resolve_device(device)
             loaded = load_run(run)
-            self.space, self.reranker, self.onnx = loaded.space, loaded.reranker, None
+            self.space, self.system, self.onnx = loaded.space, loaded.system.to(where), None
             self.list_length = loaded.info["list_length"]
             self.model, self.kind = loaded.info["model"], "pytorch"
             if where.type == "cuda":
                 from nar4rec.cuda_graphs import GraphedReranker
-                self.graphed = GraphedReranker(self.reranker.to(where), buckets=True,
-                                               max_batch=max_batch)
+                self.graphed = GraphedReranker(self.system, buckets=True, max_batch=max_batch)
                 self.kind = "pytorch, CUDA graphs"
         else:
             from nar4rec.export import OnnxReranker
@@ -137,7 +138,7 @@ class Backend:
                                    f"--device {device}")
             self.onnx = OnnxReranker(export, threads=threads)
             self.space = FeatureSpace.from_dict(self.onnx.manifest["space"])
-            self.reranker = None
+            self.system = None
             self.list_length = self.onnx.manifest["list_length"]
             self.model, self.kind = self.onnx.manifest["model"], "onnxruntime"
         self.lock = threading.Lock()
@@ -149,7 +150,7 @@ class Backend:
                 from nar4rec.export import FEATURE_INPUTS
                 return self.onnx.rerank({k: getattr(batch, k).numpy() for k in FEATURE_INPUTS},
                                         with_scores=True)
-            out = (self.graphed or self.reranker).rerank(batch)
+            out = (self.graphed or self.system).rerank(batch)
             return (out.lists.cpu().numpy(), out.item_scores.cpu().numpy(),
                     out.utility.cpu().numpy())
 
@@ -446,7 +447,8 @@ def create_app(backend: Backend, *, max_candidates: int = 1000,
             stats.latencies.append(latency)
         return RerankResponse(request_id=body.request_id, items=items,
                               scores=[float(s) for s in scores[placed]],
-                              predicted_utility=utility, latency_ms=latency)
+                              predicted_utility=None if math.isnan(utility) else utility,
+                              latency_ms=latency)
 
     @app.get("/healthz")
     def healthz() -> dict:

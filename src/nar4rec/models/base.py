@@ -17,6 +17,8 @@ dataclass config that extends `InputConfig` (the feature inputs every model shar
 
 `rerank` and `logged_click` run without gradients and loop over positions at most, never over
 requests. `step(network, batch)` is the `LossFn` that `nar4rec.train.train` takes.
+`BaselineSystem` puts a ListModel behind the `system.System` interface (one phase, "model");
+each baseline's file declares its own, which `registry` names.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from nar4rec.data.loader import RequestBatch
 from nar4rec.decode import NO_ITEM
 from nar4rec.models.evaluator import evaluator_loss
 from nar4rec.models.layers import UPSTREAM_NORMS
+from nar4rec.system import Phase, Reranked, System
 
 
 @dataclass
@@ -142,6 +145,48 @@ class PointwiseModel(ListModel):
         return torch.sigmoid(self(batch)[..., 0])                      # (B, M)
 
 
+class BaselineSystem(System):
+    """A baseline (`ListModel`) as a reranking system: one phase, "model", whose settings are
+    the RunConfig table named in the subclass's declaration (`class DNNSystem(BaselineSystem,
+    section="dnn")`), trained by the main training settings."""
+
+    model_class: type[ListModel]
+
+    def __init_subclass__(cls, *, section: str, model_class: type[ListModel], **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.model_class = model_class
+        cls.phases = (Phase("model", section, "train"),)
+        cls.sections = (section, "train", "features")
+
+    @classmethod
+    def build(cls, phase, model_config, space):
+        return cls.model_class(model_config, space)
+
+    @classmethod
+    def loss(cls, phase, model_config, space, trained):
+        return ListModel.step
+
+    @property
+    def model(self) -> ListModel:
+        return self.modules["model"]
+
+    @torch.no_grad()
+    def rerank(self, batch: RequestBatch) -> Reranked:
+        """The model's list, each placed item scored by the model's own candidate score."""
+        ranking = self.model.rerank(batch)
+        return Reranked.single(ranking.lists, ranking.scores.gather(
+            1, ranking.lists.clamp_min(0)))
+
+    @torch.no_grad()
+    def evaluate(self, batch: RequestBatch, variants: bool = True
+                 ) -> tuple[Ranking, dict[str, torch.Tensor]]:
+        return self.model.rerank(batch), {}
+
+    @torch.no_grad()
+    def logged_click(self, batch: RequestBatch) -> torch.Tensor:
+        return self.model.logged_click(batch)
+
+
 def feedback_loss(logits: torch.Tensor, batch: RequestBatch
                   ) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-behaviour binary cross-entropy of (B, M, K) logits of the logged items against their
@@ -168,21 +213,31 @@ def top_m(scores: torch.Tensor, cand_mask: torch.Tensor, m: int) -> torch.Tensor
     n = scores.shape[1]
     width = min(m, n)
     masked = scores.masked_fill(~cand_mask, -torch.inf)
-    if torch.compiler.is_compiling():   # traced for ONNX, which has no stable sort; its
-        order = masked.topk(width, dim=1).indices   # TopK puts the lower index first on ties
-    else:   # a stable descending sort keeps ties in index order (torch.topk does not promise it)
-        order = masked.argsort(dim=1, descending=True, stable=True)[:, :width]   # (B, width)
+    order = descending_order(masked, width)                                   # (B, width)
     lists = torch.full((len(scores), m), NO_ITEM, dtype=torch.long, device=scores.device)
     real = cand_mask.gather(1, order)                                         # (B, width)
     lists[:, :width] = order.masked_fill(~real, NO_ITEM)
     return lists
 
 
+def descending_order(values: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """(B, count) indices of the `count` largest of values (B, n) (default: all n), largest
+    first, ties to the lower index.
+
+    Eagerly a stable descending sort (torch.topk does not promise its order of ties); while a
+    graph is traced for ONNX, which has no stable sort, TopK, which puts the lower index first
+    on ties."""
+    count = values.shape[1] if count is None else count
+    if torch.compiler.is_compiling():
+        return values.topk(count, dim=1).indices
+    return values.argsort(dim=1, descending=True, stable=True)[:, :count]
+
+
 def initial_order(batch: RequestBatch) -> torch.Tensor:
     """(B, n) the ranking stage's order of each request's candidates: descending upstream
     score, ties to the lower index, padding last (the "initial list" of PRM and Seq2Slate)."""
     upstream = batch.upstream_score.float().masked_fill(~batch.cand_mask, -torch.inf)
-    return upstream.argsort(dim=1, descending=True, stable=True)
+    return descending_order(upstream)
 
 
 def logged_index(batch: RequestBatch) -> torch.Tensor:

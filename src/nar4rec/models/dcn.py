@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from nar4rec.data.loader import FeatureSpace
-from nar4rec.models.base import InputConfig, PointwiseModel
+from nar4rec.models.base import BaselineSystem, InputConfig, PointwiseModel
 from nar4rec.models.layers import MLP, personalised_inputs
 
 
@@ -74,3 +74,7 @@ class DCN(PointwiseModel):
 
     def logits_of(self, pairs: torch.Tensor) -> torch.Tensor:
         return self.head(torch.cat([self.cross(pairs), self.deep(pairs)], dim=-1))  # (B, L, K)
+
+
+class DCNSystem(BaselineSystem, section="dcn", model_class=DCN):
+    """DCN behind the `system.System` interface (registered as "dcn")."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from nar4rec.data.loader import FeatureSpace
-from nar4rec.models.base import InputConfig, PointwiseModel
+from nar4rec.models.base import BaselineSystem, InputConfig, PointwiseModel
 from nar4rec.models.layers import MLP, personalised_inputs
 
 
@@ -51,3 +51,7 @@ class DNN(PointwiseModel):
 
     def logits_of(self, pairs: torch.Tensor) -> torch.Tensor:
         return self.tower(pairs)                                       # (B, L, K)
+
+
+class DNNSystem(BaselineSystem, section="dnn", model_class=DNN):
+    """DNN behind the `system.System` interface (registered as "dnn")."""

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from nar4rec.data.loader import FeatureSpace, RequestBatch
-from nar4rec.decode import NO_ITEM
+from nar4rec.decode import NO_ITEM, beam_origin
 from nar4rec.models.base import (
+    BaselineSystem,
     InputConfig,
     ListModel,
     Ranking,
@@ -186,7 +187,7 @@ class EdgeRerank(ListModel):
                 pruned = extended < best - self.config.prune_margin * best.abs()
                 extended = extended.masked_fill(pruned, -torch.inf)
             top, flat = extended.topk(width, dim=1)                    # (B, W)
-            parent, item = flat // n, flat % n
+            parent, item = beam_origin(flat, n)
             active = (position < real)[:, None]                        # (B, 1)
             parent = torch.where(active, parent, beams)
             item = torch.where(active, item, NO_ITEM)
@@ -203,3 +204,7 @@ class EdgeRerank(ListModel):
     @torch.no_grad()
     def logged_click(self, batch: RequestBatch) -> torch.Tensor:
         return torch.sigmoid(self(batch)[..., 0])                      # (B, M)
+
+
+class EdgeRerankSystem(BaselineSystem, section="edge_rerank", model_class=EdgeRerank):
+    """EdgeRerank behind the `system.System` interface (registered as "edge_rerank")."""

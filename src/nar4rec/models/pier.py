@@ -34,9 +34,11 @@ from torch import nn
 from nar4rec.data.loader import FeatureSpace, RequestBatch
 from nar4rec.decode import NO_ITEM
 from nar4rec.models.base import (
+    BaselineSystem,
     InputConfig,
     ListModel,
     Ranking,
+    descending_order,
     padding_rows,
     predicted_utility,
     top_m,
@@ -124,16 +126,18 @@ class DistanceAwareAttention(nn.Module):
     def forward(self, h: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
         """h (S, m, d), padding (S, m) True on keys to ignore -> (S, m, d)."""
         count, m, d = h.shape
-        q, k, v = self.qkv(h).view(count, m, 3, self.heads, d // self.heads) \
+        q, k, v = self.qkv(h).reshape(count, m, 3, self.heads, d // self.heads) \
             .permute(2, 0, 3, 1, 4)                                    # 3 x (S, H, m, d / H)
         position = torch.arange(m, device=h.device)
         distance = (position[:, None] - position[None, :]).abs().clamp(
             max=self.distance_bias.shape[1] - 1)                      # (m, m)
         bias = torch.where(padding[:, None, None, :], -torch.inf,
                            self.distance_bias[:, distance])           # (S, H, m, m)
-        attended = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(attended.transpose(1, 2).reshape(count, m, d))
+        # the attention written out: over m keys as fast as the fused kernel, and a graph the
+        # ONNX exporter takes (its decomposition of the fused one fails on this bias)
+        scores = q @ k.transpose(-1, -2) * (d // self.heads) ** -0.5 + bias   # (S, H, m, m)
+        weights = F.dropout(scores.softmax(-1), self.dropout, self.training)
+        return self.out((weights @ v).transpose(1, 2).reshape(count, m, d))
 
 
 class OCPMLayer(nn.Module):
@@ -242,8 +246,7 @@ class PIER(ListModel):
         interest, permutation = self.fpsm(items, user, lists, lists >= 0)
         similarity = hash_similarity(simhash(interest, self.hash_planes).unsqueeze(1),
                                      simhash(permutation, self.hash_planes))  # (B, P)
-        order = similarity.argsort(dim=1, descending=True, stable=True)
-        return order[:, :self.config.top_k]                            # (B, k)
+        return descending_order(similarity, min(self.config.top_k, similarity.shape[1]))
 
     def forward(self, batch: RequestBatch) -> PIEROutput:
         items, user = self.embed(batch)
@@ -341,3 +344,7 @@ def simhash(vectors: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
 def hash_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Number of equal bits of broadcastable codes (..., bits) -> (...): bits - Hamming."""
     return (a == b).sum(-1)
+
+
+class PIERSystem(BaselineSystem, section="pier", model_class=PIER):
+    """PIER behind the `system.System` interface (registered as "pier")."""

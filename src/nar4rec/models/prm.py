@@ -25,6 +25,7 @@ from torch import nn
 
 from nar4rec.data.loader import FeatureSpace, RequestBatch
 from nar4rec.models.base import (
+    BaselineSystem,
     InputConfig,
     ListModel,
     Ranking,
@@ -205,3 +206,7 @@ def softmax_loss(logits: torch.Tensor, batch: RequestBatch,
     cross_entropy = -(target * log_p).sum(1)                           # (B, K)
     weight = (total > 0).to(logits) * weights.to(logits)               # (B, K)
     return (cross_entropy * weight).sum() / weight.sum().clamp(min=1e-12)
+
+
+class PRMSystem(BaselineSystem, section="prm", model_class=PRM):
+    """PRM behind the `system.System` interface (registered as "prm")."""

@@ -32,8 +32,10 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from nar4rec.data.loader import FeatureSpace, RequestBatch
-from nar4rec.decode import NO_ITEM
+from nar4rec.decode import NO_ITEM, beam_origin
+from nar4rec.errors import Nar4recError
 from nar4rec.models.base import (
+    BaselineSystem,
     InputConfig,
     ListModel,
     Ranking,
@@ -227,8 +229,9 @@ class Seq2Slate(ListModel):
             extended = (score[..., None] + log_p).view(batch_size, width * n)
             best, flat = extended.topk(width, dim=1)                    # (B, W)
             active = step < real                                        # (B, 1)
-            parent = torch.where(active, flat // n, beams)              # (B, W)
-            item = torch.where(active, flat % n, NO_ITEM)               # (B, W)
+            parent, item = beam_origin(flat, n)
+            parent = torch.where(active, parent, beams)                 # (B, W)
+            item = torch.where(active, item, NO_ITEM)                   # (B, W)
             score = torch.where(active, best, score)
             exposure = (exposure + log_p.exp()).gather(1, parent[..., None].expand(-1, -1, n))
             used = used.gather(1, parent[..., None].expand(-1, -1, n))
@@ -268,3 +271,15 @@ class Seq2Slate(ListModel):
         start, _ = self.decoder(self.go.expand(len(items), 1, items.shape[-1]), state)
         first = self.point(keys, start, ~batch.cand_mask[:, None])[:, 0].exp()  # (B, n)
         return first.gather(1, logged_index(batch)) * batch.exposed_mask
+
+
+class Seq2SlateSystem(BaselineSystem, section="seq2slate", model_class=Seq2Slate):
+    """Seq2Slate behind the `system.System` interface (registered as "seq2slate")."""
+
+    def graphs(self):
+        """None: the encoder reads each request's candidates as a packed sequence of its own
+        length (`pack_padded_sequence`), which the ONNX exporter cannot trace with a dynamic
+        candidate count."""
+        raise Nar4recError("seq2slate cannot be exported to ONNX: its LSTM encoder packs each "
+                           "request's candidates to their own length, which the exporter "
+                           "cannot trace; serve the run with `nar4rec serve --run`")

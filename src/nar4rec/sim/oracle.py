@@ -137,13 +137,6 @@ def _standalone_gain(world: World, terms: CandidateTerms) -> np.ndarray:
                            np.zeros((requests, 1), dtype=np.float32))[:, 0]
 
 
-def _unused(lists: np.ndarray, n: int) -> np.ndarray:
-    """The candidates not in each list, in index order: (R, m) -> (R, n - m)."""
-    mask = np.ones((len(lists), n), dtype=bool)
-    np.put_along_axis(mask, lists, False, axis=1)
-    return np.nonzero(mask)[1].reshape(len(lists), n - lists.shape[1])
-
-
 def oracle(world: World, terms: CandidateTerms, m: int) -> tuple[np.ndarray, np.ndarray, str]:
     """The near-best list of every request and its utility, and the method used."""
     c = world.config
