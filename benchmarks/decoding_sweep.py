@@ -28,8 +28,8 @@ import torch
 from nar4rec import decode
 from nar4rec.data.loader import RequestLoader
 from nar4rec.metrics import list_utility
-from nar4rec.pipeline import load_run, read_run, split_files
 from nar4rec.reranker import Reranker
+from nar4rec.runs import load_run, read_run, split_files
 from nar4rec.sim.world import World
 
 

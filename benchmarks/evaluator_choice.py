@@ -26,8 +26,8 @@ import torch
 from nar4rec import decode
 from nar4rec.data.loader import RequestBatch, RequestLoader
 from nar4rec.metrics import list_utility
-from nar4rec.pipeline import load_run, split_files
 from nar4rec.reranker import Reranker
+from nar4rec.runs import load_run, split_files
 from nar4rec.sim.world import World
 
 EVALUATOR_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.2)

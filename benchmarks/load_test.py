@@ -37,7 +37,7 @@ def free_port() -> int:
 
 def space_of(args) -> FeatureSpace:
     if args.run:
-        from nar4rec.pipeline import read_run
+        from nar4rec.runs import read_run
         return FeatureSpace.from_dict(read_run(args.run)["space"])
     manifest = json.loads(open(os.path.join(args.export, "manifest.json")).read())
     return FeatureSpace.from_dict(manifest["space"])

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from nar4rec import decode
 from nar4rec.data.loader import RequestLoader
 from nar4rec.metrics import list_utility
-from nar4rec.pipeline import load_run, split_files
 from nar4rec.reranker import RerankerConfig, propose
+from nar4rec.runs import load_run, split_files
 from nar4rec.sim.world import World
 
 ALPHAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)

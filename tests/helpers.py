@@ -29,7 +29,7 @@ def train_tiny(root: Path, *, requests: int = 1500, n_candidates: int = 20, list
                d_model: int = 32, steps: int = 10, settings: tuple[str, ...] = ()) -> Path:
     """Simulate into root/data and train a small NAR4Rec for a few steps into root/run."""
     from nar4rec.config import load_overrides
-    from nar4rec.pipeline import RunConfig, train_run
+    from nar4rec.runs import RunConfig, train_run
 
     simulate_small(root / "data", requests=requests, n_candidates=n_candidates,
                    list_length=list_length)

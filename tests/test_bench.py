@@ -11,7 +11,7 @@ import torch
 from nar4rec import cli
 from nar4rec.bench import BenchConfig, format_bench, matmul_gflops, run_bench
 from nar4rec.config import load_overrides
-from nar4rec.pipeline import RunConfig
+from nar4rec.runs import RunConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

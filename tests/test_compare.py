@@ -12,7 +12,8 @@ from helpers import simulate_small
 from nar4rec import cli
 from nar4rec.compare import compare, format_tables, relative_change, write_report
 from nar4rec.config import dataset_of, dataset_settings, load_overrides
-from nar4rec.pipeline import (
+from nar4rec.report import NDCG_NOTE
+from nar4rec.runs import (
     RunConfig,
     evaluate_run,
     load_run,
@@ -20,7 +21,6 @@ from nar4rec.pipeline import (
     rerank_file,
     train_run,
 )
-from nar4rec.report import NDCG_NOTE
 
 TINY = ["train.epochs=1", "train.steps_per_epoch=6", "evaluator_train.epochs=1",
         "evaluator_train.steps_per_epoch=6", "train.batch_size=64",

@@ -21,8 +21,8 @@ from nar4rec.export import (
     export_graph,
     export_run,
 )
-from nar4rec.pipeline import load_run
 from nar4rec.reranker import NAR4RecSystem
+from nar4rec.runs import load_run
 from nar4rec.system import batch_of
 
 pytest.importorskip("onnxruntime")

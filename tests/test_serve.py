@@ -27,7 +27,7 @@ from helpers import train_tiny
 from nar4rec.data.format import CAND_NUM, ITEM_ID
 from nar4rec.data.loader import UNKNOWN, RequestLoader
 from nar4rec.errors import Nar4recError
-from nar4rec.pipeline import load_run
+from nar4rec.runs import load_run
 from nar4rec.serve import (
     Backend,
     BadInput,

@@ -23,8 +23,8 @@ from torch import nn
 
 from nar4rec.data.loader import RequestBatch, RequestLoader
 from nar4rec.models.nar4rec import utility_threshold
-from nar4rec.pipeline import RunConfig
 from nar4rec.registry import COMPARED, check_models, system_class
+from nar4rec.runs import RunConfig
 from nar4rec.train import resolve_device
 
 

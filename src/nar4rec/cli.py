@@ -147,7 +147,7 @@ def _prepare_mind(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from nar4rec.config import dataset_settings, load_overrides
-    from nar4rec.pipeline import RunConfig, train_run
+    from nar4rec.runs import RunConfig, train_run
 
     config = load_overrides(RunConfig(), args.config, list(args.set),
                             defaults=dataset_settings(args.data))
@@ -169,8 +169,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from nar4rec.io import atomic_file
-    from nar4rec.pipeline import evaluate_run
     from nar4rec.report import format_evaluation, write_report
+    from nar4rec.runs import evaluate_run
 
     result = evaluate_run(args.run_dir, args.data, split=args.split, batch_size=args.batch_size,
                           sets=parse_sets(args.set))
@@ -184,7 +184,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _rerank(args: argparse.Namespace) -> int:
-    from nar4rec.pipeline import rerank_file
+    from nar4rec.runs import rerank_file
 
     count = rerank_file(args.run_dir, args.data, args.out, batch_size=args.batch_size,
                         sets=parse_sets(args.set))
@@ -224,7 +224,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from nar4rec.compare import compare, format_tables, write_json, write_report
     from nar4rec.config import dataset_settings, load_overrides
-    from nar4rec.pipeline import RunConfig
+    from nar4rec.runs import RunConfig
 
     config = load_overrides(RunConfig(), args.config, list(args.set),
                             defaults=dataset_settings(args.data))
@@ -248,7 +248,7 @@ def _bench(args: argparse.Namespace) -> int:
     from nar4rec.bench import BenchConfig, format_bench, plot_sweep, run_bench
     from nar4rec.config import load_overrides
     from nar4rec.io import atomic_file
-    from nar4rec.pipeline import RunConfig
+    from nar4rec.runs import RunConfig
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     config = BenchConfig(preset=args.preset, models=models, batch=args.batch, steps=args.steps,

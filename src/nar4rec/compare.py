@@ -3,7 +3,7 @@ paper's tables.
 
 For each seed, each model is trained on the train split (validated on valid, early-stopped on
 the validation loss: nothing is tuned on test) into RUNS/seed<S>/<model>/ and evaluated on the
-test split by `pipeline.evaluate_run`. With NAR4Rec among the models, a second generator is
+test split by `runs.evaluate_run`. With NAR4Rec among the models, a second generator is
 trained with vanilla (likelihood) training on the same evaluator for Table 6, and Table 7 comes
 from decoding the unlikelihood generator with each decoder. The seed sets every training seed
 and the reranker's sampling seed; the data stay the same.
@@ -35,7 +35,9 @@ from nar4rec.config import apply_overrides, dataset_settings
 from nar4rec.data.loader import RequestLoader
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_file
-from nar4rec.pipeline import (
+from nar4rec.registry import COMPARED, check_models, system_class
+from nar4rec.report import NDCG_NOTE
+from nar4rec.runs import (
     RunConfig,
     evaluate_run,
     load_run,
@@ -44,8 +46,6 @@ from nar4rec.pipeline import (
     split_files,
     train_run,
 )
-from nar4rec.registry import COMPARED, check_models, system_class
-from nar4rec.report import NDCG_NOTE
 
 REFERENCE = "edge_rerank"
 OFFLINE = {"item-wise (n = m)": ("auc", "logloss", "ndcg"),

@@ -38,7 +38,7 @@ from torch import nn
 
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_dir
-from nar4rec.pipeline import load_run
+from nar4rec.runs import load_run
 from nar4rec.system import FEATURE_INPUTS, Graph, batch_of
 
 LIST_INPUTS = ("lists", "list_mask")

@@ -119,7 +119,7 @@ class Backend:
             raise Nar4recError("serve needs exactly one of --run and --export")
         self.graphed = None
         if run is not None:
-            from nar4rec.pipeline import load_run
+            from nar4rec.runs import load_run
             from nar4rec.train import resolve_device
             torch.set_num_threads(max(threads, 1))
             where = resolve_device(device)

@@ -91,7 +91,7 @@ class NAR4RecConfig:
             what the logging policy showed and one bit of how it went; these teach which of
             the generator's own lists the evaluator prefers. 0: the paper's training on the
             logged lists only. Validation then scores each epoch by the evaluator's utility
-            for the generator's greedy lists (pipeline.generator_step).
+            for the generator's greedy lists (reranker.generator_step).
         evaluator_weight: weight of that term next to L_ul on the logged lists.
     """
 

@@ -21,8 +21,8 @@ from nar4rec.errors import Nar4recError
 from nar4rec.metrics import list_utility
 from nar4rec.models.evaluator import Evaluator, EvaluatorConfig
 from nar4rec.models.nar4rec import NAR4Rec, NAR4RecConfig
-from nar4rec.pipeline import RunConfig, evaluate_run, load_run, rerank_file, train_run
 from nar4rec.reranker import Reranker, RerankerConfig
+from nar4rec.runs import RunConfig, evaluate_run, load_run, rerank_file, train_run
 from nar4rec.sim.world import World
 
 M = 5
