@@ -20,7 +20,8 @@ import torch
 
 import nar4rec.models.layers as layers
 from nar4rec.bench import build_for_timing, seconds_per_call, time_training
-from nar4rec.data.loader import FeatureSpace, RequestLoader
+from nar4rec.data.features import FeatureSpace
+from nar4rec.data.loader import RequestLoader
 from nar4rec.sim.presets import preset_config
 from nar4rec.sim.simulate import simulate
 

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from nar4rec import decode
-from nar4rec.data.loader import RequestBatch, RequestLoader
+from nar4rec.data.batch import RequestBatch
+from nar4rec.data.loader import RequestLoader
 from nar4rec.metrics import list_utility
 from nar4rec.reranker import Reranker
 from nar4rec.runs import load_run, split_files

@@ -60,12 +60,12 @@ import numpy as np
 import torch
 
 from nar4rec import decode, metrics
-from nar4rec.config import apply_overrides, dataset_settings, load_overrides
-from nar4rec.data.loader import RequestBatch, RequestLoader
+from nar4rec.config import RunConfig, apply_overrides, dataset_settings, load_overrides
+from nar4rec.data.batch import RequestBatch
+from nar4rec.data.loader import RequestLoader
 from nar4rec.io import atomic_file
 from nar4rec.report import save_figure
 from nar4rec.runs import (
-    RunConfig,
     evaluate_run,
     load_run,
     phases_of,

@@ -50,13 +50,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nar4rec.config import dataset_settings, load_overrides
+from nar4rec.config import RunConfig, dataset_settings, load_overrides
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_file
 from nar4rec.models import BASELINES
 from nar4rec.registry import check_models
 from nar4rec.runs import (
-    RunConfig,
     evaluate_run,
     phases_of,
     read_run,

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 import pyarrow.parquet as pq
 
-from nar4rec.data.loader import FeatureSpace
+from nar4rec.data.features import FeatureSpace
 from nar4rec.serve import request_json
 
 

@@ -27,7 +27,9 @@ import torch
 
 from nar4rec import metrics
 from nar4rec.config import load_overrides
-from nar4rec.data.loader import UNKNOWN, FeatureSpace, RequestLoader
+from nar4rec.data.batch import UNKNOWN
+from nar4rec.data.features import FeatureSpace
+from nar4rec.data.loader import RequestLoader
 from nar4rec.data.mind import prepare_mind
 from nar4rec.models import BASELINES, baseline
 from nar4rec.models.base import ListModel, top_m

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from nar4rec.data.loader import PAD, RequestBatch
+from nar4rec.data.batch import PAD, RequestBatch
 from nar4rec.sim.presets import preset_config
 from nar4rec.sim.simulate import simulate
 
@@ -28,8 +28,8 @@ def simulate_small(out: Path, preset: str = "kuaishou", requests: int = 3000, se
 def train_tiny(root: Path, *, requests: int = 1500, n_candidates: int = 20, list_length: int = 5,
                d_model: int = 32, steps: int = 10, settings: tuple[str, ...] = ()) -> Path:
     """Simulate into root/data and train a small NAR4Rec for a few steps into root/run."""
-    from nar4rec.config import load_overrides
-    from nar4rec.runs import RunConfig, train_run
+    from nar4rec.config import RunConfig, load_overrides
+    from nar4rec.runs import train_run
 
     simulate_small(root / "data", requests=requests, n_candidates=n_candidates,
                    list_length=list_length)

@@ -18,7 +18,9 @@ import torch
 
 from helpers import ragged, simulate_small
 from nar4rec import metrics
-from nar4rec.data.loader import FeatureSpace, RequestBatch, RequestLoader
+from nar4rec.data.batch import RequestBatch
+from nar4rec.data.features import FeatureSpace
+from nar4rec.data.loader import RequestLoader
 from nar4rec.decode import NO_ITEM
 from nar4rec.models import BASELINES, baseline
 from nar4rec.models.base import ListModel, top_m

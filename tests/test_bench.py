@@ -10,8 +10,7 @@ import torch
 
 from nar4rec import cli
 from nar4rec.bench import BenchConfig, format_bench, matmul_gflops, run_bench
-from nar4rec.config import load_overrides
-from nar4rec.runs import RunConfig
+from nar4rec.config import RunConfig, load_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,10 +11,9 @@ import pytest
 from helpers import simulate_small
 from nar4rec import cli
 from nar4rec.compare import compare, format_tables, relative_change, write_report
-from nar4rec.config import dataset_of, dataset_settings, load_overrides
+from nar4rec.config import RunConfig, dataset_of, dataset_settings, load_overrides
 from nar4rec.report import NDCG_NOTE
 from nar4rec.runs import (
-    RunConfig,
     evaluate_run,
     load_run,
     read_run,

@@ -9,7 +9,8 @@ import torch
 
 from helpers import simulate_small
 from nar4rec.cuda_graphs import GraphedReranker, bucket_shape, pad_batch
-from nar4rec.data.loader import FeatureSpace, RequestLoader
+from nar4rec.data.features import FeatureSpace
+from nar4rec.data.loader import RequestLoader
 from nar4rec.errors import Nar4recError
 from nar4rec.models.evaluator import Evaluator, EvaluatorConfig
 from nar4rec.models.nar4rec import NAR4Rec, NAR4RecConfig

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from helpers import ragged, simulate_small
-from nar4rec.data.loader import FeatureSpace, RequestBatch, RequestLoader
+from nar4rec.data.batch import RequestBatch
+from nar4rec.data.features import FeatureSpace
+from nar4rec.data.loader import RequestLoader
 from nar4rec.decode import NO_ITEM
 from nar4rec.models.base import ListModel, logged_index, predicted_utility
 from nar4rec.models.edge_rerank import EdgeRerank, EdgeRerankConfig

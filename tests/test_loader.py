@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from helpers import simulate_small
+from nar4rec.data.batch import PAD, UNKNOWN
+from nar4rec.data.features import FeatureSpace
 from nar4rec.data.format import FormatSpec, RequestLogWriter, list_array
-from nar4rec.data.loader import PAD, UNKNOWN, FeatureSpace, RequestLoader
+from nar4rec.data.loader import RequestLoader
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import torch
 from sklearn.metrics import log_loss, ndcg_score, roc_auc_score
 
 from helpers import simulate_small
-from nar4rec.data.loader import FeatureSpace, RequestLoader
+from nar4rec.data.features import FeatureSpace
+from nar4rec.data.loader import RequestLoader
 from nar4rec.decode import NO_ITEM
 from nar4rec.errors import Nar4recError
 from nar4rec.metrics import (

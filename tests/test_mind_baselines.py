@@ -24,7 +24,9 @@ import pytest
 import torch
 
 from nar4rec import metrics
-from nar4rec.data.loader import UNKNOWN, FeatureSpace, RequestBatch, RequestLoader
+from nar4rec.data.batch import UNKNOWN, RequestBatch
+from nar4rec.data.features import FeatureSpace
+from nar4rec.data.loader import RequestLoader
 from nar4rec.data.mind import prepare_mind
 from nar4rec.models import BASELINES
 from nar4rec.models.base import ListModel, top_m

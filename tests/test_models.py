@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from helpers import ragged, simulate_small
-from nar4rec.data.loader import PAD, FeatureSpace, RequestLoader
+from nar4rec.data.batch import PAD
+from nar4rec.data.features import FeatureSpace
+from nar4rec.data.loader import RequestLoader
 from nar4rec.models.evaluator import (
     Evaluator,
     EvaluatorConfig,

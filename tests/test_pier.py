@@ -13,7 +13,8 @@ import torch
 from scipy.stats import spearmanr
 
 from helpers import ragged, simulate_small
-from nar4rec.data.loader import FeatureSpace, RequestLoader
+from nar4rec.data.features import FeatureSpace
+from nar4rec.data.loader import RequestLoader
 from nar4rec.decode import NO_ITEM
 from nar4rec.models.base import top_m
 from nar4rec.models.evaluator import list_utility

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from helpers import ragged, simulate_small
-from nar4rec.data.loader import FeatureSpace, RequestLoader
+from nar4rec.data.features import FeatureSpace
+from nar4rec.data.loader import RequestLoader
 from nar4rec.models.prm import PRM, PRMConfig, softmax_loss
 
 

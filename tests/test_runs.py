@@ -14,15 +14,16 @@ import pytest
 import torch
 
 from helpers import simulate_small
-from nar4rec.config import load_overrides
-from nar4rec.data.loader import FeatureSpace, RequestLoader
+from nar4rec.config import RunConfig, load_overrides
+from nar4rec.data.features import FeatureSpace
+from nar4rec.data.loader import RequestLoader
 from nar4rec.decode import contrastive
 from nar4rec.errors import Nar4recError
 from nar4rec.metrics import list_utility
 from nar4rec.models.evaluator import Evaluator, EvaluatorConfig
 from nar4rec.models.nar4rec import NAR4Rec, NAR4RecConfig
 from nar4rec.reranker import Reranker, RerankerConfig
-from nar4rec.runs import RunConfig, evaluate_run, load_run, rerank_file, train_run
+from nar4rec.runs import evaluate_run, load_run, rerank_file, train_run
 from nar4rec.sim.world import World
 
 M = 5

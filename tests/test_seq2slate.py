@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from helpers import ragged, simulate_small
-from nar4rec.data.loader import FeatureSpace, RequestBatch, RequestLoader
+from nar4rec.data.batch import RequestBatch
+from nar4rec.data.features import FeatureSpace
+from nar4rec.data.loader import RequestLoader
 from nar4rec.models.seq2slate import Seq2Slate, Seq2SlateConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -24,8 +24,9 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from helpers import train_tiny
+from nar4rec.data.batch import UNKNOWN
 from nar4rec.data.format import CAND_NUM, ITEM_ID
-from nar4rec.data.loader import UNKNOWN, RequestLoader
+from nar4rec.data.loader import RequestLoader
 from nar4rec.errors import Nar4recError
 from nar4rec.runs import load_run
 from nar4rec.serve import (

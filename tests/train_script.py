@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from nar4rec.data.loader import FeatureSpace, RequestLoader
+from nar4rec.data.features import FeatureSpace
+from nar4rec.data.loader import RequestLoader
 from nar4rec.models.evaluator import Evaluator, EvaluatorConfig, evaluator_loss
 from nar4rec.train import TrainConfig, distributed_context, train
 

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from nar4rec.data.loader import RequestBatch, RequestLoader
+from nar4rec.config import RunConfig
+from nar4rec.data.batch import RequestBatch
+from nar4rec.data.loader import RequestLoader
 from nar4rec.models.nar4rec import utility_threshold
 from nar4rec.registry import COMPARED, check_models, system_class
-from nar4rec.runs import RunConfig
 from nar4rec.train import resolve_device
 
 
@@ -147,7 +148,7 @@ class BenchConfig:
 
 def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
     """Every figure of the benchmark, in one process on this machine, as a dict."""
-    from nar4rec.data.loader import FeatureSpace
+    from nar4rec.data.features import FeatureSpace
     from nar4rec.sim.presets import preset_config
     from nar4rec.sim.simulate import simulate
 

@@ -31,14 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from nar4rec import bench
-from nar4rec.config import apply_overrides, dataset_settings
+from nar4rec.config import RunConfig, apply_overrides, dataset_settings
 from nar4rec.data.loader import RequestLoader
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_file
 from nar4rec.registry import COMPARED, check_models, system_class
 from nar4rec.report import NDCG_NOTE
 from nar4rec.runs import (
-    RunConfig,
     evaluate_run,
     load_run,
     phases_of,

@@ -1,22 +1,106 @@
-"""Dataclass configs, overridden by a TOML file and by `--set key=value` pairs."""
+"""Dataclass configs, overridden by a TOML file and by `--set key=value` pairs.
+
+`RunConfig` holds every setting of a run: each model's own config (declared in the model's
+file), the training loops', the reranker's and the feature space's. This module does not import
+torch (the command line reads it at start-up): a model's config is imported when a `RunConfig`
+is first made.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nar4rec.errors import Nar4recError
 
+if TYPE_CHECKING:
+    from nar4rec.models.dcn import DCNConfig
+    from nar4rec.models.dnn import DNNConfig
+    from nar4rec.models.edge_rerank import EdgeRerankConfig
+    from nar4rec.models.evaluator import EvaluatorConfig
+    from nar4rec.models.nar4rec import NAR4RecConfig
+    from nar4rec.models.pier import PIERConfig
+    from nar4rec.models.prm import PRMConfig
+    from nar4rec.models.seq2slate import Seq2SlateConfig
+    from nar4rec.reranker import RerankerConfig
+    from nar4rec.train import TrainConfig
+
 SUMMARY_FILE = "summary.json"   # written beside the splits by `nar4rec simulate` and converters
+RUN_FILE = "run.json"           # a run directory's record, its settings included (runs.py)
 # Run settings the paper gives per data set (section 5.1): batch 1024 on Avito, 256 on Kuaishou
 # (TrainConfig's default). Keyed by the data set a data directory's summary says it holds; a
 # `--config` file or `--set` overrides them.
 DATASET_SETTINGS: dict[str, dict[str, Any]] = {
     "avito": {"train.batch_size": 1024, "evaluator_train.batch_size": 1024},
 }
+
+
+def _lazy(target: str) -> Callable[[], Any]:
+    """A `default_factory` for the config class `target` ("module:Class"), imported when the
+    first default is made, so that importing this module imports no model (nor torch)."""
+    module, name = target.split(":")
+
+    def default() -> Any:
+        return getattr(importlib.import_module(module), name)()
+
+    return default
+
+
+@dataclass
+class FeaturesConfig:
+    """How the FeatureSpace is fitted on the training split.
+
+    min_count: a categorical value seen fewer times becomes "unknown" (index 1): rare ids get
+        one shared row instead of a row each that the data cannot train.
+    max_vocabulary: at most this many values per categorical feature (the most frequent).
+    """
+
+    min_count: int = 1
+    max_vocabulary: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if self.min_count < 1 or self.max_vocabulary < 1:
+            raise ValueError("min_count and max_vocabulary must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a run; `--config FILE` tables and `--set a.b=v` change it.
+
+    generator, evaluator: NAR4Rec's two models (their list_length, like every model's, is set
+        from the data: the longest logged list of the training split).
+    train, evaluator_train: the training loop of the main model (NAR4Rec's generator or the
+        baseline) and of the evaluator.
+    reranker: how the generator's lists are proposed and chosen (changeable at evaluation).
+    features: how vocabularies are built from the training split.
+    dnn, dcn, prm, edge_rerank, seq2slate, pier: each baseline's architecture.
+    """
+
+    generator: NAR4RecConfig = field(default_factory=_lazy("nar4rec.models.nar4rec:NAR4RecConfig"))
+    evaluator: EvaluatorConfig = field(
+        default_factory=_lazy("nar4rec.models.evaluator:EvaluatorConfig"))
+    train: TrainConfig = field(default_factory=_lazy("nar4rec.train:TrainConfig"))
+    evaluator_train: TrainConfig = field(default_factory=_lazy("nar4rec.train:TrainConfig"))
+    reranker: RerankerConfig = field(default_factory=_lazy("nar4rec.reranker:RerankerConfig"))
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    dnn: DNNConfig = field(default_factory=_lazy("nar4rec.models.dnn:DNNConfig"))
+    dcn: DCNConfig = field(default_factory=_lazy("nar4rec.models.dcn:DCNConfig"))
+    prm: PRMConfig = field(default_factory=_lazy("nar4rec.models.prm:PRMConfig"))
+    edge_rerank: EdgeRerankConfig = field(
+        default_factory=_lazy("nar4rec.models.edge_rerank:EdgeRerankConfig"))
+    seq2slate: Seq2SlateConfig = field(
+        default_factory=_lazy("nar4rec.models.seq2slate:Seq2SlateConfig"))
+    pier: PIERConfig = field(default_factory=_lazy("nar4rec.models.pier:PIERConfig"))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        return apply_overrides(cls(), data, source=RUN_FILE)
 
 
 def _coerce(current: Any, text: str, key: str) -> Any:

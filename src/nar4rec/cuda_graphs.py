@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from nar4rec.data.loader import RequestBatch
+from nar4rec.data.batch import RequestBatch
 from nar4rec.errors import Nar4recError
 from nar4rec.system import FEATURE_INPUTS, Reranked, System
 

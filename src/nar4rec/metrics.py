@@ -22,7 +22,7 @@ import math
 import numpy as np
 import torch
 
-from nar4rec.data.loader import RequestBatch
+from nar4rec.data.batch import RequestBatch
 from nar4rec.errors import Nar4recError
 from nar4rec.sim.world import World
 

@@ -89,7 +89,7 @@ def plot_training_curves(run_dir: Path, out: Path) -> bool:
     """Training loss by step and validation loss by epoch of each phase; False if none."""
     import json
 
-    from nar4rec.runs import RUN_FILE
+    from nar4rec.config import RUN_FILE
 
     recorded = json.loads((run_dir / RUN_FILE).read_text())["phases"] \
         if (run_dir / RUN_FILE).exists() else {}

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from nar4rec import decode
-from nar4rec.data.loader import RequestBatch, RequestLoader
+from nar4rec.data.batch import RequestBatch
+from nar4rec.data.loader import RequestLoader
 from nar4rec.models.base import Ranking, predicted_utility, top_m
 from nar4rec.models.evaluator import Evaluator, evaluator_loss
 from nar4rec.models.nar4rec import (

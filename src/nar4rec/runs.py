@@ -18,7 +18,7 @@ import dataclasses
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,81 +27,24 @@ import pyarrow.parquet as pq
 import torch
 
 from nar4rec import decode, metrics
-from nar4rec.config import apply_overrides, dataset_settings
-from nar4rec.data.loader import FeatureSpace, RequestBatch, RequestLoader, max_lengths
+from nar4rec.config import RUN_FILE, RunConfig, apply_overrides, dataset_settings
+from nar4rec.data.batch import RequestBatch
+from nar4rec.data.features import FeatureSpace
+from nar4rec.data.loader import RequestLoader, max_lengths
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_file
-from nar4rec.models.dcn import DCNConfig
-from nar4rec.models.dnn import DNNConfig
-from nar4rec.models.edge_rerank import EdgeRerankConfig
-from nar4rec.models.evaluator import EvaluatorConfig
-from nar4rec.models.nar4rec import NAR4RecConfig
-from nar4rec.models.pier import PIERConfig
-from nar4rec.models.prm import PRMConfig
-from nar4rec.models.seq2slate import Seq2SlateConfig
 from nar4rec.registry import system_class
-from nar4rec.reranker import Reranker, RerankerConfig
+from nar4rec.reranker import Reranker
 from nar4rec.system import Phase, System
 from nar4rec.train import (
     BEST,
     METRICS,
     STEPS,
     DistributedContext,
-    TrainConfig,
     distributed_context,
     load_checkpoint,
     train,
 )
-
-RUN_FILE = "run.json"
-
-
-@dataclass
-class FeaturesConfig:
-    """How the FeatureSpace is fitted on the training split.
-
-    min_count: a categorical value seen fewer times becomes "unknown" (index 1): rare ids get
-        one shared row instead of a row each that the data cannot train.
-    max_vocabulary: at most this many values per categorical feature (the most frequent).
-    """
-
-    min_count: int = 1
-    max_vocabulary: int = 1_000_000
-
-    def __post_init__(self) -> None:
-        if self.min_count < 1 or self.max_vocabulary < 1:
-            raise ValueError("min_count and max_vocabulary must be >= 1")
-
-
-@dataclass
-class RunConfig:
-    """Every setting of a run; `--config FILE` tables and `--set a.b=v` change it.
-
-    generator, evaluator: NAR4Rec's two models (their list_length, like every model's, is set
-        from the data: the longest logged list of the training split).
-    train, evaluator_train: the training loop of the main model (NAR4Rec's generator or the
-        baseline) and of the evaluator.
-    reranker: how the generator's lists are proposed and chosen (changeable at evaluation).
-    features: how vocabularies are built from the training split.
-    dnn, dcn, prm, edge_rerank, seq2slate, pier: each baseline's architecture.
-    """
-
-    generator: NAR4RecConfig = field(default_factory=NAR4RecConfig)
-    evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluator_train: TrainConfig = field(default_factory=TrainConfig)
-    reranker: RerankerConfig = field(default_factory=RerankerConfig)
-    features: FeaturesConfig = field(default_factory=FeaturesConfig)
-    dnn: DNNConfig = field(default_factory=DNNConfig)
-    dcn: DCNConfig = field(default_factory=DCNConfig)
-    prm: PRMConfig = field(default_factory=PRMConfig)
-    edge_rerank: EdgeRerankConfig = field(default_factory=EdgeRerankConfig)
-    seq2slate: Seq2SlateConfig = field(default_factory=Seq2SlateConfig)
-    pier: PIERConfig = field(default_factory=PIERConfig)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> RunConfig:
-        return apply_overrides(cls(), data, source=RUN_FILE)
 
 
 def split_files(data_dir: str | Path, split: str, *, required: bool = True) -> list[Path]:

@@ -38,6 +38,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
+from nar4rec.data.batch import UNKNOWN, RequestBatch
+from nar4rec.data.features import FeatureSpace
 from nar4rec.data.format import (
     CAND_CAT,
     CAND_NUM,
@@ -48,7 +50,6 @@ from nar4rec.data.format import (
     USER_ID,
     USER_NUM,
 )
-from nar4rec.data.loader import UNKNOWN, FeatureSpace, RequestBatch
 from nar4rec.errors import Nar4recError
 
 Id = StrictInt | StrictStr

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from nar4rec.data.loader import FeatureSpace, RequestBatch
+from nar4rec.data.batch import RequestBatch
+from nar4rec.data.features import FeatureSpace
 from nar4rec.errors import Nar4recError
 
 if TYPE_CHECKING:

@@ -34,7 +34,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from nar4rec.data.loader import RequestBatch, RequestLoader
+from nar4rec.data.batch import RequestBatch
+from nar4rec.data.loader import RequestLoader
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_file
 

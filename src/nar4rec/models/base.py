@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nar4rec.data.loader import RequestBatch
+from nar4rec.data.batch import RequestBatch
 from nar4rec.decode import NO_ITEM
 from nar4rec.models.evaluator import evaluator_loss
 from nar4rec.models.layers import UPSTREAM_NORMS

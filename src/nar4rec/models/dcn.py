@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nar4rec.data.loader import FeatureSpace
+from nar4rec.data.features import FeatureSpace
 from nar4rec.models.base import BaselineSystem, InputConfig, PointwiseModel
 from nar4rec.models.layers import MLP, personalised_inputs
 

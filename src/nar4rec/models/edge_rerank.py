@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nar4rec.data.loader import FeatureSpace, RequestBatch
+from nar4rec.data.batch import RequestBatch
+from nar4rec.data.features import FeatureSpace
 from nar4rec.decode import NO_ITEM, beam_origin
 from nar4rec.models.base import (
     BaselineSystem,

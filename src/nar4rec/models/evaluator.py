@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nar4rec.data.loader import FeatureSpace, RequestBatch
+from nar4rec.data.batch import RequestBatch
+from nar4rec.data.features import FeatureSpace
 from nar4rec.models.layers import (
     MLP,
     UPSTREAM_NORMS,

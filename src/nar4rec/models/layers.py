@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nar4rec.data.loader import PAD, FeatureSpace, RequestBatch
+from nar4rec.data.batch import PAD, RequestBatch
+from nar4rec.data.features import FeatureSpace
 
 UPSTREAM_NORMS = ("request", "none")
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}

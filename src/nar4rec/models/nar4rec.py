@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nar4rec import decode
-from nar4rec.data.loader import FeatureSpace, RequestBatch, RequestLoader
+from nar4rec.data.batch import RequestBatch
+from nar4rec.data.features import FeatureSpace
+from nar4rec.data.loader import RequestLoader
 from nar4rec.models.evaluator import list_utility
 from nar4rec.models.layers import (
     MLP,

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nar4rec.data.loader import FeatureSpace, RequestBatch
+from nar4rec.data.batch import RequestBatch
+from nar4rec.data.features import FeatureSpace
 from nar4rec.decode import NO_ITEM
 from nar4rec.models.base import (
     BaselineSystem,

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from nar4rec.data.loader import FeatureSpace, RequestBatch
+from nar4rec.data.batch import RequestBatch
+from nar4rec.data.features import FeatureSpace
 from nar4rec.decode import NO_ITEM, beam_origin
 from nar4rec.errors import Nar4recError
 from nar4rec.models.base import (
