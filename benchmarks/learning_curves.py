@@ -90,6 +90,7 @@ class Curves:
     sets: list[str]
     list_aware_sets: list[str]
     out: Path
+    list_aware_up_to: int | None = None   # the list-aware run only at sizes up to this one
 
     def base(self, requests: int) -> Path:
         return self.out / self.label / f"n{requests}"
@@ -240,6 +241,8 @@ def measure(curves: Curves, requests: int, log=print) -> dict:
     utilities: dict[str, list[np.ndarray]] = {}
     reference = None
     for model in curves.models:
+        if model == LIST_AWARE and curves.list_aware_up_to and requests > curves.list_aware_up_to:
+            continue
         for seed in range(curves.seeds):
             run = curves.base(requests) / f"seed{seed}" / model
             timing = trained(curves, data, run, model, seed)
@@ -300,14 +303,15 @@ def format_tables(result: dict) -> str:
              f"Test requests: {tested_on}.", "", header, rule]
     for model in models:
         lines.append(f"| {label_of(model)} | " + " | ".join(
-            _interval(p["models"][model]["captured_lift"]) for p in points) + " |")
+            _interval(p["models"][model]["captured_lift"]) if model in p["models"] else "—"
+            for p in points) + " |")
     if all("best_baseline" in p for p in points):
         lines += ["", "Difference in captured lift against the best baseline at each size "
                   "(paired over the same requests; an interval across 0 is a tie):", "",
                   header, rule,
                   "| best baseline | " + " | ".join(p["best_baseline"] for p in points) + " |"]
         for model in models:
-            cells = ["—" if p["best_baseline"] == model
+            cells = ["—" if p["best_baseline"] == model or model not in p["models"]
                      else _interval(p["models"][model]["against_best_baseline"], signed=True)
                      for p in points]
             lines.append(f"| {label_of(model)} | " + " | ".join(cells) + " |")
@@ -315,7 +319,8 @@ def format_tables(result: dict) -> str:
               header, rule]
     for model in models:
         lines.append(f"| {label_of(model)} | " + " | ".join(
-            f"{p['models'][model]['train_seconds']:.0f}" for p in points) + " |")
+            f"{p['models'][model]['train_seconds']:.0f}" if model in p["models"] else "—"
+            for p in points) + " |")
     return "\n".join(lines)
 
 
@@ -343,11 +348,14 @@ def plot(result: dict, out: Path) -> None:
                        "difference in captured lift", "against the best baseline at each size"))
     for key, axis, ylabel, title in panels:
         for offset, model in zip(offsets, models, strict=True):
-            stats = [p["models"][model][key] for p in points]
+            at = [k for k, p in enumerate(points) if key in p["models"].get(model, {})]
+            stats = [points[k]["models"][model][key] for k in at]
+            if not stats:
+                continue
             values = np.array([s["value"] for s in stats])
             errors = np.array([[s["value"] - s["ci95"][0], s["ci95"][1] - s["value"]]
                                for s in stats]).T
-            axis.errorbar(sizes * offset, values, yerr=errors, marker="o", capsize=3,
+            axis.errorbar(sizes[at] * offset, values, yerr=errors, marker="o", capsize=3,
                           label=label_of(model))
         axis.set_xscale("log")
         ticks = [f"{int(s):,}" for s in sizes]
@@ -399,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
                         "list-aware TOML)")
     parser.add_argument("--list-aware-set", action="append", default=[], metavar="KEY=VALUE",
                         help="run setting for the list-aware run only")
+    parser.add_argument("--list-aware-up-to", type=int, metavar="REQUESTS",
+                        help="train the list-aware run only at sizes up to this one (it costs "
+                        "about four times the paper's settings)")
     args = parser.parse_args(argv)
     try:
         models = [m for m in args.models.split(",") if m]
@@ -412,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
                         seeds=args.seeds,
                         models=models + ([LIST_AWARE] if args.list_aware else []),
                         list_aware=args.list_aware, sets=args.set,
-                        list_aware_sets=args.list_aware_set, out=Path(args.out))
+                        list_aware_sets=args.list_aware_set, out=Path(args.out),
+                        list_aware_up_to=args.list_aware_up_to)
         folder = curves.out / curves.label
         folder.mkdir(parents=True, exist_ok=True)
         result = {"label": curves.label, "preset": curves.preset, "sim_sets": curves.sim_sets,

@@ -1,11 +1,18 @@
-"""The `nar4rec` command: every subcommand parses its arguments, calls the library, prints."""
+"""The `nar4rec` command: every subcommand parses its arguments, calls the library, prints.
+
+Each command is a `Command` beside the function that runs it and the function that declares
+its options; the options several commands share are declared once, in the `_*_option` helpers.
+"""
 
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -16,6 +23,136 @@ from nar4rec.registry import COMPARED, MODELS
 
 EXIT_USAGE = 2
 EXIT_INVALID = 1
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE: what a shell reports for `seq 999999 | head -1`'s seq
+
+
+def plural(count: int, noun: str) -> str:
+    """The count and the noun, plural unless the count is 1: "1 problem", "2,000 problems"."""
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, what `--help` says of it, its options and what runs it.
+
+    options: declares the command's arguments on its parser.
+    run: called with the parsed arguments, returns the exit status; None for a command whose
+        options declare subcommands of their own (`prepare SOURCE`).
+    """
+
+    name: str
+    help: str
+    description: str
+    options: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int] | None = None
+
+    def register(self, commands: argparse._SubParsersAction) -> None:
+        parser = commands.add_parser(self.name, help=self.help, description=self.description)
+        self.options(parser)
+        if self.run is not None:
+            parser.set_defaults(run=self.run)
+
+
+# Argument types.
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# Options that several commands share, each declared once; `settings`, `what` and the like
+# name what the option means for the command at hand.
+
+def _config_option(parser: argparse.ArgumentParser, settings: str,
+                   default: str = "none") -> None:
+    parser.add_argument("--config", help=f"TOML file of {settings}; --set applies after it "
+                                         f"(default: {default})")
+
+
+def _set_option(parser: argparse.ArgumentParser, setting: str, example: str) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override one {setting}, e.g. {example} (repeatable)")
+
+
+def _overwrite_option(parser: argparse.ArgumentParser, target: str = "--out") -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace an existing {target} (without it, one is an error)")
+
+
+def _quiet_option(parser: argparse.ArgumentParser, silenced: str) -> None:
+    parser.add_argument("--quiet", action="store_true", help=f"print no {silenced}")
+
+
+def _json_option(parser: argparse.ArgumentParser, contents: str,
+                 required: bool = False) -> None:
+    parser.add_argument("--json", required=required, help=f"write {contents} here as JSON")
+
+
+def _report_option(parser: argparse.ArgumentParser, contents: str) -> None:
+    parser.add_argument("--report", help=f"write a Markdown report here: {contents}")
+
+
+def _run_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", dest="run_dir", required=True,
+                        help="run directory written by `nar4rec train`")
+
+
+def _batch_size_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=_positive, default=1024,
+                        help="requests per batch (default %(default)s)")
+
+
+def _models_option(parser: argparse.ArgumentParser, role: str) -> None:
+    parser.add_argument("--models", default=",".join(COMPARED),
+                        help=f"comma-separated models to {role} (default: %(default)s)")
+
+
+def _device_option(parser: argparse.ArgumentParser, what: str, note: str) -> None:
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                        help=f"where {what} run (default %(default)s; auto: CUDA when there is "
+                             f"one); {note}")
+
+
+def _duckdb_options(parser: argparse.ArgumentParser) -> None:
+    """The conversion engine's options, shared by every `prepare` source."""
+    parser.add_argument("--memory-limit", default="2GB",
+                        help="DuckDB memory limit; larger inputs spill to disk "
+                             "(default %(default)s)")
+    parser.add_argument("--threads", type=_positive, default=2,
+                        help="DuckDB threads (default %(default)s)")
+    _overwrite_option(parser)
+
+
+# simulate
+
+def _simulate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", required=True, choices=["kuaishou", "avito", "movielens"],
+                        help="the world to simulate: kuaishou (n = 60 candidates, m = 6 shown, "
+                             "five feed behaviours), avito (n = 5, m = 5, clicks) or movielens "
+                             "(n = 30, m = 6, MovieLens-100K's users and items)")
+    parser.add_argument("--requests", type=_positive, required=True, help="number of requests")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the world and of the logs (default %(default)s)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--movielens-dir", help="MovieLens-100K folder (u.data, u.item, u.user); "
+                        "needed by the movielens preset")
+    _config_option(parser, "simulator settings (see docs/simulator.md)")
+    _set_option(parser, "simulator setting", "utility_weights.like=3")
+    _overwrite_option(parser)
+    _quiet_option(parser, "progress bar or summary")
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -45,7 +182,7 @@ def format_summary(summary: dict) -> str:
         f"preset {summary['preset']}: n = {summary['n_candidates']} candidates, "
         f"m = {summary['list_length']} shown, behaviours {', '.join(summary['behaviours'])}",
         "requests: " + ", ".join(f"{k} {v:,}" for k, v in summary["requests"].items())
-        + f"  ({summary['users']:,} users, {summary['items']:,} items)",
+        + f"  ({plural(summary['users'], 'user')}, {plural(summary['items'], 'item')})",
         "expected utility per request on the test split:",
         f"  logging policy     {number(summary['logging_utility'])}",
         f"  item-wise top m    {number(summary['itemwise_top_utility'])}",
@@ -59,6 +196,24 @@ def format_summary(summary: dict) -> str:
             lines.append(f"  {policy:<26}" + "  ".join(f"{values[b]:13.4f}" for b in names))
     lines.append(f"{summary['seconds']} s")
     return "\n".join(lines)
+
+
+SIMULATE = Command(
+    "simulate", help="simulate request logs with a ground-truth user model",
+    description="Simulate request logs (train/valid/test.parquet), the ground truth "
+                "(truth/world.npz), the test split's oracle lists (truth/oracle_test.parquet) "
+                "and summary.json.",
+    options=_simulate_options, run=_simulate)
+
+
+# validate
+
+def _validate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="a .parquet file or a directory of them")
+    _json_option(parser, "the summary (requests, exposures, positives)")
+    parser.add_argument("--max-problems", type=int, default=100,
+                        help="print at most this many problems (0: all); all are counted "
+                             "(default %(default)s)")
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -84,7 +239,8 @@ def _validate(args: argparse.Namespace) -> int:
                 print(problem, file=sys.stderr)
                 shown += 1
     if problems > shown:
-        print(f"... and {problems - shown} more problems (see --max-problems)", file=sys.stderr)
+        print(f"... and {plural(problems - shown, 'more problem')} (see --max-problems)",
+              file=sys.stderr)
     if args.json:
         if len(reports) == 1:
             summary = reports[0].summary()
@@ -94,9 +250,10 @@ def _validate(args: argparse.Namespace) -> int:
         with atomic_file(args.json) as tmp:
             tmp.write_text(json.dumps(summary, indent=2) + "\n")
     for report in reports:
-        verdict = "ok" if report.ok else f"{len(report.problems)} problems"
+        verdict = "ok" if report.ok else plural(len(report.problems), "problem")
         c = report.counts
-        print(f"{report.file}: {verdict}: {c.requests:,} requests, {c.exposures:,} exposures, "
+        print(f"{report.file}: {verdict}: {plural(c.requests, 'request')}, "
+              f"{plural(c.exposures, 'exposure')}, "
               "positives " + ", ".join(f"{b} {n:,}" for b, n in c.positives.items()))
     return EXIT_INVALID if problems else 0
 
@@ -110,6 +267,28 @@ def _total(reports) -> dict:
     return {**total.as_dict(), "problems": sum(len(r.problems) for r in reports)}
 
 
+VALIDATE = Command(
+    "validate", help="check request-log files against the format",
+    description="Check a request-log Parquet file (or every .parquet in a directory) "
+                "against docs/data-format.md; print every problem with its row and field. "
+                "Exit 1 if any problem is found.",
+    options=_validate_options, run=_validate)
+
+
+# prepare SOURCE
+
+def _prepare_avito_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--raw-dir", required=True,
+                        help="folder with trainSearchStream.tsv, SearchInfo.tsv, AdsInfo.tsv, ...")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--train-days", type=_positive, default=21,
+                        help="days before the test period (default %(default)s, as in the paper)")
+    parser.add_argument("--valid-days", type=int, default=1,
+                        help="last days of the training period held out for validation "
+                             "(default %(default)s)")
+    _duckdb_options(parser)
+
+
 def _prepare_avito(args: argparse.Namespace) -> int:
     from nar4rec.data.avito import prepare_avito
 
@@ -118,6 +297,25 @@ def _prepare_avito(args: argparse.Namespace) -> int:
                            threads=args.threads, overwrite=args.overwrite)
     print(report.format())
     return 0
+
+
+def _prepare_kuairand_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log", nargs="+", required=True, help="one or more log CSV files")
+    parser.add_argument("--users", required=True, help="user_features*.csv")
+    parser.add_argument("--videos", required=True, help="video_features_basic*.csv")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--negatives", type=int, default=24,
+                        help="unexposed candidates added to every request (default %(default)s)")
+    parser.add_argument("--window-minutes", type=_positive, default=60,
+                        help="negatives come from other users' exposures in this time window "
+                             "(default %(default)s)")
+    parser.add_argument("--test-days", type=_positive, default=7,
+                        help="last days of the logs that go to test (default %(default)s)")
+    parser.add_argument("--valid-days", type=int, default=2,
+                        help="days before the test days that go to valid (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the choice of negatives (default %(default)s)")
+    _duckdb_options(parser)
 
 
 def _prepare_kuairand(args: argparse.Namespace) -> int:
@@ -133,6 +331,23 @@ def _prepare_kuairand(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_mind_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--behaviors", nargs="+", required=True, help="behaviors.tsv file(s)")
+    parser.add_argument("--news", required=True, help="news.tsv")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--split", choices=["day", "impression"], default="day",
+                        help="day: the last days are valid and test (default); impression: "
+                             "--holdout of the impressions each, by a hash of their id")
+    parser.add_argument("--test-from", type=_day,
+                        help="first test day (default: the last day)")
+    parser.add_argument("--valid-from", type=_day,
+                        help="first validation day (default: the day before --test-from)")
+    parser.add_argument("--holdout", type=float, default=0.1,
+                        help="with --split impression, the share of impressions in each of "
+                             "valid and test (default %(default)s)")
+    _duckdb_options(parser)
+
+
 def _prepare_mind(args: argparse.Namespace) -> int:
     from nar4rec.data.mind import prepare_mind
 
@@ -143,6 +358,54 @@ def _prepare_mind(args: argparse.Namespace) -> int:
                           overwrite=args.overwrite)
     print(report.format())
     return 0
+
+
+PREPARE_SOURCES = (
+    Command("avito", help="Kaggle Avito Context Ad Clicks",
+            description="Convert the Kaggle Avito Context Ad Clicks files: one request per "
+                        "search with contextual ads.",
+            options=_prepare_avito_options, run=_prepare_avito),
+    Command("kuairand", help="KuaiRand logs",
+            description="Convert KuaiRand logs: a request is the videos one user was shown at "
+                        "one time_ms.",
+            options=_prepare_kuairand_options, run=_prepare_kuairand),
+    Command("mind", help="Microsoft News (MIND)",
+            description="Convert MIND: a request is an impression.",
+            options=_prepare_mind_options, run=_prepare_mind),
+)
+
+
+def _prepare_options(parser: argparse.ArgumentParser) -> None:
+    sources = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    for source in PREPARE_SOURCES:
+        source.register(sources)
+
+
+PREPARE = Command(
+    "prepare", help="convert a public dataset to the format",
+    description="Convert a public dataset to the request-log format with time-based "
+                "train/valid/test splits.",
+    options=_prepare_options)
+
+
+# train
+
+def _train_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="nar4rec", choices=list(MODELS),
+                        help="the model to train (default %(default)s): " + "; ".join(
+                            f"{name}: {summary}" for name, (_, summary) in MODELS.items()))
+    parser.add_argument("--data", required=True, help="data directory (train and valid splits)")
+    parser.add_argument("--out", required=True, help="run directory")
+    _config_option(parser, "settings, with tables [generator], [evaluator], [train], "
+                           "[evaluator_train], [reranker], [features] and one per baseline "
+                           "(see docs/models.md)")
+    _set_option(parser, "setting", "generator.d_model=128 or train.epochs=5")
+    parser.add_argument("--evaluator", metavar="RUN", help="reuse the trained evaluator of this "
+                        "run instead of training one (a model with an evaluator phase: nar4rec)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run from its last checkpoint")
+    _overwrite_option(parser, "run in --out")
+    _quiet_option(parser, "progress bars or summary")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -160,11 +423,34 @@ def _train(args: argparse.Namespace) -> int:
             if "copied_from" in result:
                 print(f"{phase}: copied from {result['copied_from']}")
             else:
-                print(f"{phase}: {result['epochs_run']} epochs in {result['seconds']:.1f} s, "
-                      f"best valid loss {result['best_valid_loss']:.4f} "
-                      f"(epoch {result['best_epoch']})")
+                print(f"{phase}: {plural(result['epochs_run'], 'epoch')} in "
+                      f"{result['seconds']:.1f} s, best valid loss "
+                      f"{result['best_valid_loss']:.4f} (epoch {result['best_epoch']})")
         print(f"wrote {args.out}/")
     return 0
+
+
+TRAIN = Command(
+    "train", help="train a reranker into a run directory",
+    description="Train NAR4Rec (the evaluator, then the generator), the evaluator alone, "
+                "or a baseline (dnn, dcn, prm, edge_rerank, seq2slate, pier) on "
+                "DIR/train.parquet, validating on DIR/valid.parquet, into one run "
+                "directory (run.json, evaluator/ and generator/, or model/). Settings: "
+                "the defaults, then the data set's (Avito: batch size 1024, as in the "
+                "paper), then --config, then --set.",
+    options=_train_options, run=_train)
+
+
+# evaluate
+
+def _evaluate_options(parser: argparse.ArgumentParser) -> None:
+    _run_option(parser)
+    parser.add_argument("--data", required=True, help="data directory")
+    parser.add_argument("--split", default="test", help="split to evaluate (default %(default)s)")
+    _json_option(parser, "the metrics")
+    _report_option(parser, "the metrics and the training curves")
+    _set_option(parser, "reranker setting", "reranker.alphas=[0.6] or reranker.samples=0")
+    _batch_size_option(parser)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -183,13 +469,46 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+EVALUATE = Command(
+    "evaluate", help="measure a trained run on a data split",
+    description="Offline metrics (AUC/LogLoss/NDCG for n = m, Recall@6/10 and LogLoss for "
+                "n > m) and, on simulated data, the true utility of the returned lists "
+                "against the logging policy and the oracle.",
+    options=_evaluate_options, run=_evaluate)
+
+
+# rerank
+
+def _rerank_options(parser: argparse.ArgumentParser) -> None:
+    _run_option(parser)
+    parser.add_argument("--data", required=True, help="a request-log .parquet file")
+    parser.add_argument("--out", required=True, help="output .parquet file")
+    _set_option(parser, "reranker setting", "reranker.alphas=[0.6] or reranker.samples=0")
+    _batch_size_option(parser)
+
+
 def _rerank(args: argparse.Namespace) -> int:
     from nar4rec.runs import rerank_file
 
     count = rerank_file(args.run_dir, args.data, args.out, batch_size=args.batch_size,
                         sets=parse_sets(args.set))
-    print(f"reranked {count:,} requests into {args.out}")
+    print(f"reranked {plural(count, 'request')} into {args.out}")
     return 0
+
+
+RERANK = Command(
+    "rerank", help="rerank every request of a file",
+    description="Write, for every request of a request-log file, the list the run "
+                "returns: request_id, user_id, items, positions, scores, predicted_utility.",
+    options=_rerank_options, run=_rerank)
+
+
+# export
+
+def _export_options(parser: argparse.ArgumentParser) -> None:
+    _run_option(parser)
+    parser.add_argument("--out", required=True, help="output directory")
+    _overwrite_option(parser)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -201,24 +520,33 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+EXPORT = Command(
+    "export", help="write a run's models as ONNX",
+    description="Write generator.onnx, evaluator.onnx (dynamic batch, candidate and list "
+                "counts) and manifest.json (inputs, outputs, list length, behaviours, "
+                "weights, reranker settings, feature vocabularies) for onnxruntime.",
+    options=_export_options, run=_export)
 
-    from nar4rec.serve import Backend, create_app
 
-    backend = Backend(run=args.run_dir, export=args.export, threads=args.threads,
-                      device=args.device)
-    app = create_app(backend, max_candidates=args.max_candidates,
-                     max_body_bytes=args.max_body_bytes)
-    # Two threads share the GIL, the event loop and the batcher: a 0.5 ms switch interval
-    # (5 ms by default) lets a parsed request reach the batcher sooner, and freezing what is
-    # loaded keeps the garbage collector's full passes short (both measured with
-    # benchmarks/load_test.py, docs/benchmarks.md).
-    gc.collect()
-    gc.freeze()
-    sys.setswitchinterval(0.0005)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+# compare
+
+def _compare_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="data directory (train, valid, test)")
+    _models_option(parser, "train and compare")
+    parser.add_argument("--seeds", type=_positive, default=1,
+                        help="train every model with seeds 0..SEEDS-1 (default %(default)s)")
+    _json_option(parser, "the tables", required=True)
+    _report_option(parser, "the tables, and a chart of the lifts beside it (NAME-lifts.png)")
+    parser.add_argument("--runs", help="run directories (default: beside --json, NAME-runs/)")
+    _config_option(parser, "settings shared by every run, over the data set's (batch size "
+                           "1024 on Avito, as in the paper)")
+    _set_option(parser, "setting of every run", "train.epochs=3")
+    parser.add_argument("--time-batch", type=_positive, default=256,
+                        help="requests per batch in the timing table (default %(default)s)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse finished runs in --runs, continue unfinished ones")
+    _overwrite_option(parser, "--runs")
+    _quiet_option(parser, "progress bars or progress lines; the tables are still printed")
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -240,6 +568,48 @@ def _compare(args: argparse.Namespace) -> int:
         write_report(result, args.report)
     print(format_tables(result))
     return 0
+
+
+COMPARE = Command(
+    "compare", help="train and compare NAR4Rec and the baselines",
+    description="Train every model on DIR's train split (several seeds), evaluate on its "
+                "test split, and lay the results out as the paper's Tables 2-7 (JSON, and "
+                "Markdown with a chart of the lifts).",
+    options=_compare_options, run=_compare)
+
+
+# bench
+
+def _bench_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="kuaishou", choices=["kuaishou", "avito"],
+                        help="shapes to time: kuaishou (n = 60, m = 6) or avito (n = 5, m = 5) "
+                             "(default %(default)s)")
+    _models_option(parser, "time")
+    parser.add_argument("--batch", type=_positive, default=1024,
+                        help="requests per batch (default %(default)s, as in the paper)")
+    parser.add_argument("--steps", type=_positive, default=100,
+                        help="timed steps per figure, after --warmup untimed ones "
+                             "(default %(default)s)")
+    parser.add_argument("--warmup", type=_positive, default=5,
+                        help="untimed steps before each figure's timed ones "
+                             "(default %(default)s)")
+    parser.add_argument("--latency-requests", type=_positive, default=1000,
+                        help="single requests timed through the pipeline (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (default %(default)s: torch's choice); "
+                             "onnxruntime gets as many")
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false",
+                        help="skip the pipeline under onnxruntime (its export takes a minute)")
+    _device_option(parser, "the models", "the onnxruntime row is measured on the CPU only")
+    _config_option(parser, "model settings, as for train",
+                   default="every model at its default size")
+    _set_option(parser, "model setting", "reranker.samples=8")
+    parser.add_argument("--workdir", help="keep the simulated data here (default: a temporary "
+                        "directory)")
+    _json_option(parser, "every figure", required=True)
+    _report_option(parser, "the tables, and the inference time against m beside it "
+                           "(NAME-sweep.png)")
+    _quiet_option(parser, "progress lines; the tables are still printed")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -276,33 +646,65 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _day(text: str) -> date:
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
+BENCH = Command(
+    "bench", help="time training and inference of every model (Table 4)",
+    description="On simulated data of a preset's shape: training and inference seconds per "
+                "batch of every model (same hidden size), the NAR4Rec pipeline's "
+                "single-request latency (p50, p99) in PyTorch and under onnxruntime, the "
+                "generator's GFLOP/s next to this "
+                "machine's matrix-multiply peak, and NAR4Rec against Seq2Slate for m = 2..10.",
+    options=_bench_options, run=_bench)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+# serve
+
+def _serve_options(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", dest="run_dir", help="a run directory (PyTorch)")
+    source.add_argument("--export", help="an export directory (onnxruntime)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default %(default)s)")
+    parser.add_argument("--port", type=int, default=8000,
+                        help="port to listen on (default %(default)s)")
+    parser.add_argument("--threads", type=_positive, default=1,
+                        help="intra-op threads of the model (default %(default)s)")
+    _device_option(parser, "a run's models",
+                   "on a GPU, requests are replayed from CUDA graphs")
+    parser.add_argument("--max-candidates", type=_positive, default=1000,
+                        help="refuse (413) a request with more candidates "
+                             "(default %(default)s)")
+    parser.add_argument("--max-body-bytes", type=_positive, default=1_000_000,
+                        help="refuse (413) a request body larger than this "
+                             "(default %(default)s)")
 
 
-def run_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", dest="run_dir", required=True,
-                        help="run directory written by `nar4rec train`")
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from nar4rec.serve import Backend, create_app
+
+    backend = Backend(run=args.run_dir, export=args.export, threads=args.threads,
+                      device=args.device)
+    app = create_app(backend, max_candidates=args.max_candidates,
+                     max_body_bytes=args.max_body_bytes)
+    # Two threads share the GIL, the event loop and the batcher: a 0.5 ms switch interval
+    # (5 ms by default) lets a parsed request reach the batcher sooner, and freezing what is
+    # loaded keeps the garbage collector's full passes short (both measured with
+    # benchmarks/load_test.py, docs/benchmarks.md).
+    gc.collect()
+    gc.freeze()
+    sys.setswitchinterval(0.0005)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
-def reranker_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a reranker setting, e.g. reranker.alphas=[0.6] or "
-                             "reranker.samples=0")
-    parser.add_argument("--batch-size", type=_positive, default=1024)
+SERVE = Command(
+    "serve", help="serve a run or an export over HTTP",
+    description="POST /v1/rerank, GET /healthz, GET /metrics, OpenAPI page at /docs.",
+    options=_serve_options, run=_serve)
+
+
+COMMANDS = (SIMULATE, VALIDATE, PREPARE, TRAIN, EVALUATE, RERANK, EXPORT, COMPARE, BENCH, SERVE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,235 +713,30 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reranking for recommender systems: data, simulation and NAR4Rec.")
     parser.add_argument("--version", action="version", version=f"nar4rec {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    sim = commands.add_parser(
-        "simulate", help="simulate request logs with a ground-truth user model",
-        description="Simulate request logs (train/valid/test.parquet), the ground truth "
-                    "(truth/world.npz), the test split's oracle lists (truth/oracle_test.parquet) "
-                    "and summary.json.")
-    sim.add_argument("--preset", required=True, choices=["kuaishou", "avito", "movielens"])
-    sim.add_argument("--requests", type=_positive, required=True, help="number of requests")
-    sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--out", required=True, help="output directory")
-    sim.add_argument("--movielens-dir", help="MovieLens-100K folder (u.data, u.item, u.user); "
-                     "needed by the movielens preset")
-    sim.add_argument("--config", help="TOML file of simulator settings (see docs/simulator.md)")
-    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one setting, e.g. utility_weights.like=3 (repeatable)")
-    sim.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    sim.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    sim.set_defaults(run=_simulate)
-
-    val = commands.add_parser(
-        "validate", help="check request-log files against the format",
-        description="Check a request-log Parquet file (or every .parquet in a directory) "
-                    "against docs/data-format.md; print every problem with its row and field. "
-                    "Exit 1 if any problem is found.")
-    val.add_argument("path", help="a .parquet file or a directory of them")
-    val.add_argument("--json", help="write the summary (requests, exposures, positives) here")
-    val.add_argument("--max-problems", type=int, default=100,
-                     help="print at most this many problems (0: all); all are counted")
-    val.set_defaults(run=_validate)
-
-    prep = commands.add_parser("prepare", help="convert a public dataset to the format",
-                               description="Convert a public dataset to the request-log format "
-                                           "with time-based train/valid/test splits.")
-    sources = prep.add_subparsers(dest="source", required=True, metavar="SOURCE")
-
-    def engine_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--memory-limit", default="2GB",
-                       help="DuckDB memory limit; larger inputs spill to disk (default 2GB)")
-        p.add_argument("--threads", type=_positive, default=2)
-        p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-
-    avito = sources.add_parser("avito", help="Kaggle Avito Context Ad Clicks",
-                               description="Convert the Kaggle Avito Context Ad Clicks files: "
-                                           "one request per search with contextual ads.")
-    avito.add_argument("--raw-dir", required=True,
-                       help="folder with trainSearchStream.tsv, SearchInfo.tsv, AdsInfo.tsv, ...")
-    avito.add_argument("--out", required=True)
-    avito.add_argument("--train-days", type=_positive, default=21,
-                       help="days before the test period (the paper: 21)")
-    avito.add_argument("--valid-days", type=int, default=1,
-                       help="last days of the training period held out for validation")
-    engine_options(avito)
-    avito.set_defaults(run=_prepare_avito)
-
-    kuai = sources.add_parser("kuairand", help="KuaiRand logs",
-                              description="Convert KuaiRand logs: a request is the videos one "
-                                          "user was shown at one time_ms.")
-    kuai.add_argument("--log", nargs="+", required=True, help="one or more log CSV files")
-    kuai.add_argument("--users", required=True, help="user_features*.csv")
-    kuai.add_argument("--videos", required=True, help="video_features_basic*.csv")
-    kuai.add_argument("--out", required=True)
-    kuai.add_argument("--negatives", type=int, default=24,
-                      help="unexposed candidates added to every request")
-    kuai.add_argument("--window-minutes", type=_positive, default=60,
-                      help="negatives come from other users' exposures in this time window")
-    kuai.add_argument("--test-days", type=_positive, default=7)
-    kuai.add_argument("--valid-days", type=int, default=2)
-    kuai.add_argument("--seed", type=int, default=0)
-    engine_options(kuai)
-    kuai.set_defaults(run=_prepare_kuairand)
-
-    mind = sources.add_parser("mind", help="Microsoft News (MIND)",
-                              description="Convert MIND: a request is an impression.")
-    mind.add_argument("--behaviors", nargs="+", required=True, help="behaviors.tsv file(s)")
-    mind.add_argument("--news", required=True, help="news.tsv")
-    mind.add_argument("--out", required=True)
-    mind.add_argument("--split", choices=["day", "impression"], default="day",
-                      help="day: the last days are valid and test (default); impression: "
-                           "--holdout of the impressions each, by a hash of their id")
-    mind.add_argument("--test-from", type=_day, help="first test day (default: the last day)")
-    mind.add_argument("--valid-from", type=_day,
-                      help="first validation day (default: the day before --test-from)")
-    mind.add_argument("--holdout", type=float, default=0.1,
-                      help="with --split impression, the share of impressions in each of "
-                           "valid and test (default 0.1)")
-    engine_options(mind)
-    mind.set_defaults(run=_prepare_mind)
-
-    tr = commands.add_parser(
-        "train", help="train a reranker into a run directory",
-        description="Train NAR4Rec (the evaluator, then the generator), the evaluator alone, "
-                    "or a baseline (dnn, dcn, prm, edge_rerank, seq2slate, pier) on "
-                    "DIR/train.parquet, validating on DIR/valid.parquet, into one run "
-                    "directory (run.json, evaluator/ and generator/, or model/). Settings: "
-                    "the defaults, then the data set's (Avito: batch size 1024, as in the "
-                    "paper), then --config, then --set.")
-    tr.add_argument("--model", default="nar4rec", choices=list(MODELS),
-                    help="the model to train (default nar4rec): " + "; ".join(
-                        f"{name}: {summary}" for name, (_, summary) in MODELS.items()))
-    tr.add_argument("--data", required=True, help="data directory (train and valid splits)")
-    tr.add_argument("--out", required=True, help="run directory")
-    tr.add_argument("--config", help="TOML file with tables [generator], [evaluator], [train], "
-                    "[evaluator_train], [reranker], [features] and one per baseline "
-                    "(see docs/models.md)")
-    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one setting, e.g. generator.d_model=128 or train.epochs=5")
-    tr.add_argument("--evaluator", metavar="RUN", help="reuse the trained evaluator of this "
-                    "run instead of training one (a model with an evaluator phase: nar4rec)")
-    tr.add_argument("--resume", action="store_true",
-                    help="continue an interrupted run from its last checkpoint")
-    tr.add_argument("--overwrite", action="store_true", help="replace an existing run")
-    tr.add_argument("--quiet", action="store_true", help="no progress bars or summary")
-    tr.set_defaults(run=_train)
-
-    ev = commands.add_parser(
-        "evaluate", help="measure a trained run on a data split",
-        description="Offline metrics (AUC/LogLoss/NDCG for n = m, Recall@6/10 and LogLoss for "
-                    "n > m) and, on simulated data, the true utility of the returned lists "
-                    "against the logging policy and the oracle.")
-    run_option(ev)
-    ev.add_argument("--data", required=True, help="data directory")
-    ev.add_argument("--split", default="test", help="split to evaluate (default test)")
-    ev.add_argument("--json", help="write the metrics here")
-    ev.add_argument("--report", help="write a Markdown report (with training curves) here")
-    reranker_options(ev)
-    ev.set_defaults(run=_evaluate)
-
-    rr = commands.add_parser(
-        "rerank", help="rerank every request of a file",
-        description="Write, for every request of a request-log file, the list the run "
-                    "returns: request_id, user_id, items, positions, scores, "
-                    "predicted_utility.")
-    run_option(rr)
-    rr.add_argument("--data", required=True, help="a request-log .parquet file")
-    rr.add_argument("--out", required=True, help="output .parquet file")
-    reranker_options(rr)
-    rr.set_defaults(run=_rerank)
-
-    ex = commands.add_parser(
-        "export", help="write a run's models as ONNX",
-        description="Write generator.onnx, evaluator.onnx (dynamic batch, candidate and list "
-                    "counts) and manifest.json (inputs, outputs, list length, behaviours, "
-                    "weights, reranker settings, feature vocabularies) for onnxruntime.")
-    run_option(ex)
-    ex.add_argument("--out", required=True, help="output directory")
-    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    ex.set_defaults(run=_export)
-
-    cp = commands.add_parser(
-        "compare", help="train and compare NAR4Rec and the baselines",
-        description="Train every model on DIR's train split (several seeds), evaluate on its "
-                    "test split, and lay the results out as the paper's Tables 2-7 (JSON, and "
-                    "Markdown with a chart of the lifts).")
-    cp.add_argument("--data", required=True, help="data directory (train, valid, test)")
-    cp.add_argument("--models", default=",".join(COMPARED),
-                    help="comma-separated models (default: all seven)")
-    cp.add_argument("--seeds", type=_positive, default=1, help="training seeds 0..N-1")
-    cp.add_argument("--json", required=True, help="write the tables here")
-    cp.add_argument("--report", help="write a Markdown report here (and PATH-lifts.png)")
-    cp.add_argument("--runs", help="run directories (default: beside --json, NAME-runs/)")
-    cp.add_argument("--config", help="TOML file of settings shared by every run (over the "
-                    "data set's: batch size 1024 on Avito, as in the paper)")
-    cp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one setting for every run, e.g. train.epochs=3")
-    cp.add_argument("--time-batch", type=_positive, default=256,
-                    help="requests per batch in the timing table (default 256)")
-    cp.add_argument("--resume", action="store_true",
-                    help="reuse finished runs in --runs, continue unfinished ones")
-    cp.add_argument("--overwrite", action="store_true", help="replace an existing --runs")
-    cp.add_argument("--quiet", action="store_true", help="no progress bars")
-    cp.set_defaults(run=_compare)
-
-    bn = commands.add_parser(
-        "bench", help="time training and inference of every model (Table 4)",
-        description="On simulated data of a preset's shape: training and inference seconds per "
-                    "batch of every model (same hidden size), the NAR4Rec pipeline's "
-                    "single-request latency (p50, p99) in PyTorch and under onnxruntime, the "
-                    "generator's GFLOP/s next to this "
-                    "machine's matrix-multiply peak, and NAR4Rec against Seq2Slate for m = 2..10.")
-    bn.add_argument("--preset", default="kuaishou", choices=["kuaishou", "avito"])
-    bn.add_argument("--models", default=",".join(COMPARED),
-                    help="comma-separated models (default: every registered one)")
-    bn.add_argument("--batch", type=_positive, default=1024)
-    bn.add_argument("--steps", type=_positive, default=100,
-                    help="timed steps per figure, after --warmup untimed ones (default 100)")
-    bn.add_argument("--warmup", type=_positive, default=5)
-    bn.add_argument("--latency-requests", type=_positive, default=1000,
-                    help="single requests timed through the pipeline (default 1000)")
-    bn.add_argument("--threads", type=int, default=0,
-                    help="torch intra-op threads (default: torch's choice); onnxruntime gets "
-                         "as many")
-    bn.add_argument("--no-onnx", dest="onnx", action="store_false",
-                    help="skip the pipeline under onnxruntime (its export takes a minute)")
-    bn.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
-                    help="where the models run (default cpu; auto: CUDA when there is one); "
-                         "the onnxruntime row is measured on the CPU only")
-    bn.add_argument("--config", help="TOML file of model settings, as for train (default: "
-                    "every model at its default size)")
-    bn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one model setting, e.g. reranker.samples=8")
-    bn.add_argument("--workdir", help="keep the simulated data here (default: a temporary "
-                    "directory)")
-    bn.add_argument("--json", required=True, help="write every figure here")
-    bn.add_argument("--report", help="write Markdown tables here (and PATH-sweep.png)")
-    bn.add_argument("--quiet", action="store_true")
-    bn.set_defaults(run=_bench)
-
-    sv = commands.add_parser(
-        "serve", help="serve a run or an export over HTTP",
-        description="POST /v1/rerank, GET /healthz, GET /metrics, OpenAPI page at /docs.")
-    source = sv.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", dest="run_dir", help="a run directory (PyTorch)")
-    source.add_argument("--export", help="an export directory (onnxruntime)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--threads", type=_positive, default=1,
-                    help="intra-op threads of the model (default 1)")
-    sv.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
-                    help="where a run's models run (default cpu); on a GPU, requests are "
-                         "replayed from CUDA graphs")
-    sv.add_argument("--max-candidates", type=_positive, default=1000)
-    sv.add_argument("--max-body-bytes", type=_positive, default=1_000_000)
-    sv.set_defaults(run=_serve)
+    for command in COMMANDS:
+        command.register(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command; return its exit status (0 when it succeeded)."""
+    try:
+        try:
+            return _run(build_parser().parse_args(argv))
+        finally:
+            # Whatever is still buffered (all of it, when stdout is a pipe) goes now, so that a
+            # reader that has gone shows here rather than as a traceback at exit.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader stopped early (`nar4rec ... | head -1`): the rest of the output goes
+        # nowhere and the command ends quietly (the recipe of the Python docs, signal module,
+        # "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's own exit status, or one line on stderr and EXIT_USAGE for an error."""
     try:
         return args.run(args)
     except Nar4recError as exc:
@@ -548,12 +745,14 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("nar4rec: error: out of memory", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        raise   # not an error of the command: main ends quietly
     except OSError as exc:
         print(f"nar4rec: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("nar4rec: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
