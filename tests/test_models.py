@@ -17,7 +17,7 @@ from nar4rec.models.evaluator import (
     EvaluatorConfig,
     Redundancy,
     evaluator_loss,
-    list_utility,
+    predicted_list_utility,
 )
 from nar4rec.models.layers import FeatureEmbedding
 from nar4rec.models.nar4rec import (
@@ -262,7 +262,7 @@ def test_evaluator_scores_many_lists_as_it_scores_each(data):
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logged, as_list)
     torch.testing.assert_close(together[:, 3, :4], short, atol=1e-5, rtol=1e-5)
-    utility = list_utility(together, space.utility_weights, list_mask)
+    utility = predicted_list_utility(together, space.utility_weights, list_mask)
     assert utility.shape == (len(batch), 16) and (utility >= 0).all()
 
 

@@ -17,7 +17,7 @@ from nar4rec.data.features import FeatureSpace
 from nar4rec.data.loader import RequestLoader
 from nar4rec.decode import NO_ITEM
 from nar4rec.models.base import top_m
-from nar4rec.models.evaluator import list_utility
+from nar4rec.models.evaluator import predicted_list_utility
 from nar4rec.models.pier import (
     PIER,
     PIERConfig,
@@ -87,8 +87,8 @@ def test_rerank_shows_ocpm_best_of_the_kept_permutations(small):
         items, user = model.embed(batch)
         scores, lists = model.proposals(batch, items, user)             # (B, P, m)
         kept = model.select(items, user, lists)                         # (B, k)
-        utility = list_utility(model.ocpm(items, user, lists, lists >= 0), model.weights,
-                               lists >= 0)                              # (B, P)
+        utility = predicted_list_utility(model.ocpm(items, user, lists, lists >= 0),
+                                         model.weights, lists >= 0)     # (B, P)
     ranking = model.rerank(batch)
     torch.testing.assert_close(ranking.scores, scores)
     assert lists.shape == (len(batch), 24, 4) and kept.shape == (len(batch), 4)

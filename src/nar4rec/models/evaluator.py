@@ -3,7 +3,7 @@
 A list of m candidates is embedded, given position embeddings and the user vector, encoded by
 self-attention + FFN layers (so each item's prediction sees the whole list: its context and
 its order), and one linear head per behaviour predicts each item's feedback. A list's utility
-is the weighted sum of the item-wise predictions (`list_utility`), mirroring R(u, Y) of
+is the weighted sum of the item-wise predictions (`predicted_list_utility`), mirroring R(u, Y) of
 section 3.1. The paper does not say how the evaluator is trained; `evaluator_loss` is the
 natural reading (NOTES.md): per-behaviour binary cross-entropy on the logged lists.
 
@@ -253,8 +253,8 @@ class Evaluator(nn.Module):
         return self.redundancy.pairwise(self.candidates(batch), batch.cand_cat)
 
 
-def list_utility(logits: torch.Tensor, weights: torch.Tensor,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+def predicted_list_utility(logits: torch.Tensor, weights: torch.Tensor,
+                           mask: torch.Tensor | None = None) -> torch.Tensor:
     """A list's estimated utility: sum over items of sum_b w_b * sigmoid(logit_b) (section 4.4).
 
     Args:

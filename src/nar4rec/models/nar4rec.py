@@ -29,7 +29,7 @@ from nar4rec import decode
 from nar4rec.data.batch import RequestBatch
 from nar4rec.data.features import FeatureSpace
 from nar4rec.data.loader import RequestLoader
-from nar4rec.models.evaluator import list_utility
+from nar4rec.models.evaluator import predicted_list_utility
 from nar4rec.models.layers import (
     MLP,
     UPSTREAM_NORMS,
@@ -430,7 +430,7 @@ def judged_utility(evaluator: nn.Module, batch: RequestBatch, lists: torch.Tenso
                    weights: torch.Tensor) -> torch.Tensor:
     """(B, L) the evaluator's utility for lists (B, L, m) (NO_ITEM positions add nothing)."""
     mask = lists >= 0
-    return list_utility(evaluator(batch, lists, mask), weights, mask)
+    return predicted_list_utility(evaluator(batch, lists, mask), weights, mask)
 
 
 @torch.no_grad()

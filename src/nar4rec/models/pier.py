@@ -44,7 +44,7 @@ from nar4rec.models.base import (
     predicted_utility,
     top_m,
 )
-from nar4rec.models.evaluator import evaluator_loss, list_utility
+from nar4rec.models.evaluator import evaluator_loss, predicted_list_utility
 from nar4rec.models.layers import MLP, personalised_inputs, position_rows, standardise
 from nar4rec.reranker import request_keys, request_uniforms
 
@@ -258,8 +258,8 @@ class PIER(ListModel):
             uniforms = torch.rand(len(items), self.config.train_permutations - 2,
                                   self.config.list_length, device=items.device)
             lists = self.generate(batch, scores, uniforms)              # (B, P', m)
-            utility = list_utility(self.ocpm(items, user, lists, lists >= 0), self.weights,
-                                   lists >= 0)                          # (B, P')
+            utility = predicted_list_utility(self.ocpm(items, user, lists, lists >= 0),
+                                             self.weights, lists >= 0)  # (B, P')
         interest, permutation = self.fpsm(items, user, lists, lists >= 0)
         similarity = F.cosine_similarity(interest.unsqueeze(1), permutation, dim=-1)  # (B, P')
         return PIEROutput(logged, similarity, utility)
@@ -288,8 +288,8 @@ class PIER(ListModel):
         scores, lists = self.proposals(batch, items, user)              # (B, n), (B, P, m)
         kept = self.select(items, user, lists)                          # (B, k)
         kept_lists = lists.gather(1, kept.unsqueeze(-1).expand(-1, -1, lists.shape[2]))
-        utility = list_utility(self.ocpm(items, user, kept_lists, kept_lists >= 0),
-                               self.weights, kept_lists >= 0)           # (B, k)
+        utility = predicted_list_utility(self.ocpm(items, user, kept_lists, kept_lists >= 0),
+                                         self.weights, kept_lists >= 0)  # (B, k)
         best = utility.argmax(1)                                        # first of ties
         return Ranking(kept_lists[torch.arange(len(kept_lists), device=best.device), best], scores)
 
