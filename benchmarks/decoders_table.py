@@ -19,8 +19,9 @@ import argparse
 import numpy as np
 
 from nar4rec.config import parse_sets
+from nar4rec.evaluation import evaluate_run
 from nar4rec.metrics import captured_lift
-from nar4rec.runs import evaluate_run, read_run
+from nar4rec.runs import read_run
 
 ROWS = {"generator_greedy": "greedy", "generator_contrastive": "contrastive",
         "generator_beam": "beam search", "generator_top_k": "top-k sampling",

@@ -29,7 +29,7 @@ Each point is measured on the TEST split: by the simulator's truth, the captured
 (method - logging) / (oracle - logging) of the lists returned (NAR4Rec: the pipeline, proposals
 chosen by the evaluator; the alpha panel: the generator's decoded lists), and by the paper's
 offline metric, Recall@6 on presets with n > m and NDCG on presets with n = m. Fig. 3 uses the
-metric of Tables 2 and 3 (`runs.evaluate_run`: candidates ranked by the model's score;
+metric of Tables 2 and 3 (`evaluation.evaluate_run`: candidates ranked by the model's score;
 NAR4Rec's NDCG is its evaluator's click prediction). Fig. 4 measures the lists themselves
 (candidates ranked by their position in the list, unplaced ones last), since the evaluator's
 NDCG cannot see a generator setting.
@@ -63,16 +63,10 @@ from nar4rec import decode, metrics
 from nar4rec.config import RunConfig, apply_overrides, dataset_settings, load_overrides
 from nar4rec.data.batch import RequestBatch
 from nar4rec.data.loader import RequestLoader
+from nar4rec.evaluation import evaluate_run
 from nar4rec.io import atomic_file
 from nar4rec.report import save_figure
-from nar4rec.runs import (
-    evaluate_run,
-    load_run,
-    phases_of,
-    read_run,
-    split_files,
-    train_run,
-)
+from nar4rec.runs import load_run, phases_of, read_run, split_files, train_run
 from nar4rec.sim.presets import preset_config
 from nar4rec.sim.simulate import simulate
 from nar4rec.sim.world import World

@@ -11,7 +11,7 @@ For every size: simulate that many requests with the data seed (`nar4rec simulat
 10 % valid, 10 % test, in time order; the x axis is the train split's size, read from
 summary.json), train every model for every training seed (0 .. --seeds - 1) on it, and score
 each model's lists on the test split with the simulator's exact expected utility
-(`runs.evaluate_run`). With --list-aware, NAR4Rec is trained a second time with that TOML
+(`evaluation.evaluate_run`). With --list-aware, NAR4Rec is trained a second time with that TOML
 file applied, into its own run directory, labelled "nar4rec (list-aware)".
 
 Settings, applied in this order: the data set's settings, the results protocol
@@ -52,15 +52,11 @@ import numpy as np
 
 from nar4rec.config import RunConfig, dataset_settings, load_overrides
 from nar4rec.errors import Nar4recError
+from nar4rec.evaluation import evaluate_run
 from nar4rec.io import atomic_file
 from nar4rec.models import BASELINES
 from nar4rec.registry import check_models
-from nar4rec.runs import (
-    evaluate_run,
-    phases_of,
-    read_run,
-    train_run,
-)
+from nar4rec.runs import phases_of, read_run, train_run
 from nar4rec.sim.presets import preset_config
 from nar4rec.sim.simulate import simulate
 

@@ -25,8 +25,9 @@ import torch
 from nar4rec import decode
 from nar4rec.config import RunConfig, dataset_settings, load_overrides
 from nar4rec.data.loader import RequestLoader
+from nar4rec.evaluation import evaluate_run
 from nar4rec.metrics import list_utility
-from nar4rec.runs import evaluate_run, load_run, read_run, split_files, train_run
+from nar4rec.runs import load_run, read_run, split_files, train_run
 from nar4rec.sim.presets import preset_config
 from nar4rec.sim.simulate import simulate
 from nar4rec.sim.world import World

@@ -20,7 +20,7 @@ import argparse
 import numpy as np
 
 from nar4rec.config import parse_sets
-from nar4rec.runs import evaluate_run
+from nar4rec.evaluation import evaluate_run
 
 
 def utilities(run: str, data: str, sets: dict | None = None

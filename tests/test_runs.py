@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +21,12 @@ from nar4rec.data.features import FeatureSpace
 from nar4rec.data.loader import RequestLoader
 from nar4rec.decode import contrastive
 from nar4rec.errors import Nar4recError
+from nar4rec.evaluation import evaluate_run
 from nar4rec.metrics import list_utility
 from nar4rec.models.evaluator import Evaluator, EvaluatorConfig
 from nar4rec.models.nar4rec import NAR4Rec, NAR4RecConfig
 from nar4rec.reranker import Reranker, RerankerConfig
-from nar4rec.runs import evaluate_run, load_run, rerank_file, train_run
+from nar4rec.runs import load_run, rerank_file, train_run
 from nar4rec.sim.world import World
 
 M = 5
@@ -376,3 +379,30 @@ def test_training_on_the_generators_own_lists(run, data, tmp_path):
     # `nar4rec compare` and `bench` time such a run's training step with its evaluator judging
     module, step = system.system.training_step()
     assert time_training(module, step, batch, warmup=1, repeats=1) > 0
+
+
+def test_no_valid_split_warns_and_resume_needs_the_run_and_its_data(data, tmp_path, caplog):
+    only_train = tmp_path / "only-train"
+    only_train.mkdir()
+    (only_train / "train.parquet").symlink_to(data / "train.parquet")
+    run = tmp_path / "run"
+    config = load_overrides(RunConfig(), None, ["train.epochs=1", "train.steps_per_epoch=2"])
+    with caplog.at_level(logging.WARNING, logger="nar4rec"):
+        train_run(only_train, run, model="dnn", config=config, progress=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "\n" not in warned[0]
+    assert "no 'valid' split" in warned[0] and "training loss" in warned[0]
+
+    (tmp_path / "empty").mkdir()
+    for missing in (tmp_path / "nothing", tmp_path / "empty"):
+        with pytest.raises(Nar4recError, match=f"{missing}: no run to resume"):
+            train_run(only_train, missing, model="dnn", resume=True, progress=False)
+    assert not (tmp_path / "nothing").exists() and not any((tmp_path / "empty").iterdir())
+
+    # Other data (here: with a valid split) is refused unless forced; a copy is the same data.
+    with pytest.raises(Nar4recError, match="trained on other data"):
+        train_run(data, run, model="dnn", resume=True, progress=False)
+    assert train_run(data, run, model="dnn", resume=True, force=True, progress=False)["phases"]
+    copy = shutil.copytree(only_train, tmp_path / "copy")
+    assert not (copy / "train.parquet").is_symlink()
+    assert train_run(copy, run, model="dnn", resume=True, progress=False)["phases"]

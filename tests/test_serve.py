@@ -17,6 +17,7 @@ import urllib.request
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -27,6 +28,7 @@ from helpers import train_tiny
 from nar4rec.data.batch import UNKNOWN
 from nar4rec.data.format import CAND_NUM, ITEM_ID
 from nar4rec.data.loader import RequestLoader
+from nar4rec.data.validate import validate_file
 from nar4rec.errors import Nar4recError
 from nar4rec.runs import load_run
 from nar4rec.serve import (
@@ -102,7 +104,8 @@ BAD = {
     "fewer than m": (lambda r: r.__setitem__("candidates", r["candidates"][:3]), 422,
                      "the model shows 4"),
     "repeated item": (lambda r: r["candidates"][1].__setitem__(
-        "item_id", r["candidates"][0]["item_id"]), 422, "appears twice"),
+        "item_id", r["candidates"][0]["item_id"]), 422,
+                      "candidates[1].item_id: {item} appears twice (also candidates[0])"),
     "extra field": (lambda r: r.__setitem__("debug", True), 422, "body.debug"),
     "too many": (lambda r: r.__setitem__("candidates", [
         {**r["candidates"][0], "item_id": i} for i in range(31)]), 413, "at most 30"),
@@ -111,7 +114,19 @@ BAD = {
     "huge integer": (lambda r: r["candidates"][1]["features"].__setitem__(
         "duration", 10**400), 422, "candidates[1].features.duration"),
     "huge score": (lambda r: r["candidates"][1].__setitem__("upstream_score", 10**400), 422,
-                   "upstream_score"),
+                   "candidates[1].upstream_score"),
+    "beyond float32": (lambda r: r["candidates"][1]["features"].__setitem__("duration", 1e39),
+                       422, "candidates[1].features.duration: a finite number within "
+                       "float32's range"),
+    "user beyond float32": (lambda r: r["user"]["features"].__setitem__(
+        "log_activity", -3.5e38), 422, "user.features.log_activity: a finite number within"),
+    "score beyond float32": (lambda r: r["candidates"][2].__setitem__("upstream_score", 5e38),
+                             422, "candidates[2].upstream_score: a finite number within"),
+    "too far for the model": (lambda r: r["candidates"][1]["features"].__setitem__(
+        "duration", -1e30), 422, "candidates[1].features.duration: -1e+30 is too far from "
+        "the training data"),
+    "user too far": (lambda r: r["user"]["features"].__setitem__("log_activity", 1e30), 422,
+                     "user.features.log_activity: 1e+30 is too far"),
     "no candidates": (lambda r: r.__setitem__("candidates", []), 422, "candidates"),
 }
 
@@ -120,9 +135,34 @@ BAD = {
 def test_bad_input_gets_a_4xx_naming_the_problem(served, case):
     _, client, _ = served
     change, status, message = BAD[case]
-    answer = client.post("/v1/rerank", json=mutate(body(served), change))
+    request = body(served)
+    answer = client.post("/v1/rerank", json=mutate(request, change))
     assert answer.status_code == status, answer.text
-    assert message in answer.json()["detail"]
+    assert message.format(item=request["candidates"][0]["item_id"]) in answer.json()["detail"]
+
+
+def test_validate_and_the_service_agree(served, tmp_path):
+    # A repeated candidate and a float64 value beyond float32's range: each is a problem for
+    # `nar4rec validate` in a file and a 422 for the service, both naming where it is.
+    root, client, table = served
+    space = load_run(root / "run").space
+    items = table.column(ITEM_ID).to_pylist()
+    items[0][3] = items[0][1]
+    duration = table.column(CAND_NUM + "duration").to_pylist()
+    duration[1][2] = 1e39
+    for name, values, value_type in ((ITEM_ID, items, table.schema.field(ITEM_ID).type),
+                                     (CAND_NUM + "duration", duration,
+                                      pa.list_(pa.float64()))):
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, pa.field(name, value_type),
+                                 pa.array(values, value_type))
+    pq.write_table(table, tmp_path / "bad.parquet")
+    problems = validate_file(tmp_path / "bad.parquet")
+    assert {(p.row, p.field) for p in problems} == {(0, ITEM_ID), (1, CAND_NUM + "duration")}
+    for row, where in ((0, "candidates[3].item_id"), (1, "candidates[2].features.duration")):
+        answer = client.post("/v1/rerank", json=request_json(table, row, space))
+        assert answer.status_code == 422 and where in answer.json()["detail"], answer.text
+    assert client.post("/v1/rerank", json=request_json(table, 2, space)).status_code == 200
 
 
 def test_an_oversized_body_sent_in_chunks_is_refused(served):
@@ -202,6 +242,22 @@ def test_a_plain_client_sending_an_oversized_body_reads_the_413(service):
     assert outcomes == {(413, "body over 60000 bytes"): 90}
 
 
+def test_a_body_that_stalls_gets_a_408_within_a_bounded_time(service):
+    # The Content-Length promises 1,000 bytes, well under the limit; 10 come, then nothing.
+    head = (b"POST /v1/rerank HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", service), timeout=30) as sock:
+        sock.sendall(head + b'{"user": {')
+        started = time.perf_counter()
+        answer = b""
+        while chunk := sock.recv(65536):              # until the service closes
+            answer += chunk
+    waited = time.perf_counter() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"did not arrive within 10 s" in answer and waited < 20
+    assert post_with_urllib(service, b"{}")[0] == 422               # still serving
+
+
 def drained(limit_app: BodyLimit, headers: dict[str, str], chunks) -> tuple[int, dict, int]:
     """POST `chunks` to `limit_app` (past the last one the client stalls): the status, the
     answer's headers and the bytes read of the body."""
@@ -248,6 +304,21 @@ def test_the_drain_of_a_refused_body_is_bounded():
                                     iter([b"x" * 20_000]))             # then the client stalls
     assert (status, headers[b"connection"], read) == (413, b"close", 20_000)
     assert time.perf_counter() - started < 5
+
+
+def test_a_stalled_body_within_the_limit_ends_in_a_408_after_body_seconds():
+    app = FastAPI()
+
+    @app.post("/")
+    async def read_all(request: Request) -> dict:
+        return {"bytes": len(await request.body())}
+
+    limit_app = BodyLimit(app, limit=1000, on_refuse=lambda: None, body_seconds=0.5)
+    started = time.perf_counter()
+    status, headers, read = drained(limit_app, {"content-length": "500"},
+                                    iter([b"x" * 100, b"x" * 100]))   # then the client stalls
+    assert (status, headers[b"connection"], read) == (408, b"close", 200)
+    assert 0.5 <= time.perf_counter() - started < 5
 
 
 def test_garbage_bodies_and_health(served):
@@ -363,3 +434,20 @@ def test_the_service_on_a_gpu_returns_the_library_lists(served):
     answer = client.post("/v1/rerank", json=request_json(table, 0, run.space))
     assert answer.status_code == 200, answer.text
     assert client.get("/healthz").json()["backend"] == "pytorch, CUDA graphs"
+
+
+def test_the_service_says_where_it_listens(served):
+    """`nar4rec serve` prints the address it answers on before it serves."""
+    root, _, _ = served
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "nar4rec", "serve", "--run",
+                                str(root / "run"), "--port", str(port)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert f"on http://127.0.0.1:{port}" in line and "nar4rec" in line, line
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -228,3 +235,45 @@ def test_too_few_requests_for_three_splits_is_a_clear_error(tmp_path):
     with pytest.raises(Nar4recError, match="split empty"):
         simulate_small(tmp_path / "none", requests=500, test_fraction=0.0)
     assert not (tmp_path / "few").exists() and not (tmp_path / "none").exists()
+
+
+def process_group(group: int) -> dict[int, float]:
+    """The live (not zombie) processes of a process group: pid -> CPU seconds used, from /proc."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == group and fields[0] != "Z":
+                found[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) \
+                    / os.sysconf("SC_CLK_TCK")
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_a_killed_simulate_leaves_no_worker_and_the_next_run_no_partial(tmp_path):
+    out = tmp_path / "data"
+    process = subprocess.Popen([sys.executable, "-m", "nar4rec", "simulate", "--preset",
+                                "kuaishou", "--requests", "2000000", "--out", str(out),
+                                "--quiet"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:       # until the forked oracle worker is busy with the test split's searches
+            assert process.poll() is None and time.monotonic() < deadline
+            workers = {pid: cpu for pid, cpu in process_group(process.pid).items()
+                       if pid != process.pid}
+            if any(cpu > 0.5 for cpu in workers.values()):
+                break
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 5
+        while process_group(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process_group(process.pid) == {}, "the oracle worker outlived simulate"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)      # what this test started, if left
+        process.wait(timeout=30)
+    assert list(tmp_path.glob(".data.*.partial"))       # what the killed run left
+    simulate_small(out, requests=600)                   # the next run into the same place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

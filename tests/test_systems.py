@@ -23,9 +23,10 @@ from nar4rec.compare import time_run
 from nar4rec.config import RunConfig, load_overrides
 from nar4rec.data.loader import RequestLoader
 from nar4rec.errors import Nar4recError
+from nar4rec.evaluation import evaluate_run
 from nar4rec.export import FEATURE_INPUTS, OnnxReranker, export_run
 from nar4rec.registry import MODELS, system_class
-from nar4rec.runs import evaluate_run, load_run, rerank_file, train_run
+from nar4rec.runs import load_run, rerank_file, train_run
 from nar4rec.serve import Backend, create_app, request_json
 from nar4rec.system import Reranked
 

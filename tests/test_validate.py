@@ -182,3 +182,51 @@ def test_cli_reports_every_problem_and_exits_1(data, tmp_path):
         assert f"{bad}: row {row}: field 'exposed'" in done.stderr
     assert read_spec(bad).behaviours == ("view", "like", "follow", "long_view", "complete_view")
     assert np.isfinite(read_spec(bad).weights).all()
+
+
+def with_column(table: pa.Table, column: str, values: list, value_type: pa.DataType) -> pa.Table:
+    """`table` with one column replaced by `values` of another type, keeping the metadata."""
+    index = table.schema.get_field_index(column)
+    return table.set_column(index, pa.field(column, value_type), pa.array(values, value_type))
+
+
+def test_float64_values_beyond_float32s_range_are_located(data, tmp_path):
+    # A float64 column can hold finite numbers that the models' float32 cannot.
+    table = pq.read_table(data / "valid.parquet")
+    user = table.column("user_num_log_activity").to_pylist()
+    user[3], user[4] = 1e39, -3.4e38                     # beyond; within (float32 max 3.40e38)
+    duration = table.column("cand_num_duration").to_pylist()
+    duration[6][2] = -1e300
+    scores = table.column("upstream_score").to_pylist()
+    scores[8][0] = 5e38
+    propensity = table.column("log_propensity").to_pylist()
+    propensity[10] = -1e39
+    table = with_column(table, "user_num_log_activity", user, pa.float64())
+    table = with_column(table, "cand_num_duration", duration, pa.list_(pa.float64()))
+    table = with_column(table, "upstream_score", scores, pa.list_(pa.float64()))
+    table = with_column(table, "log_propensity", propensity, pa.float64())
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table, bad)
+    problems = validate_file(bad)
+    assert {(p.row, p.field) for p in problems} == {
+        (3, "user_num_log_activity"), (6, "cand_num_duration"), (8, "upstream_score"),
+        (10, "log_propensity")}
+    assert all("beyond float32's range" in p.message for p in problems)
+
+
+def test_a_repeated_candidate_is_located(data, tmp_path):
+    # A list cannot show one item twice, so a request's candidates are distinct items (the
+    # service refuses a repeat too: test_serve.py).
+    table = pq.read_table(data / "valid.parquet")
+    items = table.column("item_id").to_pylist()
+    items[6][4] = items[6][1]
+    items[9][7] = items[9][2] = items[9][0]
+    bad = tmp_path / "bad.parquet"
+    rewrite(table, bad, "item_id", items)
+    problems = validate_file(bad)
+    assert [(p.row, p.field) for p in problems] == [(6, "item_id"), (9, "item_id")]
+    assert f"item id {items[6][1]!r} appears twice" in problems[0].message
+    as_text = with_column(table, "item_id", [[f"v{i}" for i in row] for row in items],
+                          pa.list_(pa.string()))
+    pq.write_table(as_text, bad)
+    assert [(p.row, p.field) for p in validate_file(bad)] == [(6, "item_id"), (9, "item_id")]

@@ -404,6 +404,9 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
                         "run instead of training one (a model with an evaluator phase: nar4rec)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run from its last checkpoint")
+    parser.add_argument("--force", action="store_true",
+                        help="with --resume: continue even on other data than the run was "
+                             "trained on (default: refused)")
     _overwrite_option(parser, "run in --out")
     _quiet_option(parser, "progress bars or summary")
 
@@ -416,7 +419,7 @@ def _train(args: argparse.Namespace) -> int:
                             defaults=dataset_settings(args.data))
     info = train_run(args.data, args.out, model=args.model, config=config,
                      reuse={"evaluator": args.evaluator} if args.evaluator else None,
-                     resume=args.resume, overwrite=args.overwrite,
+                     resume=args.resume, overwrite=args.overwrite, force=args.force,
                      progress=False if args.quiet else None)
     if not args.quiet:
         for phase, result in info["phases"].items():
@@ -454,9 +457,9 @@ def _evaluate_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from nar4rec.evaluation import evaluate_run
     from nar4rec.io import atomic_file
     from nar4rec.report import format_evaluation, write_report
-    from nar4rec.runs import evaluate_run
 
     result = evaluate_run(args.run_dir, args.data, split=args.split, batch_size=args.batch_size,
                           sets=parse_sets(args.set))
@@ -676,6 +679,9 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=_positive, default=1_000_000,
                         help="refuse (413) a request body larger than this "
                              "(default %(default)s)")
+    parser.add_argument("--body-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="answer 408 to a request whose body has not arrived this long "
+                             "after it started (default %(default)s)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -686,7 +692,7 @@ def _serve(args: argparse.Namespace) -> int:
     backend = Backend(run=args.run_dir, export=args.export, threads=args.threads,
                       device=args.device)
     app = create_app(backend, max_candidates=args.max_candidates,
-                     max_body_bytes=args.max_body_bytes)
+                     max_body_bytes=args.max_body_bytes, body_seconds=args.body_timeout)
     # Two threads share the GIL, the event loop and the batcher: a 0.5 ms switch interval
     # (5 ms by default) lets a parsed request reach the batcher sooner, and freezing what is
     # loaded keeps the garbage collector's full passes short (both measured with
@@ -694,6 +700,8 @@ def _serve(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     sys.setswitchinterval(0.0005)
+    print(f"serving {backend.model} ({backend.kind}) on http://{args.host}:{args.port} "
+          "(POST /v1/rerank; /healthz, /metrics, /docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

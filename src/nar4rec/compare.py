@@ -3,7 +3,7 @@ paper's tables.
 
 For each seed, each model is trained on the train split (validated on valid, early-stopped on
 the validation loss: nothing is tuned on test) into RUNS/seed<S>/<model>/ and evaluated on the
-test split by `runs.evaluate_run`. With NAR4Rec among the models, a second generator is
+test split by `evaluation.evaluate_run`. With NAR4Rec among the models, a second generator is
 trained with vanilla (likelihood) training on the same evaluator for Table 6, and Table 7 comes
 from decoding the unlikelihood generator with each decoder. The seed sets every training seed
 and the reranker's sampling seed; the data stay the same.
@@ -34,17 +34,11 @@ from nar4rec import bench
 from nar4rec.config import RunConfig, apply_overrides, dataset_settings
 from nar4rec.data.loader import RequestLoader
 from nar4rec.errors import Nar4recError
+from nar4rec.evaluation import evaluate_run
 from nar4rec.io import atomic_file
 from nar4rec.registry import COMPARED, check_models, system_class
 from nar4rec.report import NDCG_NOTE
-from nar4rec.runs import (
-    evaluate_run,
-    load_run,
-    phases_of,
-    read_run,
-    split_files,
-    train_run,
-)
+from nar4rec.runs import load_run, phases_of, read_run, split_files, train_run
 
 REFERENCE = "edge_rerank"
 OFFLINE = {"item-wise (n = m)": ("auc", "logloss", "ndcg"),

@@ -1,6 +1,7 @@
-"""Whole reranking systems: train one into a run directory, load it, evaluate it, apply it.
+"""Run directories: train a whole reranking system into one, load it, apply it to a file.
 
-This is what `nar4rec train`, `evaluate` and `rerank` run. A run directory holds:
+This is what `nar4rec train` and `rerank` run (the evaluation protocols are `evaluation.py`).
+A run directory holds:
 
     run.json            the model name, every setting (RunConfig), the FeatureSpace, the data
                         it was trained on and each finished phase's result
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from nar4rec import decode, metrics
 from nar4rec.config import RUN_FILE, RunConfig, apply_overrides, dataset_settings
-from nar4rec.data.batch import RequestBatch
 from nar4rec.data.features import FeatureSpace
 from nar4rec.data.loader import RequestLoader, max_lengths
 from nar4rec.errors import Nar4recError
@@ -45,6 +44,8 @@ from nar4rec.train import (
     load_checkpoint,
     train,
 )
+
+log = logging.getLogger(__name__)
 
 
 def split_files(data_dir: str | Path, split: str, *, required: bool = True) -> list[Path]:
@@ -68,9 +69,12 @@ def split_files(data_dir: str | Path, split: str, *, required: bool = True) -> l
 
 def train_run(data_dir: str | Path, run_dir: str | Path, *, model: str = "nar4rec",
               config: RunConfig | None = None, reuse: dict[str, str | Path] | None = None,
-              resume: bool = False, overwrite: bool = False, progress: bool | None = None,
-              context: DistributedContext | None = None) -> dict:
+              resume: bool = False, overwrite: bool = False, force: bool = False,
+              progress: bool | None = None, context: DistributedContext | None = None) -> dict:
     """Train a whole system into `run_dir`, phase after phase (`System.phases`).
+
+    Without a valid split, a one-line warning says so: early stopping and the best checkpoint
+    then follow the training loss.
 
     Args:
         data_dir: the data (train and valid splits).
@@ -81,8 +85,11 @@ def train_run(data_dir: str | Path, run_dir: str | Path, *, model: str = "nar4re
             of trained again (NAR4Rec's evaluator for vanilla training, Table 6); the feature
             space then comes from that run.
         resume: continue an interrupted run: finished phases are kept, the one in progress
-            restarts from its last checkpoint. The run's own settings are used.
+            restarts from its last checkpoint. The run's own settings are used. A run_dir
+            without a run is an error, and so is other data than the run was trained on
+            (`data_fingerprint`: the splits' files, requests and bytes) unless `force`.
         overwrite: replace an existing run directory.
+        force: resume even on other data than the run was trained on.
     Returns:
         run.json's content.
     """
@@ -98,8 +105,13 @@ def train_run(data_dir: str | Path, run_dir: str | Path, *, model: str = "nar4re
     if config is None:
         config = apply_overrides(RunConfig(), dataset_settings(data_dir),
                                  source="the data set's settings")
-    info = _start_run(run_dir, data_dir, system, config, train_paths, reuse, resume,
-                      overwrite, context)
+    fingerprint = data_fingerprint(data_dir, train_paths, valid_paths)
+    info = _start_run(run_dir, data_dir, fingerprint, system, config, train_paths, reuse,
+                      resume, overwrite, force, context)
+    to_train = [p for p in system.phases if p.name not in info["phases"] and p.name not in reuse]
+    if not valid_paths and to_train and context.is_main:
+        log.warning(f"warning: {data_dir} has no 'valid' split: early stopping and the best "
+                    "checkpoint follow the training loss")
     config = RunConfig.from_dict(info["config"])
     space = FeatureSpace.from_dict(info["space"])
 
@@ -129,16 +141,61 @@ def train_run(data_dir: str | Path, run_dir: str | Path, *, model: str = "nar4re
     return info
 
 
-def _start_run(run_dir: Path, data_dir, system: type[System], config: RunConfig, train_paths,
-               reuse: dict[str, Path], resume: bool, overwrite: bool,
-               context: DistributedContext) -> dict:
+def data_fingerprint(data_dir: str | Path, train_paths: list[Path],
+                     valid_paths: list[Path]) -> dict:
+    """What identifies a data directory cheaply: its resolved path and, per split (train,
+    valid), the number of files, of requests (from the Parquet footers) and of bytes."""
+    def split(paths: list[Path]) -> dict | None:
+        if not paths:
+            return None
+        return {"files": len(paths),
+                "requests": sum(pq.ParquetFile(p).metadata.num_rows for p in paths),
+                "bytes": sum(p.stat().st_size for p in paths)}
+
+    return {"resolved": str(Path(data_dir).resolve()), "train": split(train_paths),
+            "valid": split(valid_paths)}
+
+
+def _same_data(info: dict, fingerprint: dict) -> bool:
+    """Whether a run was trained on the data of `fingerprint`: the same splits (a copy or a
+    move is the same data); for a run without a fingerprint, the same resolved path."""
+    recorded = info.get("data_fingerprint")
+    if recorded is None:
+        return str(Path(info["data"]).resolve()) == fingerprint["resolved"]
+    return all(recorded[split] == fingerprint[split] for split in ("train", "valid"))
+
+
+def _describe_data(fingerprint: dict | None) -> str:
+    if fingerprint is None:
+        return "no fingerprint recorded"
+    parts = []
+    for split in ("train", "valid"):
+        counts = fingerprint[split]
+        parts.append(f"{split} {counts['requests']:,} requests, {counts['bytes']:,} bytes"
+                     if counts else f"no {split}")
+    return ", ".join(parts)
+
+
+def _start_run(run_dir: Path, data_dir, fingerprint: dict, system: type[System],
+               config: RunConfig, train_paths, reuse: dict[str, Path], resume: bool,
+               overwrite: bool, force: bool, context: DistributedContext) -> dict:
     """run.json of a new run (settings, FeatureSpace, list length), or of the resumed one."""
     existing = run_dir / RUN_FILE
-    if resume and existing.exists():
+    if resume and not existing.exists():
+        state = "does not exist" if not run_dir.exists() else \
+            "is empty" if not any(run_dir.iterdir()) else f"holds no {RUN_FILE}"
+        raise Nar4recError(f"{run_dir}: no run to resume (the folder {state}); leave out "
+                           "--resume to start one")
+    if resume:
         info = read_run(run_dir)
         if info["model"] != system.name:
             raise Nar4recError(f"{run_dir}: resuming a '{info['model']}' run as "
                                f"'{system.name}'")
+        if not force and not _same_data(info, fingerprint):
+            raise Nar4recError(
+                f"{run_dir}: trained on other data than {data_dir} (the run's: {info['data']}, "
+                f"{_describe_data(info.get('data_fingerprint'))}; given: "
+                f"{_describe_data(fingerprint)}); resume on the run's data, or use --force")
         return info
     occupied = run_dir.exists() and any(run_dir.iterdir())
     context_barrier(context)               # every rank looks before rank 0 writes anything
@@ -163,9 +220,9 @@ def _start_run(run_dir: Path, data_dir, system: type[System], config: RunConfig,
         for phase in system.phases})
     settings = {name: value for name, value in dataclasses.asdict(config).items()
                 if name in system.sections}
-    info = {"model": system.name, "data": str(data_dir), "list_length": list_length,
-            "max_candidates": most_candidates, "config": settings,
-            "space": space.to_dict(), "phases": {}}
+    info = {"model": system.name, "data": str(data_dir), "data_fingerprint": fingerprint,
+            "list_length": list_length, "max_candidates": most_candidates,
+            "config": settings, "space": space.to_dict(), "phases": {}}
     _write_run(run_dir, info, context)
     return info
 
@@ -279,173 +336,6 @@ def _load_phase(run_dir: Path, system: type[System], phase: Phase,
     module = system.build(phase, config_class(**checkpoint["describe"]["config"]), space)
     module.load_state_dict(checkpoint["model"])
     return module.eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-
-
-class _Mean:
-    """A weighted mean of per-batch means (nan batches skipped)."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self.weight = 0.0
-
-    def add(self, value: float, weight: float) -> None:
-        if weight > 0 and not math.isnan(value):
-            self.total += value * weight
-            self.weight += weight
-
-    @property
-    def value(self) -> float:
-        return self.total / self.weight if self.weight else math.nan
-
-
-@torch.no_grad()
-def evaluate_run(run_dir: str | Path, data_dir: str | Path, *, split: str = "test",
-                 batch_size: int = 1024, sets: dict | None = None,
-                 per_request: bool = False) -> dict:
-    """Every metric of the run on one split.
-
-    Item-wise prediction (the probability of the first behaviour, e.g. click, of each item of
-    the logged lists, in their logged context: for NAR4Rec the evaluator's): `auc`, `logloss`,
-    `ndcg` (the mean over requests with a click) and `ndcg_all_requests` (over every request,
-    those without a click at 0) when requests have n = m (the paper's Avito protocol).
-    Exposure prediction: the model's candidate scores rank candidates for `recall@6` and
-    `recall@10`, and its exposure probability (NAR4Rec: a candidate's row sum of the
-    probability matrix, clipped to 1) gives `logloss`, when n > m (the Kuaishou protocol;
-    models without an exposure probability have no logloss there). On simulated data, the
-    true expected `utility` of the returned lists, `logging_utility`, and on the test split
-    `oracle_utility` and `captured_lift`;
-    `variants` holds the same for the logging policy, the oracle and, for NAR4Rec, the
-    generator's other decodings and the evaluator's item-wise top m; `behaviour_means` each
-    behaviour's expected count per request.
-
-    Args:
-        per_request: also return `per_request`: {variant: (R, K) expected behaviour counts of
-            each request} (numpy, for confidence intervals; not JSON).
-    """
-    run = load_run(run_dir, sets=sets)
-    system = run.system
-    paths = split_files(data_dir, split)
-    world = _world_of(data_dir)
-    oracle = _oracle_lists(data_dir) if world is not None and split == "test" else None
-    most_candidates, _ = max_lengths(paths)
-    exposure_protocol = most_candidates > run.info["list_length"]
-    model = run.info["model"]
-    method = system.lists_name or model                  # the name of the lists it returns
-    item_scores, item_labels = [], []
-    means = {name: _Mean() for name in ("ndcg", "ndcg_all_requests", "recall@6", "recall@10",
-                                        "exposure_logloss")}
-    behaviour_counts: dict[str, list[np.ndarray]] = {}
-    has_exposure = False
-    requests = 0
-    for batch in RequestLoader(paths, run.space, batch_size=batch_size):
-        requests += len(batch)
-        logged_mask = batch.exposed_mask
-        click = system.logged_click(batch)                                 # (B, M)
-        labels = batch.feedback[..., 0]
-        item_scores.append(click[logged_mask].numpy())
-        item_labels.append(labels[logged_mask].numpy())
-        clicked = ((labels > 0) & logged_mask).any(1)                      # (B,)
-        means["ndcg"].add(metrics.ndcg(click, labels, logged_mask), float(clicked.sum()))
-        means["ndcg_all_requests"].add(metrics.ndcg_all_requests(click, labels, logged_mask),
-                                       float(logged_mask.any(1).sum()))
-        ranking, variants = system.evaluate(batch, variants=world is not None)
-        if exposure_protocol:
-            counted = float(logged_mask.any(1).sum())
-            if ranking.exposure is not None:
-                has_exposure = True
-                means["exposure_logloss"].add(metrics.exposure_logloss(
-                    ranking.exposure, batch.exposed, logged_mask, batch.cand_mask),
-                    float(batch.cand_mask.sum()))
-            for k in (6, 10):
-                means[f"recall@{k}"].add(metrics.recall_at_k(
-                    ranking.scores, batch.exposed, logged_mask, batch.cand_mask, k), counted)
-        if world is None:
-            continue
-        lists = {method: ranking.lists, **variants,
-                 "logging": batch.exposed.masked_fill(~logged_mask, decode.NO_ITEM)}
-        if oracle is not None:
-            lists["oracle"] = _join_oracle(oracle, batch)
-        for name, chosen in lists.items():
-            behaviour_counts.setdefault(name, []).append(
-                metrics.behaviour_means(world, batch, chosen))             # (B, K)
-    if requests == 0:
-        raise Nar4recError(f"{paths[0]}: no requests in the '{split}' split")
-    result_metrics: dict[str, float] = {}
-    if exposure_protocol:
-        result_metrics["recall@6"] = means["recall@6"].value
-        result_metrics["recall@10"] = means["recall@10"].value
-        if has_exposure:
-            result_metrics["logloss"] = means["exposure_logloss"].value
-    else:
-        scores, labels = np.concatenate(item_scores), np.concatenate(item_labels)
-        result_metrics["auc"] = metrics.auc(scores, labels)
-        result_metrics["logloss"] = metrics.logloss(scores, labels)
-        result_metrics["ndcg"] = means["ndcg"].value
-        result_metrics["ndcg_all_requests"] = means["ndcg_all_requests"].value
-    report = {"model": model, "run": str(run_dir), "data": str(data_dir),
-              "split": split, "requests": requests,
-              "protocol": "exposure (n > m)" if exposure_protocol else "item-wise (n = m)",
-              "metrics": result_metrics}
-    if world is not None:
-        counts = {name: np.concatenate(parts) for name, parts in behaviour_counts.items()}
-        utility = {name: float((c @ world.weights).mean()) for name, c in counts.items()}
-        oracle_utility = utility.get("oracle")
-        report["utility_weights"] = dict(zip(world.config.behaviours,
-                                             np.asarray(world.weights).tolist(), strict=True))
-        result_metrics["utility"] = utility[method]
-        result_metrics["logging_utility"] = utility["logging"]
-        if oracle_utility is not None:
-            result_metrics["oracle_utility"] = oracle_utility
-            result_metrics["captured_lift"] = metrics.captured_lift(
-                utility[method], utility["logging"], oracle_utility)
-        report["variants"] = {
-            name: {"utility": utility[name],
-                   **({"captured_lift": metrics.captured_lift(utility[name], utility["logging"],
-                                                              oracle_utility)}
-                      if oracle_utility is not None else {})}
-            for name in counts}
-        report["behaviour_means"] = {
-            name: dict(zip(world.config.behaviours, c.mean(axis=0).tolist(), strict=True))
-            for name, c in counts.items()}
-        if per_request:
-            report["per_request"] = counts
-    return report
-
-
-def _world_of(data_dir: str | Path):
-    from nar4rec.sim.world import TRUTH_DIR, WORLD_FILE, World
-    if (Path(data_dir) / TRUTH_DIR / WORLD_FILE).exists():
-        return World.load(data_dir)
-    return None
-
-
-def _oracle_lists(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """(request ids sorted, their oracle lists (R, m)) from truth/oracle_test.parquet."""
-    from nar4rec.sim.simulate import ORACLE_FILE
-    from nar4rec.sim.world import TRUTH_DIR
-    path = Path(data_dir) / TRUTH_DIR / ORACLE_FILE
-    if not path.exists():
-        return None
-    table = pq.read_table(path, columns=["request_id", "oracle_list"])
-    ids = table.column("request_id").to_numpy()
-    lists = np.stack(table.column("oracle_list").to_numpy(zero_copy_only=False)) \
-        if table.num_rows else np.zeros((0, 0), dtype=np.int64)
-    order = np.argsort(ids)
-    return ids[order], lists[order].astype(np.int64)
-
-
-def _join_oracle(oracle: tuple[np.ndarray, np.ndarray], batch: RequestBatch) -> np.ndarray:
-    ids, lists = oracle
-    wanted = np.asarray(batch.request_id)
-    where = np.searchsorted(ids, wanted).clip(0, max(len(ids) - 1, 0))
-    if len(ids) == 0 or (ids[where] != wanted).any():
-        raise Nar4recError("the oracle file does not cover every test request: was the test "
-                           "split changed after `nar4rec simulate`?")
-    return lists[where]
 
 
 # ---------------------------------------------------------------------------------------------

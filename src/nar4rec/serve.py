@@ -7,8 +7,11 @@
     GET  /docs        the OpenAPI page (the schema: /openapi.json)
 
 Input is checked before any model runs: a wrong type, a missing field, a feature the model
-does not know, fewer candidates than the list length, more than `max_candidates`, a repeated
-item or a body over `max_body_bytes` gets a 4xx whose `detail` says what and where. A
+does not know, a number beyond float32's range, fewer candidates than the list length, more
+than `max_candidates`, a repeated item or a body over `max_body_bytes` gets a 4xx whose
+`detail` says what and where; so does a request whose numbers, though within range, drive the
+model's scores to infinity or NaN (the detail names its value farthest from training). A
+body announced by its Content-Length but not all sent within `body_seconds` gets a 408. A
 categorical value never seen in training is not an error: it maps to the "unknown" row, as in
 training, and is counted in /metrics. The raw request becomes model inputs through the same
 FeatureSpace encoding as training (one Arrow row in the request-log format).
@@ -43,6 +46,7 @@ from nar4rec.data.features import FeatureSpace
 from nar4rec.data.format import (
     CAND_CAT,
     CAND_NUM,
+    FLOAT32_MAX,
     ITEM_ID,
     REQUEST_ID,
     UPSTREAM_SCORE,
@@ -54,6 +58,7 @@ from nar4rec.errors import Nar4recError
 
 Id = StrictInt | StrictStr
 Value = StrictInt | StrictFloat | StrictStr | None
+EXTREME_DEVIATIONS = 1e4     # a value this many standard deviations out explains non-finite scores
 
 
 class User(BaseModel):
@@ -192,7 +197,12 @@ def request_row(request: RerankRequest, space: FeatureSpace, list_length: int,
         raise BadInput(f"candidates: {n} given, at most {max_candidates} are accepted", 413)
     ids = [c.item_id for c in candidates]
     if len(set(ids)) != n:
-        raise BadInput("candidates: an item_id appears twice")
+        first: dict = {}
+        for index, item in enumerate(ids):
+            if item in first:
+                raise BadInput(f"candidates[{index}].item_id: {item!r} appears twice (also "
+                               f"candidates[{first[item]}]); a candidate can be shown once")
+            first[item] = index
     if len({type(i) for i in ids}) > 1:
         raise BadInput("candidates: item ids mix integers and strings")
     user = request.user.features
@@ -218,8 +228,10 @@ def request_row(request: RerankRequest, space: FeatureSpace, list_length: int,
     if spec.has_upstream_score and any(s is None for s in scores):
         missing = next(i for i, s in enumerate(scores) if s is None)
         raise BadInput(f"candidates[{missing}].upstream_score: required by this model")
-    if any(s is not None and not _finite(s) for s in scores):
-        raise BadInput("upstream_score: must be a finite number")
+    for index, score in enumerate(scores):
+        if score is not None and not _representable(score):
+            raise BadInput(f"candidates[{index}].upstream_score: a finite number within "
+                           f"float32's range expected, got {score!r}")
     if spec.has_upstream_score:
         row[UPSTREAM_SCORE] = [float(s) for s in scores]
     return row
@@ -241,13 +253,37 @@ def unseen_values(batch: RequestBatch) -> np.ndarray:
             + (batch.user_cat.numpy() == UNKNOWN).sum(axis=1))
 
 
+def farthest_value(row: dict[str, object], space: FeatureSpace) -> tuple[str, float, float]:
+    """The numeric value of a `request_row` farthest from training: (where, value, distance),
+    the distance in the training split's standard deviations (the raw magnitude for an
+    upstream score, which the model takes unscaled)."""
+    spec = space.spec
+    found = ("", 0.0, 0.0)
+    groups = [(lambda _: "user.features", name, [row[USER_NUM + name]], space.user_num[name])
+              for name in spec.user_num]
+    groups += [(lambda i: f"candidates[{i}].features", name, row[CAND_NUM + name],
+                space.cand_num[name]) for name in spec.cand_num]
+    if spec.has_upstream_score:
+        groups.append((lambda i: f"candidates[{i}]", "upstream_score", row[UPSTREAM_SCORE],
+                       None))
+    for where, name, values, stats in groups:
+        for index, value in enumerate(values):
+            if value is None:
+                continue
+            distance = abs(value) if stats is None else abs(value - stats.mean) / stats.std
+            if distance > found[2]:
+                found = (f"{where(index)}.{name}", value, distance)
+    return found
+
+
 def _number_or_null(value) -> bool:
-    return value is None or (not isinstance(value, str) and _finite(value))
+    return value is None or (not isinstance(value, str) and _representable(value))
 
 
-def _finite(value: float | int) -> bool:
+def _representable(value: float | int) -> bool:
+    """Finite and within float32's range: the model computes in float32."""
     try:
-        return math.isfinite(value)
+        return math.isfinite(value) and abs(value) <= FLOAT32_MAX
     except OverflowError:                   # an integer too large for a float
         return False
 
@@ -270,8 +306,8 @@ def _check_values(where: Callable[[int], str], name: str, values: list, numeric:
     or null, a categorical one integers, strings or null; the first misfit raises BadInput."""
     for index, value in enumerate(values):
         if numeric and not _number_or_null(value):
-            raise BadInput(f"{where(index)}.{name}: a finite number or null expected, got "
-                           f"{value!r}")
+            raise BadInput(f"{where(index)}.{name}: a finite number within float32's range "
+                           f"(|x| <= {FLOAT32_MAX:.8g}) or null expected, got {value!r}")
         if not numeric and isinstance(value, float):
             raise BadInput(f"{where(index)}.{name}: an integer or string category expected, "
                            f"got {value!r}")
@@ -342,13 +378,18 @@ class BodyLimit:
     the 413, where closing on unread bytes would reset the connection under it (a broken
     pipe). A body announced longer than that, found longer or slower, or sent with
     `Expect: 100-continue` (never invited) gets the 413 at once with `Connection: close`.
+
+    A body within the limit must arrive whole within `body_seconds` of the application's first
+    read: a client that stalls (a Content-Length that promises more than it sends) gets a 408
+    with `Connection: close` instead of holding the request open forever.
     """
 
     def __init__(self, app, *, limit: int, on_refuse: Callable[[], None],
-                 drain_bytes: int | None = None, drain_seconds: float = 5.0):
+                 drain_bytes: int | None = None, drain_seconds: float = 5.0,
+                 body_seconds: float = 10.0):
         self.app, self.limit, self.on_refuse = app, limit, on_refuse
         self.drain_bytes = max(4 * limit, 64 * 2**20) if drain_bytes is None else drain_bytes
-        self.drain_seconds = drain_seconds
+        self.drain_seconds, self.body_seconds = drain_seconds, body_seconds
 
     def refusal(self, drained: bool) -> HTTPException:
         self.on_refuse()
@@ -382,11 +423,22 @@ class BodyLimit:
             response = JSONResponse({"detail": refused.detail}, refused.status_code,
                                     headers=refused.headers)
             return await response(scope, receive, send)
-        received = 0
+        received, deadline, complete = 0, None, False
 
         async def counted() -> dict:
-            nonlocal received
-            message = await receive()
+            nonlocal received, deadline, complete
+            if complete:                        # the body is in: later reads wait for nothing
+                return await receive()
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self.body_seconds
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                self.on_refuse()
+                raise HTTPException(408, f"the body did not arrive within {self.body_seconds:g} "
+                                    "s", headers={"Connection": "close"}) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             received += len(message.get("body", b""))
             if received > self.limit:       # FastAPI answers an HTTPException from the body
                 more_body = message.get("more_body", False)
@@ -397,9 +449,11 @@ class BodyLimit:
 
 
 def create_app(backend: Backend, *, max_candidates: int = 1000,
-               max_body_bytes: int = 1_000_000, max_batch: int = 64) -> FastAPI:
+               max_body_bytes: int = 1_000_000, max_batch: int = 64,
+               body_seconds: float = 10.0) -> FastAPI:
     """The FastAPI application around a loaded backend; concurrent requests are reranked
-    together, at most `max_batch` per model call (`Batcher`)."""
+    together, at most `max_batch` per model call (`Batcher`); a body must arrive within
+    `body_seconds` (`BodyLimit`)."""
     app = FastAPI(title="nar4rec", version="1",
                   description="NAR4Rec reranking: POST a request's candidates, get the list.")
     stats = Stats()
@@ -409,7 +463,8 @@ def create_app(backend: Backend, *, max_candidates: int = 1000,
         with stats.lock:
             stats.counts["bad_input"] += 1
 
-    app.add_middleware(BodyLimit, limit=max_body_bytes, on_refuse=count_refusal)
+    app.add_middleware(BodyLimit, limit=max_body_bytes, on_refuse=count_refusal,
+                       body_seconds=body_seconds)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -440,6 +495,15 @@ def create_app(backend: Backend, *, max_candidates: int = 1000,
                 stats.counts["error"] += 1
             raise
         placed = placed_list >= 0
+        if not np.isfinite(scores[placed]).all() or math.isinf(utility):
+            where, value, distance = farthest_value(row, backend.space)
+            if distance > EXTREME_DEVIATIONS:   # the request's doing: a 422 that names it
+                raise BadInput(f"{where}: {value!r} is too far from the training data (about "
+                               f"{distance:.2g} times its spread): the model's scores come "
+                               "out infinite or NaN")
+            with stats.lock:
+                stats.counts["error"] += 1
+            raise RuntimeError("the model returned non-finite scores")
         items = [body.candidates[int(i)].item_id for i in placed_list[placed]]
         latency = (time.perf_counter() - started) * 1000
         with stats.lock:

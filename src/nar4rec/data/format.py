@@ -54,6 +54,8 @@ FEEDBACK = "feedback_"
 
 TIMESTAMP_TYPE = pa.timestamp("ms", tz="UTC")
 NUMBER_TYPE = pa.float32()
+FLOAT32_MAX = float(np.finfo(np.float32).max)   # the largest magnitude of a number: models
+                                                # compute in float32
 ID_TYPE = pa.int64()
 
 

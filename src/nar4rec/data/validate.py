@@ -16,6 +16,7 @@ from nar4rec.data.format import (
     CAND_NUM,
     EXPOSED,
     FEEDBACK,
+    FLOAT32_MAX,
     ITEM_ID,
     LOG_PROPENSITY,
     REQUEST_ID,
@@ -28,6 +29,8 @@ from nar4rec.data.format import (
     open_parquet,
 )
 from nar4rec.errors import DataError
+
+BEYOND_FLOAT32 = f"has a value beyond float32's range (|x| > {FLOAT32_MAX:.8g})"
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,8 @@ def _check_batch(batch: pa.RecordBatch, spec: FormatSpec, offset: int,
         values = column.to_numpy(zero_copy_only=False).astype(np.float64)
         bad = ~np.isfinite(values) & ~column.is_null().to_numpy(zero_copy_only=False)
         flag(np.flatnonzero(bad), name, "is not a finite number (NaN or infinite)")
+        flag(np.flatnonzero(np.abs(np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0))
+                            > FLOAT32_MAX), name, BEYOND_FLOAT32)
         if name == LOG_PROPENSITY:
             flag(np.flatnonzero(np.nan_to_num(values, nan=0.0) > 1e-9), name,
                  "is a log-probability and must be <= 0")
@@ -215,6 +220,7 @@ def _check_batch(batch: pa.RecordBatch, spec: FormatSpec, offset: int,
     item_rows = np.repeat(np.arange(len(n)), np.maximum(n, 0))
     flag(item_rows[items.is_null().to_numpy(zero_copy_only=False)], ITEM_ID,
          "has a null item id")
+    _check_distinct_items(items, item_rows, offset, report)
 
     candidate_lists = [CAND_CAT + f for f in spec.cand_cat] + [CAND_NUM + f for f in spec.cand_num]
     if spec.has_upstream_score:
@@ -262,6 +268,29 @@ def _check_batch(batch: pa.RecordBatch, spec: FormatSpec, offset: int,
         report.max_list_length = int(max(valid_m.max(), report.max_list_length or 0))
 
 
+def _check_distinct_items(items: pa.Array, rows: np.ndarray, offset: int,
+                          report: FileReport) -> None:
+    """A request's candidates are distinct items: one item cannot be shown twice in a list
+    (the service refuses a repeat too)."""
+    if len(items) == 0:
+        return
+    codes = pc.dictionary_encode(items).indices.fill_null(-1).to_numpy(zero_copy_only=False)
+    known = codes >= 0
+    known_rows, known_codes = rows[known].astype(np.int64), codes[known].astype(np.int64)
+    key = known_rows * (int(known_codes.max(initial=0)) + 1) + known_codes
+    order = np.argsort(key, kind="stable")
+    repeats = order[1:][np.diff(key[order]) == 0]
+    reported: set[int] = set()
+    for index in np.flatnonzero(known)[repeats]:
+        row = int(rows[index])
+        if row not in reported:
+            reported.add(row)
+            report.problems.append(Problem(
+                report.file, offset + row, ITEM_ID,
+                f"item id {items[int(index)].as_py()!r} appears twice among the candidates "
+                "(an item can be shown once)"))
+
+
 def _check_numbers(column, name: str, flag) -> None:
     values, rows = _flat(column)
     if len(values) == 0:
@@ -269,4 +298,7 @@ def _check_numbers(column, name: str, flag) -> None:
     null = values.is_null().to_numpy(zero_copy_only=False)
     flag(rows[null], name, "has a null value")
     numbers = values.fill_null(0).to_numpy(zero_copy_only=False).astype(np.float64)
-    flag(rows[~np.isfinite(numbers)], name, "has a value that is not finite (NaN or infinite)")
+    finite = np.isfinite(numbers)
+    flag(rows[~finite], name, "has a value that is not finite (NaN or infinite)")
+    flag(rows[finite & (np.abs(np.where(finite, numbers, 0.0)) > FLOAT32_MAX)], name,
+         BEYOND_FLOAT32)

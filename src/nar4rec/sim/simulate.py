@@ -8,9 +8,14 @@ request (oracle.parquet), so that any method's lists can be compared with it lat
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -255,14 +260,43 @@ def _set_world(world: World) -> None:
     _WORLD = world
 
 
+def _start_oracle_worker(world: World, parent: int) -> None:
+    """The oracle worker's initializer: die with `parent`, then hold the world."""
+    _die_with_parent(parent)
+    _set_world(world)
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this process when `parent` ends, however it ends (SIGKILL included): a worker
+    whose parent is gone would otherwise wait on its task queue forever. On Linux the kernel
+    sends SIGKILL at once (PR_SET_PDEATHSIG); elsewhere a thread checks the parent every
+    second."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0:
+            if os.getppid() != parent:          # the parent died before prctl took effect
+                os._exit(1)
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="nar4rec-parent-watch", daemon=True).start()
+
+
 @contextlib.contextmanager
 def _oracle_executor(world: World) -> Iterator[Executor]:
     """One worker process for oracle searches (forked: the world is shared, not copied);
     a thread where fork is unavailable. On an error or Ctrl-C, queued searches are dropped
-    and the worker is stopped at once rather than waited for."""
+    and the worker is stopped at once rather than waited for; if this process is killed, the
+    worker dies with it (`_die_with_parent`)."""
     if "fork" in mp.get_all_start_methods():
         executor = ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("fork"),
-                                       initializer=_set_world, initargs=(world,))
+                                       initializer=_start_oracle_worker,
+                                       initargs=(world, os.getpid()))
         executor.submit(int).result()   # fork now, before any other thread exists
     else:
         executor = ThreadPoolExecutor(max_workers=1, initializer=_set_world, initargs=(world,))
