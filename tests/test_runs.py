@@ -406,3 +406,21 @@ def test_no_valid_split_warns_and_resume_needs_the_run_and_its_data(data, tmp_pa
     copy = shutil.copytree(only_train, tmp_path / "copy")
     assert not (copy / "train.parquet").is_symlink()
     assert train_run(copy, run, model="dnn", resume=True, progress=False)["phases"]
+
+
+def test_training_into_a_log_file_writes_a_line_per_epoch(data, tmp_path):
+    """Without a terminal (output to a file, as under nohup) there is no progress bar, so
+    `nar4rec train` writes one line per epoch of each phase; --quiet writes none."""
+    settings = [f"--set={s}" for s in ("train.epochs=2", "evaluator_train.epochs=2",
+                                       "train.steps_per_epoch=3",
+                                       "evaluator_train.steps_per_epoch=3",
+                                       "generator.d_model=16", "evaluator.d_model=16")]
+    done = cli("train", "--data", str(data), "--out", str(tmp_path / "logged"), *settings)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if ": epoch " in line]
+    assert [line.split(":")[0] + line.split(":")[1] for line in lines] == [
+        "evaluator epoch 0", "evaluator epoch 1", "generator epoch 0", "generator epoch 1"]
+    assert all("train loss" in line and "valid loss" in line for line in lines)
+    quiet = cli("train", "--data", str(data), "--out", str(tmp_path / "quiet"), "--quiet",
+                *settings)
+    assert quiet.returncode == 0 and ": epoch " not in quiet.stderr

@@ -233,6 +233,10 @@ def train(model: nn.Module, loss_fn: LossFn, train_loader: RequestLoader,
                 "epoch": epoch, "step": state["global_step"], "train_loss": train_loss,
                 "valid_loss": valid_loss, "best_epoch": state["best_epoch"],
                 "seconds": round(time.perf_counter() - started, 3)})
+            if bar.disable and progress is not False:   # no terminal (a log file): a line
+                print(f"{run_dir.name}: epoch {epoch}: train loss {train_loss:.4f}, valid "
+                      f"loss {valid_loss:.4f}{' (best so far)' if improved else ''}, "
+                      f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         if improved:
             save(BEST)
         save(LAST)
