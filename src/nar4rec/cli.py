@@ -252,6 +252,10 @@ def _validate(args: argparse.Namespace) -> int:
     for report in reports:
         verdict = "ok" if report.ok else plural(len(report.problems), "problem")
         c = report.counts
+        if not report.has_labels:
+            print(f"{report.file}: {verdict}: a request file to rerank (no logged lists or "
+                  f"feedback): {plural(c.requests, 'request')}")
+            continue
         print(f"{report.file}: {verdict}: {plural(c.requests, 'request')}, "
               f"{plural(c.exposures, 'exposure')}, "
               "positives " + ", ".join(f"{b} {n:,}" for b, n in c.positives.items()))
@@ -484,7 +488,9 @@ EVALUATE = Command(
 
 def _rerank_options(parser: argparse.ArgumentParser) -> None:
     _run_option(parser)
-    parser.add_argument("--data", required=True, help="a request-log .parquet file")
+    parser.add_argument("--data", required=True,
+                        help="a .parquet request log or request file to rerank (the "
+                             "exposed, feedback_ and log_propensity columns are not read)")
     parser.add_argument("--out", required=True, help="output .parquet file")
     _set_option(parser, "reranker setting", "reranker.alphas=[0.6] or reranker.samples=0")
     _batch_size_option(parser)
@@ -501,8 +507,9 @@ def _rerank(args: argparse.Namespace) -> int:
 
 RERANK = Command(
     "rerank", help="rerank every request of a file",
-    description="Write, for every request of a request-log file, the list the run "
-                "returns: request_id, user_id, items, positions, scores, predicted_utility.",
+    description="Write, for every request of a request-log file or of a request file to "
+                "rerank (only what the ranking stage knows), the list the run returns: "
+                "request_id, user_id, items, positions, scores, predicted_utility.",
     options=_rerank_options, run=_rerank)
 
 

@@ -347,6 +347,11 @@ def rerank_file(run_dir: str | Path, data_file: str | Path, out_file: str | Path
                 batch_size: int = 1024, sets: dict | None = None) -> int:
     """Rerank every request of a request-log file; write one row per request.
 
+    The file needs only what the ranking stage knows (a request file to rerank,
+    docs/data-format.md): its exposed, feedback_ and log_propensity columns, if any, are not
+    read. A feature column the run was trained with (or upstream_score) that it lacks is a
+    DataError naming the file and the column.
+
     The output Parquet holds request_id, user_id, items (the returned item ids in order),
     positions (their candidate indices), scores (each item's predicted utility; a baseline's
     own candidate score) and predicted_utility (the list's, by NAR4Rec's evaluator; NaN for a
@@ -357,7 +362,7 @@ def rerank_file(run_dir: str | Path, data_file: str | Path, out_file: str | Path
     if not data_file.is_file():
         raise Nar4recError(f"{data_file}: no such file")
     tables = []
-    for batch in RequestLoader([data_file], run.space, batch_size=batch_size):
+    for batch in RequestLoader([data_file], run.space, batch_size=batch_size, labels=False):
         reranked = run.system.rerank(batch)
         lists, item_scores, utility = reranked.lists, reranked.item_scores, reranked.utility
         lists = lists.numpy()                                           # (B, m)

@@ -24,6 +24,7 @@ class RequestBatch:
     feedback (B, M, K), log_propensity (B,). `user_cat[:, 0]` is the user id and
     `cand_cat[..., 0]` the item id. `request_id`, `user_id` and `item_id` keep the raw ids
     (numpy) for joining results back and for scoring lists with a simulator's ground truth.
+    Requests to rerank (no logged list) have M = 1 and `exposed_mask` all False.
     """
 
     request_id: np.ndarray

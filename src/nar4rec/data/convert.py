@@ -28,7 +28,9 @@ class Counts:
 
     @classmethod
     def of_table(cls, table: pa.Table | pa.RecordBatch, spec: FormatSpec) -> Counts:
-        """Count a batch of request-log rows."""
+        """Count a batch of request-log rows (a request to rerank has no exposure)."""
+        if not spec.has_labels:
+            return cls(table.num_rows, 0, {})
         exposures = int(pc.sum(pc.list_value_length(table.column(EXPOSED))).as_py() or 0)
         positives = {}
         for b in spec.behaviours:

@@ -154,26 +154,34 @@ class FeatureSpace:
             cand_num={f: stats(CAND_NUM + f) for f in spec.cand_num},
         )
 
-    def check_compatible(self, spec: FormatSpec, file: str) -> None:
-        """A file must hold the features and behaviours this space was fitted on."""
-        problems = []
-        for kind, ours, theirs in (("user_cat", self.spec.user_cat, spec.user_cat),
-                                   ("user_num", self.spec.user_num, spec.user_num),
-                                   ("cand_cat", self.spec.cand_cat, spec.cand_cat),
-                                   ("cand_num", self.spec.cand_num, spec.cand_num)):
-            missing = sorted(set(ours) - set(theirs))
-            if missing:
-                problems.append(f"missing {kind} features {missing}")
+    def check_compatible(self, spec: FormatSpec, file: str, *, labels: bool = True) -> None:
+        """A file must hold the features this space was fitted on and, with `labels`, its
+        behaviours (a request file to rerank needs only the features)."""
+        missing = [prefix + f
+                   for prefix, ours, theirs in ((USER_CAT, self.spec.user_cat, spec.user_cat),
+                                                (USER_NUM, self.spec.user_num, spec.user_num),
+                                                (CAND_CAT, self.spec.cand_cat, spec.cand_cat),
+                                                (CAND_NUM, self.spec.cand_num, spec.cand_num))
+                   for f in ours if f not in theirs]
         if self.spec.has_upstream_score and not spec.has_upstream_score:
-            problems.append(f"no '{UPSTREAM_SCORE}' column, which the training files had")
-        if spec.behaviours != self.spec.behaviours:
+            missing.append(UPSTREAM_SCORE)
+        problems = []
+        if missing:
+            problems.append(f"missing column{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(repr(c) for c in missing)}, which the training files "
+                            f"had")
+        if labels and spec.behaviours != self.spec.behaviours:
             problems.append(f"behaviours {list(spec.behaviours)} differ from "
                             f"{list(self.spec.behaviours)}")
         if problems:
             raise DataError("; ".join(problems), file=file)
 
     def encode(self, batch: pa.RecordBatch | pa.Table) -> RequestBatch:
-        """Turn request-log rows into a padded RequestBatch (vectorised, no per-row loop)."""
+        """Turn request-log rows into a padded RequestBatch (vectorised, no per-row loop).
+
+        Rows without exposed and feedback_ columns (requests to rerank) get empty logged lists:
+        `exposed` and `feedback` hold one padded position, masked out by `exposed_mask`, as
+        for `encode_rows`."""
         return self._encode(_TableColumns(batch))
 
     def encode_rows(self, rows: Sequence[dict]) -> RequestBatch:
@@ -273,8 +281,10 @@ def _common_spec(paths: list[Path]) -> FormatSpec:
     if not paths:
         raise DataError("no input files given")
     spec = FormatSpec.from_schema(open_parquet(paths[0]).schema_arrow, paths[0])
+    spec.require_labels(paths[0])
     for path in paths[1:]:
         other = FormatSpec.from_schema(open_parquet(path).schema_arrow, path)
+        other.require_labels(path)
         if other.behaviours != spec.behaviours:
             raise DataError(f"behaviours {list(other.behaviours)} differ from "
                             f"{list(spec.behaviours)} in {paths[0]}", file=str(path))
@@ -283,7 +293,8 @@ def _common_spec(paths: list[Path]) -> FormatSpec:
 
 class _TableColumns:
     """The columns of a request-log table, for `FeatureSpace._encode`: a column per request,
-    or a list column flattened over the requests."""
+    or a list column flattened over the requests; a missing label column (exposure, feedback)
+    is empty."""
 
     def __init__(self, table: pa.RecordBatch | pa.Table):
         self.table, self.rows = table, table.num_rows
@@ -298,10 +309,17 @@ class _TableColumns:
         return self.table.column(name).to_numpy(zero_copy_only=False)
 
     def flat(self, name: str) -> pa.Array | pa.ChunkedArray:
+        if self._no_labels(name):
+            return pa.array([], pa.float32())
         return pc.list_flatten(self.table.column(name))
 
     def lengths(self, name: str) -> np.ndarray:
+        if self._no_labels(name):
+            return np.zeros(self.rows, np.int64)
         return _lengths(self.table.column(name))
+
+    def _no_labels(self, name: str) -> bool:
+        return (name == EXPOSED or name.startswith(FEEDBACK)) and not self.has(name)
 
     def item_ids(self) -> tuple[np.ndarray, bool]:
         values = self.flat(ITEM_ID)

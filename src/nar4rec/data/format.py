@@ -18,10 +18,15 @@ Columns (n = number of candidates, m = length of the exposed list; both may vary
 
 The schema metadata key ``nar4rec`` holds JSON with the behaviours, in order, and the utility
 weight of each (paper, section 3.1: R(u, Y) = sum_i sum_b w_b e_{u, y_i, b}).
+
+A request file to rerank (`FormatSpec.has_labels` False) holds only what the ranking stage
+knows: no exposed, feedback_ or log_propensity column, timestamp optional, and behaviours that
+may be empty. It can be reranked, not trained or evaluated on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -61,7 +66,12 @@ ID_TYPE = pa.int64()
 
 @dataclass(frozen=True)
 class FormatSpec:
-    """What one request-log file holds: its behaviours, weights and feature names."""
+    """What one request-log file holds: its behaviours, weights and feature names.
+
+    has_labels: the file logs the shown lists (`exposed`) and the feedback on them; False for
+    a request file to rerank, which holds neither (nor `log_propensity`), may leave out the
+    timestamp and may declare no behaviours.
+    """
 
     behaviours: tuple[str, ...]
     utility_weights: dict[str, float]
@@ -71,11 +81,14 @@ class FormatSpec:
     cand_num: tuple[str, ...] = ()
     has_upstream_score: bool = True
     has_log_propensity: bool = False
+    has_labels: bool = True
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.behaviours:
+        if self.has_labels and not self.behaviours:
             raise ValueError("a request log needs at least one behaviour")
+        if not self.has_labels and self.has_log_propensity:
+            raise ValueError("a request file to rerank has no log_propensity: it logs no list")
         missing = [b for b in self.behaviours if b not in self.utility_weights]
         if missing:
             raise ValueError(f"no utility weight for behaviours {missing}")
@@ -108,16 +121,29 @@ class FormatSpec:
         fields += [pa.field(CAND_NUM + f, pa.list_(NUMBER_TYPE)) for f in self.cand_num]
         if self.has_upstream_score:
             fields.append(pa.field(UPSTREAM_SCORE, pa.list_(NUMBER_TYPE)))
-        fields.append(pa.field(EXPOSED, pa.list_(pa.int32()), nullable=False))
-        fields += [pa.field(FEEDBACK + b, pa.list_(NUMBER_TYPE)) for b in self.behaviours]
+        if self.has_labels:
+            fields.append(pa.field(EXPOSED, pa.list_(pa.int32()), nullable=False))
+            fields += [pa.field(FEEDBACK + b, pa.list_(NUMBER_TYPE)) for b in self.behaviours]
         if self.has_log_propensity:
             fields.append(pa.field(LOG_PROPENSITY, pa.float64()))
         meta = {METADATA_KEY: json.dumps(self.metadata()).encode()}
         return pa.schema(fields, metadata=meta)
 
+    def require_labels(self, file: str | os.PathLike) -> None:
+        """Raise DataError unless the file logs shown lists and their feedback (what training
+        and evaluation read)."""
+        if not self.has_labels:
+            raise DataError("required column is missing (a request file to rerank, without "
+                            "logged lists and feedback, can be reranked but not trained or "
+                            "evaluated on)", file=str(file), field=EXPOSED)
+
     @classmethod
     def from_schema(cls, schema: pa.Schema, file: str | os.PathLike = "<schema>") -> FormatSpec:
-        """Read the spec from a file's schema; raise DataError naming what is wrong."""
+        """Read the spec from a file's schema; raise DataError naming what is wrong.
+
+        A file without any of the exposed, feedback_ and log_propensity columns is a request
+        file to rerank (`has_labels` False); one with any of them is a log and needs them all.
+        """
         file = str(file)
         raw = (schema.metadata or {}).get(METADATA_KEY)
         if raw is None:
@@ -133,12 +159,15 @@ class FormatSpec:
         if meta.get("format") != FORMAT_NAME:
             raise DataError(f"metadata format is {meta.get('format')!r}, expected "
                             f"{FORMAT_NAME!r}", file=file, field="nar4rec")
-        behaviours = meta.get("behaviours")
-        weights = meta.get("utility_weights")
-        if not isinstance(behaviours, list) or not behaviours or not all(
+        names = schema.names
+        has_labels = any(n in (EXPOSED, LOG_PROPENSITY) or n.startswith(FEEDBACK) for n in names)
+        behaviours = meta.get("behaviours", None if has_labels else [])
+        weights = meta.get("utility_weights", None if has_labels else {})
+        if not isinstance(behaviours, list) or (has_labels and not behaviours) or not all(
             isinstance(b, str) and b for b in behaviours
         ):
-            raise DataError("metadata 'behaviours' must be a non-empty list of names",
+            raise DataError("metadata 'behaviours' must be a "
+                            f"{'non-empty ' if has_labels else ''}list of names",
                             file=file, field="nar4rec.behaviours")
         if not isinstance(weights, dict):
             raise DataError("metadata 'utility_weights' must map behaviours to numbers",
@@ -152,22 +181,23 @@ class FormatSpec:
         if unknown:
             raise DataError(f"utility weights for unknown behaviours {unknown}",
                             file=file, field="nar4rec.utility_weights")
-        names = schema.names
 
         def suffixes(prefix: str) -> tuple[str, ...]:
             return tuple(n[len(prefix):] for n in names if n.startswith(prefix))
 
         feedback_cols = set(suffixes(FEEDBACK))
         for b in behaviours:
-            if b not in feedback_cols:
+            if has_labels and b not in feedback_cols:
                 raise DataError(f"behaviour '{b}' has no column", file=file,
                                 field=FEEDBACK + b)
         for b in sorted(feedback_cols - set(behaviours)):
             raise DataError("unknown behaviour: not listed in the metadata's behaviours",
                             file=file, field=FEEDBACK + b)
-        for required in (REQUEST_ID, USER_ID, TIMESTAMP, ITEM_ID, EXPOSED):
-            if required not in names:
-                raise DataError("required column is missing", file=file, field=required)
+        required = (REQUEST_ID, USER_ID, TIMESTAMP, ITEM_ID, EXPOSED) if has_labels else \
+            (REQUEST_ID, USER_ID, ITEM_ID)
+        for column in required:
+            if column not in names:
+                raise DataError("required column is missing", file=file, field=column)
         extra = {k: v for k, v in meta.items()
                  if k not in ("format", "version", "behaviours", "utility_weights")}
         return cls(
@@ -179,6 +209,7 @@ class FormatSpec:
             cand_num=suffixes(CAND_NUM),
             has_upstream_score=UPSTREAM_SCORE in names,
             has_log_propensity=LOG_PROPENSITY in names,
+            has_labels=has_labels,
             extra=extra,
         )
 
@@ -223,12 +254,16 @@ def lists_from_flat(lengths: np.ndarray, flat: pa.Array) -> pa.ListArray:
 class RequestLogWriter:
     """Write request batches to one Parquet file atomically (renamed into place on close).
 
-    Use as a context manager; if the block raises, no file is left behind.
+    Use as a context manager; if the block raises, no file is left behind. With
+    `labels=False` it writes a request file to rerank: the spec's columns without exposed,
+    feedback_ and log_propensity.
     """
 
     def __init__(self, path: str | os.PathLike, spec: FormatSpec,
                  id_type: pa.DataType = ID_TYPE, row_group_size: int = 16384,
-                 compression: str = "zstd") -> None:
+                 compression: str = "zstd", *, labels: bool = True) -> None:
+        if not labels:
+            spec = dataclasses.replace(spec, has_labels=False, has_log_propensity=False)
         self.path = Path(path)
         self.spec = spec
         self.schema = spec.arrow_schema(id_type)

@@ -41,11 +41,17 @@ class RequestLoader:
     Each epoch shuffles the (file, row group) units with a seed that depends on the epoch, gives
     rank r of `world_size` every world_size-th unit, and shuffles rows within a buffer of
     `buffer_row_groups` row groups: memory holds a few row groups, never the whole data.
+
+    With `labels=False` (reranking) it reads only what the ranking stage knows: the files may
+    be request files to rerank, any exposed, feedback_ and log_propensity columns are not read,
+    and every batch's logged lists are empty (`FeatureSpace.encode`). With `labels=True`
+    (training, evaluation) a file without them is an error.
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], space: FeatureSpace, *,
                  batch_size: int = 256, shuffle: bool = False, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, buffer_row_groups: int = 4, drop_last: bool = False):
+                 world_size: int = 1, buffer_row_groups: int = 4, drop_last: bool = False,
+                 labels: bool = True):
         self.paths = [Path(p) for p in paths]
         self.space = space
         self.batch_size = batch_size
@@ -59,12 +65,15 @@ class RequestLoader:
         self.units: list[tuple[Path, int, int]] = []      # (file, row group, rows)
         for path in self.paths:
             parquet = open_parquet(path)
-            space.check_compatible(FormatSpec.from_schema(parquet.schema_arrow, path), str(path))
+            spec = FormatSpec.from_schema(parquet.schema_arrow, path)
+            if labels:
+                spec.require_labels(path)
+            space.check_compatible(spec, str(path), labels=labels)
             for group in range(parquet.metadata.num_row_groups):
                 self.units.append((path, group, parquet.metadata.row_group(group).num_rows))
         if not self.units:
             raise DataError("no rows to read", file=", ".join(str(p) for p in self.paths))
-        self.columns = _columns_needed(space)
+        self.columns = _columns_needed(space, labels)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -115,14 +124,15 @@ class RequestLoader:
 
 
 def max_lengths(paths: Sequence[str | os.PathLike]) -> tuple[int, int]:
-    """The most candidates and the longest logged list of any request in `paths`: (n, m)."""
+    """The most candidates and the longest logged list of any request in `paths`: (n, m);
+    m is 0 for a request file to rerank."""
     most_candidates = longest_list = 0
     for path in paths:
         parquet = open_parquet(path)
-        for batch in parquet.iter_batches(batch_size=65536, columns=[ITEM_ID, EXPOSED]):
-            for name, column in ((ITEM_ID, batch.column(ITEM_ID)),
-                                 (EXPOSED, batch.column(EXPOSED))):
-                longest = pc.max(pc.list_value_length(column)).as_py() or 0
+        columns = [ITEM_ID] + ([EXPOSED] if EXPOSED in parquet.schema_arrow.names else [])
+        for batch in parquet.iter_batches(batch_size=65536, columns=columns):
+            for name in columns:
+                longest = pc.max(pc.list_value_length(batch.column(name))).as_py() or 0
                 if name == ITEM_ID:
                     most_candidates = max(most_candidates, longest)
                 else:
@@ -130,14 +140,16 @@ def max_lengths(paths: Sequence[str | os.PathLike]) -> tuple[int, int]:
     return most_candidates, longest_list
 
 
-def _columns_needed(space: FeatureSpace) -> list[str]:
+def _columns_needed(space: FeatureSpace, labels: bool) -> list[str]:
     spec = space.spec
-    columns = [REQUEST_ID, USER_ID, ITEM_ID, EXPOSED]
+    columns = [REQUEST_ID, USER_ID, ITEM_ID]
     columns += [USER_CAT + f for f in spec.user_cat] + [USER_NUM + f for f in spec.user_num]
     columns += [CAND_CAT + f for f in spec.cand_cat] + [CAND_NUM + f for f in spec.cand_num]
-    columns += [FEEDBACK + b for b in spec.behaviours]
     if spec.has_upstream_score:
         columns.append(UPSTREAM_SCORE)
-    if spec.has_log_propensity:
-        columns.append(LOG_PROPENSITY)
+    if labels:
+        columns.append(EXPOSED)
+        columns += [FEEDBACK + b for b in spec.behaviours]
+        if spec.has_log_propensity:
+            columns.append(LOG_PROPENSITY)
     return columns

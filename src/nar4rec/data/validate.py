@@ -48,9 +48,13 @@ class Problem:
 
 @dataclass
 class FileReport:
-    """The problems found in a file and, when it could be read, its summary counts."""
+    """The problems found in a file and, when it could be read, its summary counts.
+
+    has_labels: False for a request file to rerank (no logged lists, no feedback).
+    """
 
     file: str
+    has_labels: bool = True
     problems: list[Problem] = field(default_factory=list)
     counts: Counts = field(default_factory=Counts)
     min_candidates: int | None = None
@@ -64,6 +68,7 @@ class FileReport:
 
     def summary(self) -> dict:
         return {
+            "kind": "request log" if self.has_labels else "requests to rerank",
             **self.counts.as_dict(),
             "candidates": {"min": self.min_candidates, "max": self.max_candidates},
             "list_length": {"min": self.min_list_length, "max": self.max_list_length},
@@ -91,8 +96,9 @@ def _expected_types(spec: FormatSpec) -> dict[str, tuple[str, object]]:
         USER_ID: ("int64 or string", _is_id),
         TIMESTAMP: ("timestamp", pa.types.is_timestamp),
         ITEM_ID: ("list of int64 or string", lambda t: _is_list_of(t, _is_id)),
-        EXPOSED: ("list of integers", lambda t: _is_list_of(t, pa.types.is_integer)),
     }
+    if spec.has_labels:
+        expected[EXPOSED] = ("list of integers", lambda t: _is_list_of(t, pa.types.is_integer))
     for f in spec.user_cat:
         expected[USER_CAT + f] = ("int64 or string", _is_id)
     for f in spec.user_num:
@@ -103,7 +109,7 @@ def _expected_types(spec: FormatSpec) -> dict[str, tuple[str, object]]:
         expected[CAND_NUM + f] = ("list of numbers", lambda t: _is_list_of(t, _is_number))
     if spec.has_upstream_score:
         expected[UPSTREAM_SCORE] = ("list of numbers", lambda t: _is_list_of(t, _is_number))
-    for b in spec.behaviours:
+    for b in spec.behaviours if spec.has_labels else ():
         expected[FEEDBACK + b] = ("list of numbers", lambda t: _is_list_of(t, _is_number))
     if spec.has_log_propensity:
         expected[LOG_PROPENSITY] = ("number", _is_number)
@@ -120,6 +126,7 @@ def check_file(path: str | os.PathLike) -> FileReport:
     except DataError as exc:
         report.problems.append(Problem(str(path), exc.row, exc.field, exc.message))
         return report
+    report.has_labels = spec.has_labels
 
     schema = parquet.schema_arrow
     expected = _expected_types(spec)
@@ -194,7 +201,8 @@ def _check_batch(batch: pa.RecordBatch, spec: FormatSpec, offset: int,
         return np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))
 
     for name in (REQUEST_ID, USER_ID, TIMESTAMP, ITEM_ID, EXPOSED):
-        flag(null_rows(batch.column(name)), name, "is null")
+        if name in batch.schema.names:    # a request to rerank may lack timestamp, exposed
+            flag(null_rows(batch.column(name)), name, "is null")
     for name in ([USER_NUM + f for f in spec.user_num]
                  + ([LOG_PROPENSITY] if spec.has_log_propensity else [])):
         column = batch.column(name)
@@ -210,11 +218,7 @@ def _check_batch(batch: pa.RecordBatch, spec: FormatSpec, offset: int,
                  "is a log-probability and must be <= 0")
 
     n = _lengths(batch.column(ITEM_ID))
-    m = _lengths(batch.column(EXPOSED))
     flag(np.flatnonzero(n == 0), ITEM_ID, "has no candidates")
-    flag(np.flatnonzero(m == 0), EXPOSED, "the exposed list is empty")
-    flag(np.flatnonzero((m > n) & (n >= 0)), EXPOSED,
-         "more exposed positions than candidates (m > n)")
 
     items, _ = _flat(batch.column(ITEM_ID))
     item_rows = np.repeat(np.arange(len(n)), np.maximum(n, 0))
@@ -233,7 +237,27 @@ def _check_batch(batch: pa.RecordBatch, spec: FormatSpec, offset: int,
     for name in [CAND_NUM + f for f in spec.cand_num] + (
             [UPSTREAM_SCORE] if spec.has_upstream_score else []):
         _check_numbers(batch.column(name), name, flag)
+    m = _check_labels(batch, spec, n, flag) if spec.has_labels else np.zeros(0, np.int64)
 
+    counts = Counts.of_table(batch, spec)
+    report.counts.add(counts)
+    valid_n, valid_m = n[n > 0], m[m > 0]
+    if len(valid_n):
+        report.min_candidates = int(min(valid_n.min(), report.min_candidates or 1 << 62))
+        report.max_candidates = int(max(valid_n.max(), report.max_candidates or 0))
+    if len(valid_m):
+        report.min_list_length = int(min(valid_m.min(), report.min_list_length or 1 << 62))
+        report.max_list_length = int(max(valid_m.max(), report.max_list_length or 0))
+
+
+def _check_labels(batch: pa.RecordBatch, spec: FormatSpec, n: np.ndarray,
+                  flag) -> np.ndarray:
+    """Check the logged lists and their feedback (lengths, indices into the candidates,
+    numbers); return the lists' lengths m."""
+    m = _lengths(batch.column(EXPOSED))
+    flag(np.flatnonzero(m == 0), EXPOSED, "the exposed list is empty")
+    flag(np.flatnonzero((m > n) & (n >= 0)), EXPOSED,
+         "more exposed positions than candidates (m > n)")
     for b in spec.behaviours:
         name = FEEDBACK + b
         lengths = _lengths(batch.column(name))
@@ -256,16 +280,7 @@ def _check_batch(batch: pa.RecordBatch, spec: FormatSpec, offset: int,
         order = np.argsort(key, kind="stable")
         repeats = order[1:][np.diff(key[order]) == 0]
         flag(ok_rows[repeats], EXPOSED, "shows the same candidate twice")
-
-    counts = Counts.of_table(batch, spec)
-    report.counts.add(counts)
-    valid_n, valid_m = n[n > 0], m[m > 0]
-    if len(valid_n):
-        report.min_candidates = int(min(valid_n.min(), report.min_candidates or 1 << 62))
-        report.max_candidates = int(max(valid_n.max(), report.max_candidates or 0))
-    if len(valid_m):
-        report.min_list_length = int(min(valid_m.min(), report.min_list_length or 1 << 62))
-        report.max_list_length = int(max(valid_m.max(), report.max_list_length or 0))
+    return m
 
 
 def _check_distinct_items(items: pa.Array, rows: np.ndarray, offset: int,
