@@ -62,3 +62,21 @@ def ragged(batch: RequestBatch, lengths: list[int]) -> RequestBatch:
         cand_mask=cand_mask, exposed=exposed * exposed_mask, exposed_mask=exposed_mask,
         feedback=batch.feedback[:rows] * exposed_mask[..., None],
         log_propensity=batch.log_propensity[:rows])
+
+
+def train_every_model(data: Path, root: Path, *, steps: int = 3) -> Path:
+    """Every registered model trained `steps` steps of one epoch at hidden size 16 into
+    root/<model> (plumbing tests: the weights do not matter, the interface does)."""
+    from nar4rec.config import RunConfig, load_overrides
+    from nar4rec.registry import MODELS
+    from nar4rec.runs import train_run
+
+    config = load_overrides(RunConfig(), None, [
+        "train.epochs=1", f"train.steps_per_epoch={steps}", "evaluator_train.epochs=1",
+        f"evaluator_train.steps_per_epoch={steps}", "train.batch_size=64",
+        "evaluator_train.batch_size=64", "generator.d_model=16", "evaluator.d_model=16",
+        "dnn.d_model=16", "dcn.d_model=16", "prm.d_model=16", "edge_rerank.d_model=16",
+        "seq2slate.d_model=16", "pier.d_model=16"])
+    for model in MODELS:
+        train_run(data, root / model, model=model, config=config, progress=False)
+    return root

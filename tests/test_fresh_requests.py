@@ -18,24 +18,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import simulate_small
+from helpers import simulate_small, train_every_model
 from nar4rec.cli import main
-from nar4rec.config import RunConfig, load_overrides
 from nar4rec.data.features import FeatureSpace
 from nar4rec.data.format import METADATA_KEY, RequestLogWriter, read_spec
 from nar4rec.data.loader import RequestLoader
 from nar4rec.data.validate import check_file
 from nar4rec.errors import DataError
 from nar4rec.registry import MODELS
-from nar4rec.runs import load_run, rerank_file, train_run
+from nar4rec.runs import load_run, rerank_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["train.epochs=1", "train.steps_per_epoch=2", "evaluator_train.epochs=1",
-        "evaluator_train.steps_per_epoch=2", "train.batch_size=64",
-        "evaluator_train.batch_size=64", "generator.d_model=16", "evaluator.d_model=16",
-        "dnn.d_model=16", "dcn.d_model=16", "prm.d_model=16", "edge_rerank.d_model=16",
-        "seq2slate.d_model=16", "pier.d_model=16"]
 LABELS = ("exposed", "log_propensity")      # with every feedback_ column
 
 
@@ -48,11 +42,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    config = load_overrides(RunConfig(), None, TINY)
-    for model in MODELS:
-        train_run(data, root / model, model=model, config=config, progress=False)
-    return root
+    return train_every_model(data, tmp_path_factory.mktemp("runs"), steps=2)
 
 
 @pytest.fixture(scope="module")

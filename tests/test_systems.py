@@ -18,25 +18,19 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from helpers import simulate_small
+from helpers import simulate_small, train_every_model
 from nar4rec.compare import time_run
-from nar4rec.config import RunConfig, load_overrides
 from nar4rec.data.loader import RequestLoader
 from nar4rec.errors import Nar4recError
 from nar4rec.evaluation import evaluate_run
 from nar4rec.export import FEATURE_INPUTS, OnnxReranker, export_run
 from nar4rec.registry import MODELS, system_class
-from nar4rec.runs import load_run, rerank_file, train_run
+from nar4rec.runs import load_run, rerank_file
 from nar4rec.serve import Backend, create_app, request_json
 from nar4rec.system import Reranked
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ["train.epochs=1", "train.steps_per_epoch=3", "evaluator_train.epochs=1",
-        "evaluator_train.steps_per_epoch=3", "train.batch_size=64",
-        "evaluator_train.batch_size=64", "generator.d_model=16", "evaluator.d_model=16",
-        "dnn.d_model=16", "dcn.d_model=16", "prm.d_model=16", "edge_rerank.d_model=16",
-        "seq2slate.d_model=16", "pier.d_model=16"]
 # Models whose system graph ONNX cannot hold, and the reason their refusal names
 NOT_EXPORTED = {"seq2slate": "packs each request's candidates"}
 
@@ -50,11 +44,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    config = load_overrides(RunConfig(), None, TINY)
-    for model in MODELS:
-        train_run(data, root / model, model=model, config=config, progress=False)
-    return root
+    return train_every_model(data, tmp_path_factory.mktemp("runs"), steps=3)
 
 
 def a_batch(data, space, size: int = 32):
