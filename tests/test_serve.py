@@ -174,13 +174,18 @@ def test_an_oversized_body_sent_in_chunks_is_refused(served):
     assert client.post("/v1/rerank", json=body(served)).status_code == 200   # still alive
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def service(served):
     """`nar4rec serve` in its own process on a free loopback port (60,000-byte body limit)."""
     root, _, _ = served
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "nar4rec", "serve", "--run",
                                 str(root / "run"), "--port", str(port),
                                 "--max-body-bytes", "60000"])
@@ -439,9 +444,7 @@ def test_the_service_on_a_gpu_returns_the_library_lists(served):
 def test_the_service_says_where_it_listens(served):
     """`nar4rec serve` prints the address it answers on before it serves."""
     root, _, _ = served
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "nar4rec", "serve", "--run",
                                 str(root / "run"), "--port", str(port)],
                                stdout=subprocess.PIPE, text=True)
