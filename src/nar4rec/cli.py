@@ -609,8 +609,9 @@ def _bench_options(parser: argparse.ArgumentParser) -> None:
                         help="torch intra-op threads (default %(default)s: torch's choice); "
                              "onnxruntime gets as many")
     parser.add_argument("--no-onnx", dest="onnx", action="store_false",
-                        help="skip the pipeline under onnxruntime (its export takes a minute)")
-    _device_option(parser, "the models", "the onnxruntime row is measured on the CPU only")
+                        help="skip timing each model's system exported to onnxruntime (each "
+                             "export takes up to a minute or two)")
+    _device_option(parser, "the models", "the onnxruntime rows are measured on the CPU only")
     _config_option(parser, "model settings, as for train",
                    default="every model at its default size")
     _set_option(parser, "model setting", "reranker.samples=8")
