@@ -180,7 +180,7 @@ def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
         system = untrained_system(name, space, m, tau, device, config.settings)
         module, step = system.training_step()
         calls = list(system.inference_calls().items())
-        proposals = int(system.rerank(batch).proposals.shape[1])
+        proposals = int(system.rerank(single[0]).proposals.shape[1])   # one request tells
         for index, (call_name, call) in enumerate(calls):
             row = {"model": call_name, "preset": config.preset,
                    "train_s_per_batch": time_training(module, step, batch, **timing)
