@@ -55,7 +55,7 @@ def test_a_baseline_trains_evaluates_and_reranks_as_a_run(data, tmp_path):
     assert report["model"] == "dnn" and report["protocol"] == "exposure (n > m)"
     metrics = report["metrics"]
     assert 0 <= metrics["recall@6"] <= 1 and "logloss" not in metrics   # no exposure probability
-    assert set(report["variants"]) == {"dnn", "logging", "oracle"}
+    assert set(report["variants"]) == {"dnn", "logging", "upstream", "oracle"}
     assert report["variants"]["oracle"]["utility"] >= report["variants"]["dnn"]["utility"]
     count = rerank_file(run, data / "test.parquet", tmp_path / "lists.parquet")
     table = pq.read_table(tmp_path / "lists.parquet")
@@ -107,8 +107,20 @@ def test_compare_lays_out_every_table(data, tmp_path):
     assert len(result["table7"]) == 6
     # Seed 1 trains different models than seed 0.
     assert result["rows"][0]["per_seed"][0] != result["rows"][0]["per_seed"][1]
+    # Every model against the logged lists and the upstream order, over both seeds' requests.
+    assert set(result["references"]) == {"logged", "upstream"}
+    for row in result["rows"]:
+        assert [(v["reference"], v["metric"]) for v in row["verdicts"]] == [
+            ("logged", "utility"), ("upstream", "utility")]
+        verdict = row["verdicts"][1]
+        assert verdict["requests"] == 2 * result["requests"]
+        assert verdict["model_value"] == pytest.approx(row["metrics"]["utility"])
+        assert verdict["reference_value"] == pytest.approx(
+            result["references"]["upstream"]["utility"])
     write_report(result, tmp_path / "report.md")
     text = (tmp_path / "report.md").read_text()
+    assert "| *upstream order* |" in text and "| *logged lists* |" in text
+    assert all(v["sentence"] in text for row in result["rows"] for v in row["verdicts"])
     for title in ("Table 3 style", "Table 4 style", "Table 5 style", "Table 6", "Table 7"):
         assert title in text
     assert (tmp_path / "report-lifts.png").stat().st_size > 1000

@@ -285,7 +285,7 @@ def test_item_wise_protocol_when_every_candidate_is_shown(tmp_path):
     for name in ("ndcg", "ndcg_all_requests"):
         assert in_batches[name] == pytest.approx(report["metrics"][name], rel=1e-9)
     assert 0.5 < report["metrics"]["auc"] <= 1
-    assert set(report["variants"]) == {"evaluator_top_m", "logging", "oracle"}
+    assert set(report["variants"]) == {"evaluator_top_m", "logging", "upstream", "oracle"}
 
 
 def test_rerank_writes_one_valid_list_per_request(run, data, tmp_path):

@@ -34,10 +34,10 @@ from nar4rec import bench
 from nar4rec.config import RunConfig, apply_overrides, dataset_settings
 from nar4rec.data.loader import RequestLoader
 from nar4rec.errors import Nar4recError
-from nar4rec.evaluation import evaluate_run
+from nar4rec.evaluation import evaluate_run, verdicts
 from nar4rec.io import atomic_file
 from nar4rec.registry import COMPARED, check_models, system_class
-from nar4rec.report import NDCG_NOTE
+from nar4rec.report import NDCG_NOTE, OFFLINE_CAVEAT, REFERENCE_NAMES
 from nar4rec.runs import load_run, phases_of, read_run, split_files, train_run
 
 REFERENCE = "edge_rerank"
@@ -146,17 +146,19 @@ def tables(evaluations: dict[str, list[dict]], timings: dict[str, dict], *, data
                "per_seed": [r["metrics"] for r in runs]}
         if model in timings:
             row["metrics"].update({k: v for k, v in timings[model].items() if k != "batch"})
+        row["verdicts"] = _verdicts(runs, model)
         rows.append(row)
     result = {"data": data_dir, "protocol": protocol, "seeds": seeds,
-              "requests": first["requests"], "time_batch": time_batch, "rows": rows}
+              "requests": first["requests"], "time_batch": time_batch, "rows": rows,
+              "references": first["references"]}
     if simulated:
         reference = REFERENCE if REFERENCE in models else "logging"
         behaviours = list(next(iter(first["behaviour_means"].values())))
         counts = {model: [r["per_request"][r["model"]] for r in evaluations[model]]
                   for model in models}
-        counts["logging"] = [r["per_request"]["logging"] for r in evaluations[models[0]]]
-        if "oracle" in first["per_request"]:
-            counts["oracle"] = [r["per_request"]["oracle"] for r in evaluations[models[0]]]
+        for name in ("logging", "upstream", "oracle"):
+            if name in first["per_request"]:
+                counts[name] = [r["per_request"][name] for r in evaluations[models[0]]]
         weights = _utility_weights(first)
         result["table5"] = {
             "reference": reference, "behaviours": behaviours,
@@ -170,10 +172,6 @@ def tables(evaluations: dict[str, list[dict]], timings: dict[str, dict], *, data
                           np.concatenate(c) @ weights,
                           np.concatenate(counts[reference]) @ weights)}
                      for name, c in counts.items()]}
-        result["references"] = {
-            name: _mean_std([{"utility": r["variants"][name]["utility"]}
-                             for r in evaluations[models[0]]])["mean"]
-            for name in ("logging", "oracle") if name in first["variants"]}
     for model in models:                # the first model whose system has Tables 6 and 7
         system = system_class(model)
         if system.TABLE6 and all(name in evaluations for name in system.TABLE6):
@@ -187,6 +185,16 @@ def tables(evaluations: dict[str, list[dict]], timings: dict[str, dict], *, data
         if "table6" in result or "table7" in result:
             break
     return result
+
+
+def _verdicts(runs: list[dict], model: str) -> list[dict]:
+    """`evaluation.verdicts` over every seed's requests (the references repeated per seed)."""
+    first = runs[0]
+    joined = {metric: {name: np.concatenate([r["per_request_metrics"][metric][name]
+                                             for r in runs]) for name in values}
+              for metric, values in first["per_request_metrics"].items()}
+    return verdicts(joined, model=model, list_length=first["list_length"],
+                    simulated="variants" in first, exposure=first["protocol"].startswith("exp"))
 
 
 def _utility_weights(evaluation: dict) -> np.ndarray:
@@ -260,10 +268,20 @@ def format_tables(result: dict) -> str:
     lines += ["| model | " + " | ".join(offline) + (" | utility | captured lift |"
                                                    if "table5" in result else " |"),
               "|---|" + "---|" * (len(offline) + (2 if "table5" in result else 0))]
+    keys = offline + (SIMULATED if "table5" in result else ())
     for row in result["rows"]:
-        keys = offline + (SIMULATED if "table5" in result else ())
         lines.append(f"| {row['model']} | " + " | ".join(
             _cell(row["metrics"].get(k, math.nan), row["std"].get(k)) for k in keys) + " |")
+    for name, values in result.get("references", {}).items():
+        lines.append(f"| *{REFERENCE_NAMES.get(name, name)}* | " + " | ".join(
+            _cell(values.get(k, math.nan)) for k in keys) + " |")
+    sentences = [v["sentence"] for row in result["rows"] for v in row.get("verdicts", [])]
+    if sentences:
+        lines += ["", "Against the references (the logged lists; the upstream order, the top "
+                  "m by the data's upstream_score):", ""]
+        lines += [f"- {sentence}" for sentence in sentences]
+    if "table5" not in result:
+        lines += ["", OFFLINE_CAVEAT]
     lines += ["", f"## Table 4 style: seconds per batch of {result['time_batch']} requests", "",
               "| model | training step | inference |", "|---|---|---|"]
     lines += [f"| {row['model']} | {_cell(row['metrics'].get('train_s_per_batch'))} | "

@@ -94,7 +94,8 @@ def ndcg(scores: Array, labels: Array, mask: Array | None = None,
     Returns:
         The mean NDCG, or nan when no request has a real item with a positive label.
     """
-    per_request, _, clicked = _request_ndcg(scores, labels, mask, k)
+    per_request = request_ndcg(scores, labels, mask, k)
+    clicked = ~np.isnan(per_request)
     return float(per_request[clicked].mean()) if clicked.any() else math.nan
 
 
@@ -108,6 +109,13 @@ def ndcg_all_requests(scores: Array, labels: Array, mask: Array | None = None,
     """
     per_request, counted, _ = _request_ndcg(scores, labels, mask, k)
     return float(per_request[counted].mean()) if counted.any() else math.nan
+
+
+def request_ndcg(scores: Array, labels: Array, mask: Array | None = None,
+                 k: int | None = None) -> np.ndarray:
+    """(B,) each request's `ndcg`, nan for a request without a click (arguments as `ndcg`)."""
+    per_request, _, clicked = _request_ndcg(scores, labels, mask, k)
+    return np.where(clicked, per_request, math.nan)
 
 
 def _request_ndcg(scores: Array, labels: Array, mask: Array | None,
@@ -199,22 +207,41 @@ def recall_at_k(scores: Array, exposed: Array, exposed_mask: Array, cand_mask: A
     Returns:
         The mean recall, or nan when no request has an exposed item.
     """
+    per_request = request_recall_at_k(scores, exposed, exposed_mask, cand_mask, k)
+    counted = ~np.isnan(per_request)
+    return float(per_request[counted].mean()) if counted.any() else math.nan
+
+
+def request_recall_at_k(scores: Array, targets: Array, target_mask: Array, cand_mask: Array,
+                        k: int) -> np.ndarray:
+    """Each request's share of its target candidates among its top k candidates by score.
+
+    With the logged list as targets this is `recall_at_k` per request; with the logged items
+    that were clicked it is the click recall of the evaluation reports (how many of the items
+    the user engaged with a list of length k would have held).
+
+    Args:
+        scores: (B, N) each candidate's score; ties go to the lower candidate index.
+        targets: (B, T) candidate indices.
+        target_mask: (B, T) True on real targets.
+        cand_mask: (B, N) True on real candidates.
+        k: how many top candidates count.
+    Returns:
+        (B,) float64 recall per request, nan where a request has no target.
+    """
     if k < 1:
         raise ValueError(f"recall_at_k: k must be at least 1, got {k}")
     score = _numpy(scores).astype(np.float64)
     real = _numpy(cand_mask).astype(bool)
-    shown = _numpy(exposed_mask).astype(bool)
-    positions = np.where(shown, _numpy(exposed).astype(np.int64), 0)          # (B, M)
+    wanted = _numpy(target_mask).astype(bool)
+    positions = np.where(wanted, _numpy(targets).astype(np.int64), 0)           # (B, T)
     order = np.lexsort((-score, ~real), axis=1)                               # (B, N)
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(score.shape[1])[None, :], axis=1)
     in_top = (rank < k) & real                                                # (B, N)
-    hits = (np.take_along_axis(in_top, positions, axis=1) & shown).sum(axis=1)  # (B,)
-    count = shown.sum(axis=1)
-    counted = count > 0
-    if not counted.any():
-        return math.nan
-    return float((hits[counted] / count[counted]).mean())
+    hits = (np.take_along_axis(in_top, positions, axis=1) & wanted).sum(axis=1)  # (B,)
+    count = wanted.sum(axis=1)
+    return np.divide(hits, count, out=np.full(len(count), math.nan), where=count > 0)
 
 
 def exposure_logloss(probs: Array, exposed: Array, exposed_mask: Array, cand_mask: Array,
