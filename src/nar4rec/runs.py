@@ -28,7 +28,9 @@ import pyarrow.parquet as pq
 import torch
 
 from nar4rec.config import RUN_FILE, RunConfig, apply_overrides, dataset_settings
+from nar4rec.data.batch import RequestBatch
 from nar4rec.data.features import FeatureSpace
+from nar4rec.data.format import folder_files
 from nar4rec.data.loader import RequestLoader, max_lengths
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_file
@@ -49,12 +51,14 @@ log = logging.getLogger(__name__)
 
 
 def split_files(data_dir: str | Path, split: str, *, required: bool = True) -> list[Path]:
-    """The Parquet files of one split: DIR/SPLIT.parquet, or every .parquet in DIR/SPLIT/."""
+    """The Parquet files of one split: DIR/SPLIT.parquet, or every .parquet in DIR/SPLIT/
+    but those whose names start with "_" or "." (a folder written by Spark: its part files
+    count, `_SUCCESS` and `.crc` checksums do not; `format.folder_files`)."""
     data_dir = Path(data_dir)
     single = data_dir / f"{split}.parquet"
     if single.is_file():
         return [single]
-    shards = sorted((data_dir / split).glob("*.parquet")) if (data_dir / split).is_dir() else []
+    shards = folder_files(data_dir / split) if (data_dir / split).is_dir() else []
     if not shards and required:
         if not data_dir.is_dir():
             raise Nar4recError(f"{data_dir}: no such data directory")
@@ -361,26 +365,30 @@ def rerank_file(run_dir: str | Path, data_file: str | Path, out_file: str | Path
     data_file = Path(data_file)
     if not data_file.is_file():
         raise Nar4recError(f"{data_file}: no such file")
-    tables = []
-    for batch in RequestLoader([data_file], run.space, batch_size=batch_size, labels=False):
-        reranked = run.system.rerank(batch)
-        lists, item_scores, utility = reranked.lists, reranked.item_scores, reranked.utility
-        lists = lists.numpy()                                           # (B, m)
-        placed = lists >= 0
-        items = np.take_along_axis(np.asarray(batch.item_id), np.where(placed, lists, 0), 1)
-        lengths = placed.sum(1)
-        tables.append(pa.table({
-            "request_id": pa.array(batch.request_id),
-            "user_id": pa.array(batch.user_id),
-            "items": _ragged(items[placed], lengths),
-            "positions": _ragged(lists[placed].astype(np.int32), lengths),
-            "scores": _ragged(item_scores.numpy()[placed].astype(np.float32), lengths),
-            "predicted_utility": pa.array(utility.numpy().astype(np.float32)),
-        }))
-    table = pa.concat_tables(tables)
+    loader = RequestLoader([data_file], run.space, batch_size=batch_size, labels=False)
+    table = pa.concat_tables([reranked_table(run.system, batch) for batch in loader])
     with atomic_file(out_file) as tmp:
         pq.write_table(table, tmp)
     return table.num_rows
+
+
+@torch.no_grad()
+def reranked_table(system: System, batch: RequestBatch) -> pa.Table:
+    """One row per request of the batch, as `rerank_file` writes them: request_id, user_id,
+    items (item ids in order), positions (candidate indices), scores, predicted_utility."""
+    reranked = system.rerank(batch)
+    lists = reranked.lists.numpy()                                      # (B, m)
+    placed = lists >= 0
+    items = np.take_along_axis(np.asarray(batch.item_id), np.where(placed, lists, 0), 1)
+    lengths = placed.sum(1)
+    return pa.table({
+        "request_id": pa.array(batch.request_id),
+        "user_id": pa.array(batch.user_id),
+        "items": _ragged(items[placed], lengths),
+        "positions": _ragged(lists[placed].astype(np.int32), lengths),
+        "scores": _ragged(reranked.item_scores.numpy()[placed].astype(np.float32), lengths),
+        "predicted_utility": pa.array(reranked.utility.numpy().astype(np.float32)),
+    })
 
 
 def _ragged(flat: np.ndarray, lengths: np.ndarray) -> pa.ListArray:

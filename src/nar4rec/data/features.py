@@ -72,6 +72,8 @@ class Vocabulary:
                 keys = np.asarray(self.values, dtype=np.int64)
                 self._order = np.argsort(keys, kind="stable")
                 self._sorted = keys[self._order]
+            if raw.type != pa.int64():
+                raw = raw.cast(pa.int64())        # int32 (Spark's IntegerType) and others
             keys = raw.fill_null(np.iinfo(np.int64).min).to_numpy(zero_copy_only=False)
             position = np.clip(np.searchsorted(self._sorted, keys), 0, len(self._sorted) - 1)
             found = (self._sorted[position] == keys) & raw.is_valid().to_numpy(

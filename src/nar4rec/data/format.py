@@ -17,7 +17,9 @@ Columns (n = number of candidates, m = length of the exposed list; both may vary
                                                     the logging policy (optional)
 
 The schema metadata key ``nar4rec`` holds JSON with the behaviours, in order, and the utility
-weight of each (paper, section 3.1: R(u, Y) = sum_i sum_b w_b e_{u, y_i, b}).
+weight of each (paper, section 3.1: R(u, Y) = sum_i sum_b w_b e_{u, y_i, b}). A file whose
+writer cannot set Parquet metadata (a part file written by Spark) has the same JSON in the
+sidecar file ``_nar4rec.json`` of its folder instead.
 
 A request file to rerank (`FormatSpec.has_labels` False) holds only what the ranking stage
 knows: no exposed, feedback_ or log_propensity column, timestamp optional, and behaviours that
@@ -29,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +45,9 @@ from nar4rec.io import atomic_file
 FORMAT_NAME = "nar4rec-requests"
 FORMAT_VERSION = 1
 METADATA_KEY = b"nar4rec"
+SIDECAR_FILE = "_nar4rec.json"     # beside files without the metadata key; the leading "_"
+                                   # makes Spark, Hive and pyarrow.dataset skip it as data
+DEFINING_KEYS = ("format", "version", "behaviours", "utility_weights")
 
 REQUEST_ID = "request_id"
 USER_ID = "user_id"
@@ -62,6 +68,7 @@ NUMBER_TYPE = pa.float32()
 FLOAT32_MAX = float(np.finfo(np.float32).max)   # the largest magnitude of a number: models
                                                 # compute in float32
 ID_TYPE = pa.int64()
+ID_TYPES = (pa.int64(), pa.string())
 
 
 @dataclass(frozen=True)
@@ -107,17 +114,59 @@ class FormatSpec:
             **self.extra,
         }
 
-    def arrow_schema(self, id_type: pa.DataType = ID_TYPE) -> pa.Schema:
-        """The schema a writer uses; `id_type` (int64 or string) types every id column."""
+    @property
+    def id_columns(self) -> tuple[str, ...]:
+        """The columns of ids and categories: request_id, user_id, user_cat_, item_id and
+        cand_cat_ (the last two are lists of them)."""
+        return (REQUEST_ID, USER_ID, *(USER_CAT + f for f in self.user_cat), ITEM_ID,
+                *(CAND_CAT + f for f in self.cand_cat))
+
+    def id_types(self, id_type: pa.DataType | Mapping[str, pa.DataType] = ID_TYPE
+                 ) -> dict[str, pa.DataType]:
+        """{column: type of its ids} for every id column (`id_columns`; for a list column, the
+        type of its values).
+
+        Args:
+            id_type: int64 or string for every id column, or {column: int64 or string} for
+                some of them (the others are int64), e.g. {"request_id": pa.string(),
+                "item_id": pa.string()}.
+
+        Raises:
+            ValueError naming the column: a type other than int64 or string, or a column that
+            is not an id column of this spec.
+        """
+        if isinstance(id_type, pa.DataType):
+            chosen = dict.fromkeys(self.id_columns, id_type)
+        elif not isinstance(id_type, Mapping):
+            raise ValueError(f"id_type must be a pyarrow type or {{column: type}}, got "
+                             f"{id_type!r}")
+        else:
+            unknown = [name for name in id_type if name not in self.id_columns]
+            if unknown:
+                raise ValueError(f"id_type: column {unknown[0]!r} is not an id or categorical "
+                                 f"column of this spec (those are "
+                                 f"{', '.join(self.id_columns)})")
+            chosen = {name: id_type.get(name, ID_TYPE) for name in self.id_columns}
+        for name, type_ in chosen.items():
+            if not isinstance(type_, pa.DataType) or type_ not in ID_TYPES:
+                raise ValueError(f"id_type: column {name!r} is typed {type_}, expected int64 "
+                                 "or string (pa.int64() or pa.string())")
+        return chosen
+
+    def arrow_schema(self, id_type: pa.DataType | Mapping[str, pa.DataType] = ID_TYPE
+                     ) -> pa.Schema:
+        """The schema a writer uses; `id_type` types the id columns as in `id_types`: one
+        type (int64 or string) for all, or {column: type} (int64 where not named)."""
+        ids = self.id_types(id_type)
         fields = [
-            pa.field(REQUEST_ID, id_type, nullable=False),
-            pa.field(USER_ID, id_type, nullable=False),
+            pa.field(REQUEST_ID, ids[REQUEST_ID], nullable=False),
+            pa.field(USER_ID, ids[USER_ID], nullable=False),
             pa.field(TIMESTAMP, TIMESTAMP_TYPE, nullable=False),
         ]
-        fields += [pa.field(USER_CAT + f, id_type) for f in self.user_cat]
+        fields += [pa.field(USER_CAT + f, ids[USER_CAT + f]) for f in self.user_cat]
         fields += [pa.field(USER_NUM + f, NUMBER_TYPE, nullable=False) for f in self.user_num]
-        fields.append(pa.field(ITEM_ID, pa.list_(id_type), nullable=False))
-        fields += [pa.field(CAND_CAT + f, pa.list_(id_type)) for f in self.cand_cat]
+        fields.append(pa.field(ITEM_ID, pa.list_(ids[ITEM_ID]), nullable=False))
+        fields += [pa.field(CAND_CAT + f, pa.list_(ids[CAND_CAT + f])) for f in self.cand_cat]
         fields += [pa.field(CAND_NUM + f, pa.list_(NUMBER_TYPE)) for f in self.cand_num]
         if self.has_upstream_score:
             fields.append(pa.field(UPSTREAM_SCORE, pa.list_(NUMBER_TYPE)))
@@ -141,23 +190,17 @@ class FormatSpec:
     def from_schema(cls, schema: pa.Schema, file: str | os.PathLike = "<schema>") -> FormatSpec:
         """Read the spec from a file's schema; raise DataError naming what is wrong.
 
+        The format's JSON comes from the schema's metadata key `nar4rec` or, when `file` is a
+        file whose schema has no such key (Spark cannot write one), from the sidecar
+        `_nar4rec.json` in the file's folder (`format_metadata`).
+
         A file without any of the exposed, feedback_ and log_propensity columns is a request
         file to rerank (`has_labels` False); one with any of them is a log and needs them all.
         """
         file = str(file)
-        raw = (schema.metadata or {}).get(METADATA_KEY)
-        if raw is None:
-            raise DataError(
-                "not a nar4rec request log: the Parquet metadata has no 'nar4rec' key "
-                "(see docs/data-format.md)",
-                file=file,
-            )
-        try:
-            meta = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"metadata 'nar4rec' is not valid JSON: {exc}", file=file) from None
+        meta, source = format_metadata(schema, file)
         if meta.get("format") != FORMAT_NAME:
-            raise DataError(f"metadata format is {meta.get('format')!r}, expected "
+            raise DataError(f"{source} format is {meta.get('format')!r}, expected "
                             f"{FORMAT_NAME!r}", file=file, field="nar4rec")
         names = schema.names
         has_labels = any(n in (EXPOSED, LOG_PROPENSITY) or n.startswith(FEEDBACK) for n in names)
@@ -166,11 +209,11 @@ class FormatSpec:
         if not isinstance(behaviours, list) or (has_labels and not behaviours) or not all(
             isinstance(b, str) and b for b in behaviours
         ):
-            raise DataError("metadata 'behaviours' must be a "
+            raise DataError(f"{source} 'behaviours' must be a "
                             f"{'non-empty ' if has_labels else ''}list of names",
                             file=file, field="nar4rec.behaviours")
         if not isinstance(weights, dict):
-            raise DataError("metadata 'utility_weights' must map behaviours to numbers",
+            raise DataError(f"{source} 'utility_weights' must map behaviours to numbers",
                             file=file, field="nar4rec.utility_weights")
         for b in behaviours:
             w = weights.get(b)
@@ -191,7 +234,7 @@ class FormatSpec:
                 raise DataError(f"behaviour '{b}' has no column", file=file,
                                 field=FEEDBACK + b)
         for b in sorted(feedback_cols - set(behaviours)):
-            raise DataError("unknown behaviour: not listed in the metadata's behaviours",
+            raise DataError(f"unknown behaviour: not listed in the {source}'s behaviours",
                             file=file, field=FEEDBACK + b)
         required = (REQUEST_ID, USER_ID, TIMESTAMP, ITEM_ID, EXPOSED) if has_labels else \
             (REQUEST_ID, USER_ID, ITEM_ID)
@@ -214,9 +257,66 @@ class FormatSpec:
         )
 
 
+def format_metadata(schema: pa.Schema, file: str | os.PathLike) -> tuple[dict, str]:
+    """The format's JSON object for one file and where it was found ("metadata" or "sidecar
+    PATH", for messages).
+
+    It is the schema's metadata key `nar4rec` or, for a file without it, the sidecar
+    `_nar4rec.json` beside the file: Spark and other distributed writers cannot put our key
+    in their part files' footers, so one sidecar describes a folder of parts. A file may have
+    both only if they agree on the format, version, behaviours and utility weights (other
+    keys are informative, and the metadata key's are kept).
+    """
+    file = str(file)
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    footer = None if raw is None else _json_object(raw, "metadata 'nar4rec'", file)
+    sidecar_path = Path(file).parent / SIDECAR_FILE
+    sidecar = None
+    if Path(file).is_file() and sidecar_path.is_file():
+        try:
+            text = sidecar_path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"cannot read the sidecar {sidecar_path} ({exc})",
+                            file=file) from None
+        sidecar = _json_object(text, f"the sidecar {sidecar_path}", file)
+    if footer is None and sidecar is None:
+        raise DataError(
+            "not a nar4rec request log: the Parquet metadata has no 'nar4rec' key and no "
+            f"{SIDECAR_FILE} sidecar is beside the file (see docs/data-format.md, "
+            "'Logs written by Spark')",
+            file=file,
+        )
+    if footer is not None and sidecar is not None:
+        differ = [key for key in DEFINING_KEYS if footer.get(key) != sidecar.get(key)]
+        if differ:
+            raise DataError(f"the metadata 'nar4rec' and the sidecar {sidecar_path} disagree "
+                            f"on {', '.join(differ)}", file=file, field="nar4rec")
+    if footer is not None:
+        return footer, "metadata"
+    return sidecar, f"sidecar {sidecar_path}"
+
+
+def _json_object(raw: bytes, what: str, file: str) -> dict:
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{what} is not valid JSON: {exc}", file=file) from None
+    if not isinstance(value, dict):
+        raise DataError(f"{what} is not a JSON object", file=file)
+    return value
+
+
 def read_spec(path: str | os.PathLike) -> FormatSpec:
     """The FormatSpec of a Parquet request log, with a clear error for a bad file."""
     return FormatSpec.from_schema(open_parquet(path).schema_arrow, path)
+
+
+def folder_files(folder: str | os.PathLike) -> list[Path]:
+    """The request-log files of a folder, sorted: every `*.parquet` whose name does not start
+    with "_" or "." (what Spark, Hive and pyarrow.dataset skip too: `_SUCCESS`, the
+    `.part-*.crc` checksums, a `_nar4rec.json` sidecar, hidden temporaries)."""
+    return sorted(path for path in Path(folder).glob("*.parquet")
+                  if not path.name.startswith(("_", ".")) and path.is_file())
 
 
 def open_parquet(path: str | os.PathLike) -> pq.ParquetFile:
@@ -256,12 +356,14 @@ class RequestLogWriter:
 
     Use as a context manager; if the block raises, no file is left behind. With
     `labels=False` it writes a request file to rerank: the spec's columns without exposed,
-    feedback_ and log_propensity.
+    feedback_ and log_propensity. `id_type` types the id and categorical columns: int64 or
+    string for all, or {column: type} for some, the others int64 (`FormatSpec.id_types`).
     """
 
     def __init__(self, path: str | os.PathLike, spec: FormatSpec,
-                 id_type: pa.DataType = ID_TYPE, row_group_size: int = 16384,
-                 compression: str = "zstd", *, labels: bool = True) -> None:
+                 id_type: pa.DataType | Mapping[str, pa.DataType] = ID_TYPE,
+                 row_group_size: int = 16384, compression: str = "zstd", *,
+                 labels: bool = True) -> None:
         if not labels:
             spec = dataclasses.replace(spec, has_labels=False, has_log_propensity=False)
         self.path = Path(path)
@@ -284,18 +386,32 @@ class RequestLogWriter:
                                         use_dictionary=dictionary)
         return self
 
-    def write(self, columns: dict[str, pa.Array | np.ndarray]) -> None:
-        """Append rows given as {column name: array}; every schema column must be present."""
+    def write(self, columns: Mapping | pa.Table | pa.RecordBatch) -> None:
+        """Append rows given as {column name: array, list or pandas Series}, a pandas
+        DataFrame, or an Arrow table or record batch; every schema column must be present
+        (others are ignored).
+
+        Values are converted to the column's type; ids given as integers become strings
+        for a string column, and strings of digits integers for an int64 one. A value that
+        cannot be converted raises DataError naming the column and the first such row (0-based
+        over the file).
+        """
+        if isinstance(columns, pa.Table | pa.RecordBatch):
+            columns = {name: columns.column(name) for name in columns.schema.names}
         arrays = []
         for f in self.schema:
             if f.name not in columns:
                 raise ValueError(f"missing column {f.name!r}")
-            col = columns[f.name]
-            if not isinstance(col, pa.Array | pa.ChunkedArray):
-                col = pa.array(col, type=f.type)
-            elif col.type != f.type:
-                col = col.cast(f.type)
-            arrays.append(col)
+            values = columns[f.name]
+            try:
+                arrays.append(_converted(values, f.type))
+            except _CONVERSION_ERRORS as exc:
+                row, value = _first_unconvertible(values, f.type)
+                shown = "" if row is None else f": value {_short(value)}"
+                raise DataError(f"cannot be written as {f.type}{shown} ({exc})",
+                                file=str(self.path),
+                                row=None if row is None else self.rows + row,
+                                field=f.name) from None
         table = pa.Table.from_arrays(arrays, schema=self.schema)
         self._writer.write_table(table, row_group_size=self.row_group_size)
         self.rows += table.num_rows
@@ -303,3 +419,63 @@ class RequestLogWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         self._writer.close()
         self._atomic.__exit__(exc_type, exc, tb)
+
+
+_CONVERSION_ERRORS = (pa.ArrowException, TypeError, ValueError, OverflowError)
+
+
+def _converted(values, type: pa.DataType, *, strict: bool = False
+               ) -> pa.Array | pa.ChunkedArray:
+    """`values` as an Arrow array of `type`: converted directly or, failing that (unless
+    `strict`), through the type Arrow infers for them (Arrow's safe cast: integers to
+    strings, strings of digits to integers)."""
+    if isinstance(values, pa.Array | pa.ChunkedArray):
+        return values if values.type == type else values.cast(type)
+    try:
+        return pa.array(values, type=type)
+    except _CONVERSION_ERRORS:
+        if strict:
+            raise
+        return pa.array(values).cast(type)
+
+
+def _first_unconvertible(values, type: pa.DataType) -> tuple[int | None, object]:
+    """The first row whose value `_converted` refuses, and that value, found by bisection;
+    for a column that fails only as a whole (Python values of mixed kinds), the first row
+    that a direct conversion refuses; (None, None) when no row can be blamed."""
+    if not isinstance(values, pa.Array | pa.ChunkedArray):
+        values = list(values)
+
+    def converts(start: int, stop: int, strict: bool) -> bool:
+        # take, not slice: a sliced list array casts all of its values, not only the slice's
+        part = values[start:stop] if isinstance(values, list) else \
+            values.take(np.arange(start, stop))
+        try:
+            _converted(part, type, strict=strict)
+        except _CONVERSION_ERRORS:
+            return False
+        return True
+
+    for strict in (False, True):
+        start, stop = 0, len(values)
+        if converts(start, stop, strict):
+            continue
+        while stop - start > 1:                # rows [start, stop) hold an unconvertible one
+            middle = (start + stop) // 2
+            if converts(start, middle, strict):
+                start = middle
+            else:
+                stop = middle
+        if stop - start == 1 and not converts(start, stop, strict):
+            value = values[start]
+            if isinstance(value, pa.Scalar):
+                value = value.as_py()
+            elif isinstance(value, np.generic | np.ndarray):
+                value = value.tolist()
+            return start, value
+    return None, None
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
