@@ -227,3 +227,20 @@ def test_sidecar_problems_name_the_sidecar(sim, tmp_path):
     sidecar.write_text(json.dumps({**meta, "source": "a Spark job"}))
     assert read_spec(own).extra["source"] == meta["source"]          # the file's own key
     assert read_spec(part).extra["source"] == "a Spark job"
+
+
+def test_a_whole_log_written_by_spark_splits_by_time(sim, tmp_path):
+    """One Spark folder of the whole log (its format in the sidecar) -> `nar4rec split` -> a
+    data directory whose files carry the footer key and validate."""
+    whole = pa.concat_tables([pq.read_table(sim / f"{s}.parquet") for s in
+                              ("train", "valid", "test")])
+    write_like_spark(whole, tmp_path / "log", parts=3, timestamps="micros",
+                     sidecar=footer_json(sim / "train.parquet"))
+    assert main(["split", str(tmp_path / "log"), "--out", str(tmp_path / "data")]) == 0
+    rows = 0
+    for split in ("train", "valid", "test"):
+        path = tmp_path / "data" / f"{split}.parquet"
+        assert footer_json(path)["behaviours"] == footer_json(sim / "train.parquet")["behaviours"]
+        assert check_file(path).ok
+        rows += pq.read_metadata(path).num_rows
+    assert rows == whole.num_rows

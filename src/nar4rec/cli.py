@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 
 from nar4rec import __version__
@@ -61,6 +61,14 @@ def _day(text: str) -> date:
         return date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
+
+
+def _moment(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD or a time "
+                                         f"YYYY-MM-DDTHH:MM[:SS], got {text!r}") from None
 
 
 def _positive(text: str) -> int:
@@ -217,12 +225,13 @@ def _validate_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from nar4rec.data.format import folder_files
     from nar4rec.data.validate import check_file
     from nar4rec.io import atomic_file
 
     path = Path(args.path)
     if path.is_dir():
-        files = sorted(path.glob("*.parquet"))
+        files = folder_files(path)      # a Spark folder's parts, not _SUCCESS or .crc files
         if not files:
             raise Nar4recError(f"{path}: no .parquet files in this directory")
     elif path.exists():
@@ -390,6 +399,54 @@ PREPARE = Command(
     description="Convert a public dataset to the request-log format with time-based "
                 "train/valid/test splits.",
     options=_prepare_options)
+
+
+# split
+
+def _split_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("log", help="a request log: a .parquet file, or a folder of .parquet "
+                                    "part files with one schema")
+    parser.add_argument("--out", required=True, help="output data directory")
+    parser.add_argument("--valid", type=float, default=0.1,
+                        help="share of the requests, the latest before test, that go to "
+                             "valid (default %(default)s; not used with --valid-from)")
+    parser.add_argument("--test", type=float, default=0.1,
+                        help="share of the requests, the latest, that go to test "
+                             "(default %(default)s; not used with --test-from)")
+    cut = ("YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS], UTC unless an offset such as +02:00 is "
+           "given; requests at that time or later go to {}")
+    parser.add_argument("--valid-from", type=_moment, metavar="TIME",
+                        help="first time of valid, " + cut.format("valid or test") +
+                             " (default: set by --valid)")
+    parser.add_argument("--test-from", type=_moment, metavar="TIME",
+                        help="first time of test, " + cut.format("test") +
+                             " (default: set by --test)")
+    _overwrite_option(parser)
+
+
+def _split(args: argparse.Namespace) -> int:
+    from nar4rec.data.split import split_by_time
+
+    summary = split_by_time(args.log, args.out, valid=args.valid, test=args.test,
+                            valid_from=args.valid_from, test_from=args.test_from,
+                            overwrite=args.overwrite)
+    for split, info in summary["splits"].items():
+        print(f"{split}: {plural(info['requests'], 'request')}, {info['first']} to "
+              f"{info['last']}")
+    print(f"wrote {args.out}/: train.parquet, valid.parquet, test.parquet, summary.json")
+    return 0
+
+
+SPLIT = Command(
+    "split", help="split your own request log by time into train/valid/test",
+    description="Split one request log (docs/data-format.md) by its timestamp column into "
+                "the data directory every other command reads: train.parquet, "
+                "valid.parquet, test.parquet (same schema and metadata as the log; rows "
+                "keep the log's order within a split) and summary.json. By default test is "
+                "the latest 10 % of the requests and valid the 10 % before it; requests at a "
+                "cut's timestamp go to the later split. Only the timestamp column is held in "
+                "memory; the rest of the log is streamed.",
+    options=_split_options, run=_split)
 
 
 # train
@@ -720,7 +777,8 @@ SERVE = Command(
     options=_serve_options, run=_serve)
 
 
-COMMANDS = (SIMULATE, VALIDATE, PREPARE, TRAIN, EVALUATE, RERANK, EXPORT, COMPARE, BENCH, SERVE)
+COMMANDS = (SIMULATE, VALIDATE, PREPARE, SPLIT, TRAIN, EVALUATE, RERANK, EXPORT, COMPARE, BENCH,
+            SERVE)
 
 
 def build_parser() -> argparse.ArgumentParser:
