@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 from pathlib import Path
 
 import torch
@@ -18,6 +19,13 @@ def small_config(preset: str, **overrides):
     sizes = {"n_users": 500, "n_items": 2000, "chunk_size": 1000} if preset != "movielens" \
         else {"chunk_size": 1000}
     return dataclasses.replace(config, **{**sizes, **overrides})
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def simulate_small(out: Path, preset: str = "kuaishou", requests: int = 3000, seed: int = 0,

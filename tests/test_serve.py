@@ -24,7 +24,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from helpers import train_tiny
+from helpers import free_port, train_tiny
 from nar4rec.data.batch import UNKNOWN
 from nar4rec.data.format import CAND_NUM, ITEM_ID
 from nar4rec.data.loader import RequestLoader
@@ -172,13 +172,6 @@ def test_an_oversized_body_sent_in_chunks_is_refused(served):
                          headers={"content-type": "application/json"})
     assert answer.status_code == 413 and "body over 60000 bytes" in answer.json()["detail"]
     assert client.post("/v1/rerank", json=body(served)).status_code == 200   # still alive
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

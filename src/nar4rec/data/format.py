@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from nar4rec.errors import DataError
@@ -358,17 +360,23 @@ class RequestLogWriter:
     `labels=False` it writes a request file to rerank: the spec's columns without exposed,
     feedback_ and log_propensity. `id_type` types the id and categorical columns: int64 or
     string for all, or {column: type} for some, the others int64 (`FormatSpec.id_types`).
+    `timestamp=False` leaves out the timestamp column (a request file to rerank only).
     """
 
     def __init__(self, path: str | os.PathLike, spec: FormatSpec,
                  id_type: pa.DataType | Mapping[str, pa.DataType] = ID_TYPE,
                  row_group_size: int = 16384, compression: str = "zstd", *,
-                 labels: bool = True) -> None:
+                 labels: bool = True, timestamp: bool = True) -> None:
         if not labels:
             spec = dataclasses.replace(spec, has_labels=False, has_log_propensity=False)
+        if not (timestamp or not spec.has_labels):
+            raise ValueError("a request log needs its timestamps (a request file to rerank "
+                             "may leave them out)")
         self.path = Path(path)
         self.spec = spec
         self.schema = spec.arrow_schema(id_type)
+        if not timestamp:
+            self.schema = self.schema.remove(self.schema.get_field_index(TIMESTAMP))
         self.row_group_size = row_group_size
         self.compression = compression
         self.rows = 0
@@ -404,7 +412,7 @@ class RequestLogWriter:
                 raise ValueError(f"missing column {f.name!r}")
             values = columns[f.name]
             try:
-                arrays.append(_converted(values, f.type))
+                arrays.append(converted(values, f.type))
             except _CONVERSION_ERRORS as exc:
                 row, value = _first_unconvertible(values, f.type)
                 shown = "" if row is None else f": value {_short(value)}"
@@ -424,11 +432,15 @@ class RequestLogWriter:
 _CONVERSION_ERRORS = (pa.ArrowException, TypeError, ValueError, OverflowError)
 
 
-def _converted(values, type: pa.DataType, *, strict: bool = False
+def converted(values, type: pa.DataType, *, strict: bool = False
                ) -> pa.Array | pa.ChunkedArray:
     """`values` as an Arrow array of `type`: converted directly or, failing that (unless
     `strict`), through the type Arrow infers for them (Arrow's safe cast: integers to
-    strings, strings of digits to integers)."""
+    strings, strings of digits to integers). A finite number beyond float32's range for a
+    float32 column is refused (a cast would make it infinite)."""
+    wide = _float64_of(type)
+    if wide is not None:                  # numbers: checked at float64, then narrowed
+        return _narrowed(converted(values, wide, strict=strict), type)
     if isinstance(values, pa.Array | pa.ChunkedArray):
         return values if values.type == type else values.cast(type)
     try:
@@ -439,8 +451,27 @@ def _converted(values, type: pa.DataType, *, strict: bool = False
         return pa.array(values).cast(type)
 
 
+def _float64_of(type: pa.DataType) -> pa.DataType | None:
+    """float64 for float32, list<float64> for list<float32>; None for other types."""
+    if type == NUMBER_TYPE:
+        return pa.float64()
+    if pa.types.is_list(type) and type.value_type == NUMBER_TYPE:
+        return pa.list_(pa.float64())
+    return None
+
+
+def _narrowed(values: pa.Array | pa.ChunkedArray, type: pa.DataType
+              ) -> pa.Array | pa.ChunkedArray:
+    flat = pc.list_flatten(values) if pa.types.is_list(values.type) else values
+    largest = pc.max(pc.abs(flat)).as_py() if len(flat) else None
+    if largest is not None and math.isfinite(largest) and largest > FLOAT32_MAX:
+        raise pa.ArrowInvalid(f"{largest:.6g} is beyond float32's range "
+                              f"(|x| <= {FLOAT32_MAX:.8g})")
+    return values.cast(type)
+
+
 def _first_unconvertible(values, type: pa.DataType) -> tuple[int | None, object]:
-    """The first row whose value `_converted` refuses, and that value, found by bisection;
+    """The first row whose value `converted` refuses, and that value, found by bisection;
     for a column that fails only as a whole (Python values of mixed kinds), the first row
     that a direct conversion refuses; (None, None) when no row can be blamed."""
     if not isinstance(values, pa.Array | pa.ChunkedArray):
@@ -451,7 +482,7 @@ def _first_unconvertible(values, type: pa.DataType) -> tuple[int | None, object]
         part = values[start:stop] if isinstance(values, list) else \
             values.take(np.arange(start, stop))
         try:
-            _converted(part, type, strict=strict)
+            converted(part, type, strict=strict)
         except _CONVERSION_ERRORS:
             return False
         return True

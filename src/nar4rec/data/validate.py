@@ -159,17 +159,33 @@ def check_file(path: str | os.PathLike) -> FileReport:
             _check_batch(batch, spec, offset, report)
             seen_ids.append(batch.column(REQUEST_ID))
             offset += batch.num_rows
+    _check_repeated_ids(pa.chunked_array(seen_ids), report)
+    return report
 
-    ids = pa.chunked_array(seen_ids)
-    counts = pc.value_counts(ids)
-    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+
+def check_table(table: pa.Table, spec: FormatSpec, name: str = "<requests>") -> FileReport:
+    """Validate requests held in memory (an Arrow table with `spec`'s columns) as `check_file`
+    validates a file: every problem with its row and field, the file named `name`."""
+    report = FileReport(file=name, has_labels=spec.has_labels)
+    offset = 0
+    for batch in table.to_batches(max_chunksize=65536):
+        _check_batch(batch, spec, offset, report)
+        offset += batch.num_rows
+    _check_repeated_ids(table.column(REQUEST_ID), report)
+    return report
+
+
+def _check_repeated_ids(ids: pa.ChunkedArray, report: FileReport) -> None:
+    """Flag every row of a repeated request id; then sort the report's problems by row."""
+    counts = pc.value_counts(ids) if len(ids) else None
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)) \
+        if counts is not None else []
     if len(repeated):
         rows = np.flatnonzero(pc.is_in(ids, value_set=repeated).to_numpy(zero_copy_only=False))
         for r in rows:
-            report.problems.append(Problem(str(path), int(r), REQUEST_ID,
+            report.problems.append(Problem(report.file, int(r), REQUEST_ID,
                                            f"request id {ids[int(r)].as_py()!r} is repeated"))
     report.problems.sort(key=lambda p: (p.row if p.row is not None else -1, p.field or ""))
-    return report
 
 
 def validate_file(path: str | os.PathLike) -> list[Problem]:
