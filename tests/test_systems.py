@@ -119,3 +119,29 @@ def test_every_model_exports_and_serves(model, runs, data, tmp_path):
         assert result["items"] == [int(ids[i]) for i in expected.lists[1]]
         assert (result["predicted_utility"] is None) == bool(torch.isnan(expected.utility[1]))
         assert client.get("/healthz").json()["model"] == model
+
+
+REWARD_MODELS = {"nar4rec", "evaluator", "dnn", "dcn", "edge_rerank"}
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_a_reward_model_scores_any_list_or_says_it_cannot(model, runs, data):
+    """`predict_feedback`: on the logged lists the same probabilities as the logged-list
+    forward pass (`logged_click`), on other lists zero past their end; a system without a
+    calibrated click model refuses by name."""
+    system = load_run(runs / model).system
+    batch = a_batch(data, system.space)
+    own = system.rerank(batch).lists
+    if model not in REWARD_MODELS:
+        with pytest.raises(Nar4recError, match=f"a {model} run has no per-behaviour"):
+            system.predict_feedback(batch, own)
+        return
+    logged = batch.exposed.masked_fill(~batch.exposed_mask, -1)
+    predicted = system.predict_feedback(batch, logged)                 # (B, M, K)
+    assert predicted.shape == (*logged.shape, len(system.space.behaviours))
+    clicks = system.logged_click(batch)
+    assert torch.allclose(predicted[..., 0][batch.exposed_mask], clicks[batch.exposed_mask],
+                          atol=1e-5)
+    on_own = system.predict_feedback(batch, own)
+    assert ((on_own >= 0) & (on_own <= 1)).all()
+    assert (on_own[own < 0] == 0).all() and (on_own[0, :3] > 0).all()

@@ -453,6 +453,13 @@ class EvaluatorSystem(System):
     def logged_click(self, batch: RequestBatch) -> torch.Tensor:
         return torch.sigmoid(self.modules["evaluator"](batch)[..., 0])      # (B, M)
 
+    @torch.no_grad()
+    def predict_feedback(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
+        """The evaluator's behaviour probabilities of each item in the list's context."""
+        real = lists >= 0                                                   # (B, m)
+        logits = self.modules["evaluator"](batch, lists.unsqueeze(1), real.unsqueeze(1))
+        return torch.sigmoid(logits[:, 0]) * real.unsqueeze(-1)            # (B, m, K)
+
 
 class NAR4RecSystem(EvaluatorSystem):
     """NAR4Rec (section 4): the evaluator, then the generator; the generator proposes lists

@@ -14,6 +14,9 @@ only what this class declares, and find a model's class through `registry.system
     evaluate(batch) -> Ranking, {}  the lists and the candidate scores the offline metrics
                                     rank, and its other lists (Table 7's decoders)
     logged_click(batch)             its click probability of every logged item (Table 2)
+    predict_feedback(batch, lists)  each behaviour's probability at each position of any
+                                    lists: the reward model of off-policy evaluation (those
+                                    with a calibrated per-behaviour model only)
     training_step()                 the module it trains last and its loss (Table 4)
     inference_calls()               the calls `bench` times, the system's own `rerank` first
     graphs()                        what `export` writes: "system" (the six feature inputs to
@@ -212,6 +215,16 @@ class System:
         """(B, M) the predicted probability of the first behaviour of each logged item, in its
         logged context."""
         raise NotImplementedError
+
+    def predict_feedback(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
+        """(B, m, K) the predicted probability of each behaviour at each position of `lists`
+        (B, m) (NO_ITEM past a list's end: 0 there), in the list's context where the model
+        has one: the reward model of `nar4rec ope`'s direct and doubly robust estimators.
+
+        Raises Nar4recError for a system without a calibrated per-behaviour model."""
+        raise Nar4recError(f"a {self.name} run has no per-behaviour click model to score "
+                           "lists with; use a nar4rec, evaluator, dnn, dcn or edge_rerank run "
+                           "as the reward model")
 
     def training_step(self) -> tuple[nn.Module, LossFn]:
         """The module of the last phase and its loss function (what `bench` times)."""

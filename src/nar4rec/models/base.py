@@ -23,6 +23,7 @@ each baseline's file declares its own, which `registry` names.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,16 @@ class ListModel(nn.Module):
     def logged_click(self, batch: RequestBatch) -> torch.Tensor:
         raise NotImplementedError
 
+    feedback_model: bool = False   # forward(batch) gives calibrated (B, M, K) logits of the
+    # logged items in their list (point-wise models, EdgeRerank): `predict_feedback` works
+
+    def predict_feedback(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
+        """(B, m, K) each behaviour's probability at each position of `lists`, as
+        `System.predict_feedback`: the logged-list forward pass applied to other lists."""
+        real = lists >= 0
+        other = dataclasses.replace(batch, exposed=lists.clamp_min(0), exposed_mask=real)
+        return torch.sigmoid(self(other)) * real.unsqueeze(-1)
+
     @staticmethod
     def step(network: nn.Module, batch: RequestBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """The training loop's LossFn: forward through `network` (which may be a DDP wrapper),
@@ -110,6 +121,8 @@ class PointwiseModel(ListModel):
     `candidates`, `user`, `interaction` (`layers.personalised_inputs`) and a `weights` buffer,
     and implement `logits_of(pairs)`; training is per-behaviour binary cross-entropy on the
     shown items, and a list is the top m candidates by predicted utility."""
+
+    feedback_model = True
 
     def pairs(self, batch: RequestBatch, index: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, 2d) user and item vectors side by side for the candidates `index` (B, L),
@@ -185,6 +198,12 @@ class BaselineSystem(System):
     @torch.no_grad()
     def logged_click(self, batch: RequestBatch) -> torch.Tensor:
         return self.model.logged_click(batch)
+
+    @torch.no_grad()
+    def predict_feedback(self, batch: RequestBatch, lists: torch.Tensor) -> torch.Tensor:
+        if not self.model.feedback_model:
+            return super().predict_feedback(batch, lists)
+        return self.model.predict_feedback(batch, lists)
 
 
 def feedback_loss(logits: torch.Tensor, batch: RequestBatch

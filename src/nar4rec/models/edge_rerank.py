@@ -202,6 +202,8 @@ class EdgeRerank(ListModel):
             lists[:, :prefixes.shape[2]] = prefixes[rows[:, 0, 0], score.argmax(dim=1)]
         return Ranking(lists, scores)
 
+    feedback_model = True
+
     @torch.no_grad()
     def logged_click(self, batch: RequestBatch) -> torch.Tensor:
         return torch.sigmoid(self(batch)[..., 0])                      # (B, M)
