@@ -23,11 +23,13 @@ from nar4rec.models.layers import FeatureEmbedding
 from nar4rec.models.nar4rec import (
     NAR4Rec,
     NAR4RecConfig,
+    consistency_loss,
     contrastive_loss,
     exposed_log_probs,
     generator_loss,
     likelihood_loss,
     list_log_probs,
+    preference_loss,
     resolve_tau,
     self_critical_loss,
     unlikelihood_loss,
@@ -460,16 +462,23 @@ def test_list_log_probs_of_several_lists(data):
 
 class FavoursLowIndices(torch.nn.Module):
     """A stand-in evaluator: every behaviour's logit falls with the candidate index, so a
-    list of low-index candidates has the highest utility."""
+    list of low-index candidates has the highest utility; relaxed lists are judged by their
+    expected index, differentiably."""
 
     def forward(self, batch, lists, mask):
         return (-0.2 * lists.float())[..., None].expand(*lists.shape, batch.feedback.shape[-1])
 
+    def forward_relaxed(self, batch, choice, lists):
+        index = torch.arange(choice.shape[1], dtype=choice.dtype)
+        expected = torch.einsum("bnm,n->bm", choice, index)                       # (B, m)
+        return (-0.2 * expected)[..., None].expand(*expected.shape, batch.feedback.shape[-1])
 
-def test_self_critical_training_moves_the_generator_towards_the_evaluators_choice(data):
+
+def train_towards_the_judge(data, loss_of) -> tuple[float, float, list[float]]:
+    """30 Adam steps of `loss_of(model, batch)` -> (the mean index of the greedy list's first
+    item before, after, the second value `loss_of` returns at each step)."""
     batch = ragged(data["train"][1], [60] * 16)
     model = generator(data["space"], dropout=0.0)
-    judge, weights = FavoursLowIndices(), data["space"].utility_weights
 
     def greedy_index() -> float:
         with torch.no_grad():
@@ -479,16 +488,71 @@ def test_self_critical_training_moves_the_generator_towards_the_evaluators_choic
     before = greedy_index()
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     torch.manual_seed(1)
-    shares = []
+    seconds = []
     for _ in range(30):
         model.train()
         optimiser.zero_grad()
-        loss, positive = self_critical_loss(model(batch), batch, judge, weights, count=8)
+        loss, second = loss_of(model, batch)
         loss.backward()
         optimiser.step()
-        shares.append(float(positive))
+        seconds.append(float(second))
+    return before, greedy_index(), seconds
+
+
+def test_gumbel_consistency_training_moves_the_generator_towards_the_evaluators_choice(data):
+    weights = data["space"].utility_weights
+    for hard in (True, False):
+        config = NAR4RecConfig(**SMALL, gumbel_weight=1.0, gumbel_hard=hard)
+        before, after, utilities = train_towards_the_judge(
+            data, lambda model, batch, config=config: consistency_loss(
+                model(batch), batch, FavoursLowIndices(), weights, config))
+        assert after < before - 5, (hard, before, after)
+        assert utilities[-1] > utilities[0]          # the judge likes the relaxed lists more
+
+
+def test_preference_training_moves_the_generator_towards_the_evaluators_choice(data):
+    weights = data["space"].utility_weights
+    config = NAR4RecConfig(**SMALL, preference_lists=8, preference_beta=1.0)
+    before, after, paired = train_towards_the_judge(
+        data, lambda model, batch: preference_loss(model(batch), batch, FavoursLowIndices(),
+                                                   weights, config))
+    assert after < before - 5, (before, after)
+    assert paired[0] == 1.0                          # sampled lists differ from the greedy one
+    batch = ragged(data["train"][1], [60] * 4)
+    strict = dataclasses.replace(config, preference_margin=1e9)   # no gap that large: no pair
+    loss, share = preference_loss(generator(data["space"])(batch), batch, FavoursLowIndices(),
+                                  weights, strict)
+    assert float(loss.detach()) == 0.0 and float(share) == 0.0
+
+
+def test_a_straight_through_list_is_judged_as_the_hard_list(data):
+    """`Evaluator.forward_relaxed` with one-hot rows is `forward` on the list itself, and its
+    gradient reaches the choice weights."""
+    batch = ragged(data["train"][0], [60, 10, 3, 2])
+    torch.manual_seed(0)
+    model = Evaluator(EvaluatorConfig(d_model=16, heads=2, layers=2, embedding_dim=8,
+                                      similarity_heads=2, shared_values=True, causal=True),
+                      data["space"]).eval()
+    lists = batch.exposed.masked_fill(~batch.exposed_mask, -1)
+    lists[2, 3:] = -1                                            # a request with 3 candidates
+    n = batch.cand_mask.shape[1]
+    choice = torch.nn.functional.one_hot(lists.clamp_min(0), n).transpose(1, 2).float()
+    choice = (choice * (lists >= 0).unsqueeze(1)).requires_grad_(True)
+    relaxed = model.forward_relaxed(batch, choice, lists)
+    hard = model(batch, lists.unsqueeze(1), (lists >= 0).unsqueeze(1))[:, 0]
+    real = lists >= 0
+    torch.testing.assert_close(relaxed[real], hard[real], atol=1e-5, rtol=1e-5)
+    relaxed[real].sum().backward()
+    assert choice.grad.abs().sum() > 0
+
+
+def test_self_critical_training_moves_the_generator_towards_the_evaluators_choice(data):
+    weights = data["space"].utility_weights
+    before, after, shares = train_towards_the_judge(
+        data, lambda model, batch: self_critical_loss(model(batch), batch, FavoursLowIndices(),
+                                                      weights, count=8))
     assert 0 < shares[0] < 1                 # some samples beat the greedy list, some do not
-    assert greedy_index() < before - 5, (before, greedy_index())
+    assert after < before - 5, (before, after)
 
 
 def test_generator_loss_with_evaluator_lists(data):
@@ -504,3 +568,22 @@ def test_generator_loss_with_evaluator_lists(data):
     assert float(seeded[0].sampled.detach()) > 0 and float(plain.sampled) == 0
     assert float(seeded[0].total.detach()) == float(seeded[1].total.detach())   # same draws
     torch.testing.assert_close(seeded[0].total - seeded[0].sampled, plain.total)
+
+
+def test_generator_loss_adds_the_evaluator_judged_terms(data):
+    batch = data["train"][0]
+    model = generator(data["space"], tau=1.0, gumbel_weight=0.5, preference_lists=4,
+                      preference_weight=2.0)
+    weights = data["space"].utility_weights
+    with pytest.raises(ValueError, match="evaluator"):
+        generator_loss(model(batch), batch, model.config, weights)
+    out = model(batch)
+    terms = generator_loss(out, batch, model.config, weights, FavoursLowIndices(),
+                           torch.Generator().manual_seed(0))
+    plain = generator_loss(out, batch, dataclasses.replace(
+        model.config, gumbel_weight=0.0, preference_lists=0), weights)
+    assert float(terms.consistency.detach()) != 0 and 0 < float(terms.preference_pairs) <= 1
+    torch.testing.assert_close(terms.total - 0.5 * terms.consistency - 2.0 * terms.preference,
+                               plain.total)
+    with pytest.raises(ValueError, match="gumbel_objective"):
+        NAR4RecConfig(gumbel_objective="hinge")

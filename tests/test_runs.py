@@ -353,15 +353,18 @@ def test_commands_end_to_end_and_their_errors(run, data, tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_training_on_the_generators_own_lists(run, data, tmp_path):
-    """`generator.evaluator_lists`: the generator trains with the run's evaluator judging its
-    sampled lists, and validation reports the evaluator's utility for its greedy lists."""
+@pytest.mark.parametrize("judged", [
+    "generator.evaluator_lists=4",                        # self-critical
+    "generator.gumbel_weight=0.5",                        # CONGRATS' consistency training
+    "generator.preference_lists=4"])                      # DPO between judged lists
+def test_training_on_the_generators_own_lists(run, data, tmp_path, judged):
+    """The generator trains with the run's evaluator judging its own lists, and validation
+    reports the evaluator's utility for its greedy lists."""
     from nar4rec.bench import time_training
     from nar4rec.models.nar4rec import greedy_judged_utility
 
-    out = tmp_path / "self_critical"
-    config = load_overrides(RunConfig(), None, [*SMALL, "train.epochs=1",
-                                                "generator.evaluator_lists=4"])
+    out = tmp_path / "judged"
+    config = load_overrides(RunConfig(), None, [*SMALL, "train.epochs=1", judged])
     train_run(data, out, config=config, reuse={"evaluator": run}, progress=False)
     system = load_run(out)
     valid_loss = json.loads((out / "generator" / "metrics.jsonl").read_text()

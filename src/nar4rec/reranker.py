@@ -393,7 +393,8 @@ def evaluator_step(network: torch.nn.Module, batch: RequestBatch
 
 def generator_step(config, weights: torch.Tensor, evaluator: Evaluator | None = None):
     """The generator's LossFn for the training loop, with its objective settings (tau set)
-    and, for `evaluator_lists`, the trained evaluator (frozen).
+    and, for the terms judged by it (`NAR4RecConfig.needs_evaluator`), the trained evaluator
+    (frozen).
 
     With the evaluator, the validation loss is minus the evaluator's mean utility for the
     generator's greedy lists: what that training optimises (its loss on sampled lists is
@@ -497,7 +498,7 @@ class NAR4RecSystem(EvaluatorSystem):
     def loss(cls, phase, model_config, space, trained):
         if phase.name == "evaluator":
             return evaluator_step
-        judge = trained("evaluator") if model_config.evaluator_lists else None
+        judge = trained("evaluator") if model_config.needs_evaluator else None
         return generator_step(model_config, space.utility_weights, judge)
 
     @classmethod

@@ -213,10 +213,35 @@ class Evaluator(nn.Module):
             return self.forward(batch, batch.exposed.unsqueeze(1),
                                 batch.exposed_mask.unsqueeze(1)).squeeze(1)
         batch_size, count, length = lists.shape
+        index = lists.clamp(0, batch.cand_mask.shape[1] - 1).reshape(batch_size, count * length)
+        return self._judge(batch, self.candidates(batch, index), lists, list_mask)
+
+    def forward_relaxed(self, batch: RequestBatch, choice: torch.Tensor,
+                        lists: torch.Tensor) -> torch.Tensor:
+        """Behaviour logits of relaxed lists: each position's item vector is the mixture
+        sum_i choice[b, i, t] x_i of the candidates' vectors, so that gradients reach the
+        choice (the Gumbel-softmax relaxation of `NAR4RecConfig.evaluator_gumbel`; with a
+        straight-through one-hot choice the forward pass equals `forward` on `lists`).
+
+        Args:
+            choice: (B, n, m) each position's weights over the candidates.
+            lists: (B, m) the hard lists the choice stands for (NO_ITEM past a list's end):
+                their categorical features feed the redundancy block and their mask the
+                attention.
+        Returns:
+            (B, m, K) logits.
+        """
+        vectors = self.candidates(batch)                               # (B, n, d)
+        items = torch.einsum("bnm,bnd->bmd", choice.to(vectors), vectors)  # (B, m, d)
+        return self._judge(batch, items, lists.unsqueeze(1), (lists >= 0).unsqueeze(1))[:, 0]
+
+    def _judge(self, batch: RequestBatch, items: torch.Tensor, lists: torch.Tensor,
+               list_mask: torch.Tensor | None) -> torch.Tensor:
+        """The layers over item vectors (B, L * m, d) of lists (B, L, m) -> (B, L, m, K)."""
+        batch_size, count, length = lists.shape
         if list_mask is None:
             list_mask = torch.ones_like(lists, dtype=torch.bool)
         index = lists.clamp(0, batch.cand_mask.shape[1] - 1).reshape(batch_size, count * length)
-        items = self.candidates(batch, index)                          # (B, L * m, d)
         d = items.shape[-1]
         h = items.view(batch_size, count, length, d)                   # (B, L, m, d)
         if self.user is not None:

@@ -95,6 +95,37 @@ class NAR4RecConfig:
             logged lists only. Validation then scores each epoch by the evaluator's utility
             for the generator's greedy lists (reranker.generator_step).
         evaluator_weight: weight of that term next to L_ul on the logged lists.
+        gumbel_weight: alpha > 0 adds consistency training (CONGRATS, Kuaishou, KDD '26,
+            arXiv 2510.10127; its authors' write-up): each position's choice is relaxed by a
+            Gumbel-softmax of the probability matrix, softmax((log P + g) / T) over the
+            candidates, the relaxed list goes through the frozen trained evaluator as mixtures
+            of its candidate vectors, and alpha * L_con pushes the generator towards lists the
+            evaluator rates highly. CONGRATS adds L_con to its generation loss with weight
+            0.5 (L_total = L_con + 0.5 L_gen); here L_ul keeps weight 1 and alpha weighs L_con.
+        gumbel_temperature: T (CONGRATS: 0.3).
+        gumbel_hard: straight-through: the forward pass sees the one-hot list that greedy
+            decoding of the relaxed matrix gives (no candidate twice), the gradient flows
+            through the soft weights (Jang et al. 2017); False feeds the soft mixtures (which
+            the evaluator never saw in training).
+        gumbel_objective: "log": L_con = -sum_t sum_b w_b log sigmoid(logit_{t, b}), CONGRATS's
+            pseudo-label 1 for every behaviour, weighted by the utility weights; "utility":
+            minus the evaluator's predicted utility sum_t sum_b w_b sigmoid(logit_{t, b}).
+        gumbel_duplicate: mu, weight of sum_i relu(sum_t P'_{i, t} - 1)^2 on the relaxed
+            matrix: a candidate's mass over the positions beyond one (CONGRATS does not
+            de-duplicate; a relaxed list can otherwise place one item everywhere).
+        preference_lists: K > 0 adds preference optimisation between the generator's own
+            lists (the DPO loss of Rafailov et al. 2023 as GReF, Kuaishou, CIKM '25, arXiv
+            2510.25220, applies it to reranking, with pairs ranked by our evaluator instead
+            of GReF's reordered logged lists): per request, the greedy list and K sampled
+            lists are judged by the frozen evaluator; the best Y_w and the worst Y_l form a
+            pair when their judged utilities differ by more than preference_margin, and
+            -log sigmoid(beta (log pi(Y_w) - log pi(Y_l))) is added with weight
+            preference_weight, log pi(Y) = sum_t log P[y_t, t]. The reference policy is the
+            uniform one (every list of m candidates equally likely, so it cancels): GReF's
+            frozen pre-trained copy would need a second generator; L_ul on the logged lists
+            stays as the anchor GReF found necessary.
+        preference_beta, preference_weight, preference_margin: beta (GReF: 0.1), the term's
+            weight, and the smallest judged-utility gap that makes a pair.
     """
 
     list_length: int = 6
@@ -120,6 +151,20 @@ class NAR4RecConfig:
     omega: float = 0.01
     evaluator_lists: int = 0
     evaluator_weight: float = 1.0
+    gumbel_weight: float = 0.0
+    gumbel_temperature: float = 0.3
+    gumbel_hard: bool = True
+    gumbel_objective: str = "log"
+    gumbel_duplicate: float = 1.0
+    preference_lists: int = 0
+    preference_beta: float = 0.1
+    preference_weight: float = 1.0
+    preference_margin: float = 0.0
+
+    @property
+    def needs_evaluator(self) -> bool:
+        """Whether training judges the generator's lists by the trained evaluator."""
+        return bool(self.evaluator_lists or self.gumbel_weight or self.preference_lists)
 
     def __post_init__(self) -> None:
         if isinstance(self.tau, str):           # `--set tau=...` on a field whose default is None
@@ -145,8 +190,22 @@ class NAR4RecConfig:
         if self.evaluator_lists < 0 or self.evaluator_weight < 0:
             problems.append("evaluator_lists and evaluator_weight must be >= 0, not "
                             f"{self.evaluator_lists} and {self.evaluator_weight}")
+        if self.gumbel_weight < 0 or self.gumbel_temperature <= 0 or self.gumbel_duplicate < 0:
+            problems.append("gumbel_weight and gumbel_duplicate must be >= 0 and "
+                            f"gumbel_temperature > 0, not {self.gumbel_weight}, "
+                            f"{self.gumbel_duplicate} and {self.gumbel_temperature}")
+        if self.gumbel_objective not in GUMBEL_OBJECTIVES:
+            problems.append(f"gumbel_objective must be one of {GUMBEL_OBJECTIVES}, not "
+                            f"{self.gumbel_objective!r}")
+        if (self.preference_lists < 0 or self.preference_beta <= 0
+                or self.preference_weight < 0 or self.preference_margin < 0):
+            problems.append("preference_lists, preference_weight and preference_margin must "
+                            "be >= 0 and preference_beta > 0")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+GUMBEL_OBJECTIVES = ("log", "utility")
 
 
 @dataclass
@@ -319,6 +378,10 @@ class GeneratorLoss:
     positive_fraction: () share of the batch's lists with R(u, Y) >= tau (1 for "likelihood").
     sampled, sampled_positive: the self-critical term on the generator's own lists and the
         share of them judged positive (0 without `evaluator_lists`).
+    consistency, relaxed_utility: L_con of the Gumbel-softmax relaxation and the evaluator's
+        utility for the relaxed lists (0 without `gumbel_weight`).
+    preference, preference_pairs: the DPO term and the share of requests with a pair (0
+        without `preference_lists`).
     """
 
     total: torch.Tensor
@@ -328,12 +391,17 @@ class GeneratorLoss:
     positive_fraction: torch.Tensor
     sampled: torch.Tensor
     sampled_positive: torch.Tensor
+    consistency: torch.Tensor
+    relaxed_utility: torch.Tensor
+    preference: torch.Tensor
+    preference_pairs: torch.Tensor
 
     def as_dict(self) -> dict[str, float]:
         """Plain floats for logging."""
         return {name: float(getattr(self, name).detach()) for name in
                 ("total", "sequence", "item", "position", "positive_fraction", "sampled",
-                 "sampled_positive")}
+                 "sampled_positive", "consistency", "relaxed_utility", "preference",
+                 "preference_pairs")}
 
 
 def exposed_log_probs(out: GeneratorOutput, exposed: torch.Tensor
@@ -468,6 +536,77 @@ def self_critical_loss(out: GeneratorOutput, batch: RequestBatch, evaluator: nn.
     return loss / count, positive.float().mean()
 
 
+def consistency_loss(out: GeneratorOutput, batch: RequestBatch, evaluator: nn.Module,
+                     weights: torch.Tensor, config: NAR4RecConfig,
+                     generator: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_con of CONGRATS's consistency training on a Gumbel-softmax relaxation of the matrix.
+
+    P' = softmax((log P + g) / T) over each position's candidates, g ~ Gumbel(0, 1) (log P
+    and the logits differ by a per-position constant, which the softmax ignores). The hard
+    list is greedy decoding of P' (no candidate twice); with `gumbel_hard` the evaluator sees
+    its one-hot rows and the gradient flows through P' (straight-through). The frozen
+    evaluator scores the list (`Evaluator.forward_relaxed`) and L_con is
+    -sum_t sum_b w_b log sigmoid(logit_{t, b}) ("log") or minus the predicted utility
+    ("utility"), summed over positions, averaged over requests; plus gumbel_duplicate times
+    sum_i relu(sum_t P'_{i, t} - 1)^2.
+
+    Returns:
+        the loss, and the evaluator's mean utility for the relaxed lists (for logging).
+    """
+    logits = out.logits.float()                                        # (B, n, m)
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device)
+    gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1.0 - 1e-7)))  # (B, n, m)
+    relaxed = torch.softmax((logits + gumbel) / config.gumbel_temperature, dim=1)
+    relaxed = relaxed * out.cand_mask.unsqueeze(-1)                    # (B, n, m)
+    lists = decode.greedy(relaxed.detach(), out.cand_mask)             # (B, m)
+    placed = lists >= 0                                                # (B, m)
+    choice = relaxed
+    if config.gumbel_hard:
+        one_hot = F.one_hot(lists.clamp_min(0), logits.shape[1]).transpose(1, 2).to(relaxed)
+        one_hot = one_hot * placed.unsqueeze(1)                        # (B, n, m)
+        choice = one_hot + relaxed - relaxed.detach()
+    judged = evaluator.forward_relaxed(batch, choice, lists)          # (B, m, K)
+    weights = weights.to(judged)
+    utility = (torch.sigmoid(judged) @ weights) * placed               # (B, m)
+    if config.gumbel_objective == "log":
+        per_position = -(F.logsigmoid(judged) @ weights)               # (B, m)
+    else:
+        per_position = -(torch.sigmoid(judged) @ weights)
+    loss = (per_position * placed).sum(1).mean()
+    excess = torch.relu(relaxed.sum(2) - 1.0)                          # (B, n)
+    loss = loss + config.gumbel_duplicate * excess.pow(2).sum(1).mean()
+    return loss, utility.sum(1).mean().detach()
+
+
+def preference_loss(out: GeneratorOutput, batch: RequestBatch, evaluator: nn.Module,
+                    weights: torch.Tensor, config: NAR4RecConfig,
+                    generator: torch.Generator | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO between the generator's own lists ranked by the frozen evaluator
+    (`NAR4RecConfig.preference_lists`): -log sigmoid(beta (log pi(Y_w) - log pi(Y_l))), the
+    reference policy uniform, averaged over the requests that have a pair.
+
+    Returns:
+        the loss, and the share of requests with a pair.
+    """
+    sampled = sample_lists(out, config.preference_lists, generator)    # (B, L, m)
+    with torch.no_grad():
+        greedy = decode.greedy(out.probs.detach(), out.cand_mask)      # (B, m)
+        lists = torch.cat([greedy.unsqueeze(1), sampled], dim=1)       # (B, 1 + L, m)
+        utility = judged_utility(evaluator, batch, lists, weights)     # (B, 1 + L)
+        best, worst = utility.argmax(1), utility.argmin(1)             # (B,)
+        gap = utility.gather(1, best[:, None]) - utility.gather(1, worst[:, None])
+        paired = gap[:, 0] > config.preference_margin                  # (B,)
+    rows = torch.arange(len(lists), device=lists.device)
+    chosen = torch.stack([lists[rows, best], lists[rows, worst]], dim=1)  # (B, 2, m)
+    log_p, _ = list_log_probs(out, chosen)                             # (B, 2, m)
+    log_pi = (log_p * (chosen >= 0)).sum(-1)                           # (B, 2)
+    margin = config.preference_beta * (log_pi[:, 0] - log_pi[:, 1])    # (B,)
+    loss = -(F.logsigmoid(margin) * paired).sum() / paired.sum().clamp(min=1)
+    return loss, paired.float().mean()
+
+
 def contrastive_loss(representation: torch.Tensor, mask: torch.Tensor | None,
                      rho: float) -> torch.Tensor:
     """Eqs. 18-19: mean over pairs i != j of max(0, rho - s(h_i, h_i) + s(h_i, h_j)).
@@ -557,9 +696,10 @@ def generator_loss(out: GeneratorOutput, batch: RequestBatch, config: NAR4RecCon
     Args:
         out: the generator's output for `batch`.
         batch: the requests, with their logged lists and feedback.
-        config: reads objective, tau, rho, omega, evaluator_lists, evaluator_weight.
+        config: reads objective, tau, rho, omega and the evaluator-judged terms
+            (evaluator_lists, gumbel_*, preference_*).
         weights: (K,) utility weight of each behaviour (`FeatureSpace.utility_weights`).
-        evaluator: the trained evaluator, needed when config.evaluator_lists > 0.
+        evaluator: the trained evaluator, needed when `config.needs_evaluator`.
         generator: random numbers for the sampled lists (None: the global generator).
     """
     if config.objective == "unlikelihood":
@@ -573,15 +713,25 @@ def generator_loss(out: GeneratorOutput, batch: RequestBatch, config: NAR4RecCon
     else:
         sequence = likelihood_loss(out, batch.exposed, batch.exposed_mask)
         positive_fraction = torch.ones((), device=sequence.device)
-    sampled = sampled_positive = torch.zeros((), device=sequence.device)
+    zero = torch.zeros((), device=sequence.device)
+    sampled = sampled_positive = consistency = relaxed_utility = preference = pairs = zero
+    if config.needs_evaluator and evaluator is None:
+        raise ValueError("evaluator_lists, gumbel_weight and preference_lists need the trained "
+                         "evaluator")
     if config.evaluator_lists:
-        if evaluator is None:
-            raise ValueError("evaluator_lists > 0 needs the trained evaluator")
         sampled, sampled_positive = self_critical_loss(out, batch, evaluator, weights,
                                                        config.evaluator_lists, generator)
+    if config.gumbel_weight:
+        consistency, relaxed_utility = consistency_loss(out, batch, evaluator, weights, config,
+                                                        generator)
+    if config.preference_lists:
+        preference, pairs = preference_loss(out, batch, evaluator, weights, config, generator)
     item = contrastive_loss(out.item_repr, out.cand_mask, config.rho)
     position = contrastive_loss(out.position_repr, None, config.rho)
-    total = sequence + config.evaluator_weight * sampled + config.omega * (item + position)
+    total = (sequence + config.evaluator_weight * sampled + config.gumbel_weight * consistency
+             + config.preference_weight * preference + config.omega * (item + position))
     return GeneratorLoss(total=total, sequence=sequence, item=item, position=position,
                          positive_fraction=positive_fraction, sampled=sampled,
-                         sampled_positive=sampled_positive)
+                         sampled_positive=sampled_positive, consistency=consistency,
+                         relaxed_utility=relaxed_utility, preference=preference,
+                         preference_pairs=pairs)
