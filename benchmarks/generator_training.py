@@ -1,0 +1,113 @@
+"""The generator's training objectives judged by the evaluator, compared on a split.
+
+    python benchmarks/generator_training.py \
+        --runs runs/dec/kuaishou-0/run runs/dec/movielens-0/run \
+        --split valid --out runs/gen --json runs/gen/valid.json
+
+Each given run is a trained NAR4Rec run (its data directory is read from run.json). For every
+configuration below, a generator is trained on the run's training split into
+OUT/<run's parent name>/<configuration>/, reusing the run's trained evaluator (only the
+generator's objective differs; the evaluator, the features and the decoding stay the run's),
+and the pipeline's lists, and the generator's greedy lists, are scored on the split by the
+simulator's truth (`evaluation.evaluate_run`). "paper" is the run itself. Finished runs are
+reused. Choose on --split valid; check the choice on the test split of other seeds.
+
+The configurations (--configs picks some):
+    paper           the run as trained (the paper's objective: L_ul on the logged lists)
+    self_critical   + eq. 15 on 16 sampled lists judged against the greedy list, weight 16
+    gumbel_log      + CONGRATS' consistency training, alpha 0.5, L_con = -sum w log sigmoid
+    gumbel_utility  + the same with L_con = minus the predicted utility, alpha 2
+    dpo             + DPO between the best and worst of 16 judged lists, beta 0.1, weight 1
+    dpo_strong      + the same with beta 0.5, weight 4
+Every judged configuration trains up to 8 epochs (patience 3): their validation loss, the
+evaluator's utility for the greedy lists, keeps improving after the logged lists' likelihood
+has stopped (docs/results.md, the list-aware configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+from nar4rec.config import RunConfig, load_overrides
+from nar4rec.evaluation import evaluate_run
+from nar4rec.io import atomic_file
+from nar4rec.runs import phases_of, read_run, train_run
+
+JUDGED = ["train.epochs=8", "train.patience=3"]
+CONFIGS = {
+    "paper": None,
+    "self_critical": [*JUDGED, "generator.evaluator_lists=16", "generator.evaluator_weight=16"],
+    "gumbel_log": [*JUDGED, "generator.gumbel_weight=0.5"],
+    "gumbel_utility": [*JUDGED, "generator.gumbel_weight=2",
+                       "generator.gumbel_objective=utility"],
+    "dpo": [*JUDGED, "generator.preference_lists=16"],
+    "dpo_strong": [*JUDGED, "generator.preference_lists=16", "generator.preference_beta=0.5",
+                   "generator.preference_weight=4"],
+}
+
+
+def trained(base: Path, out: Path, settings: list[str] | None) -> tuple[Path, float]:
+    """The run of one configuration (the base run for "paper"), trained if not yet; the
+    training seconds (0 when reused)."""
+    if settings is None:
+        return base, 0.0
+    if (out / "run.json").exists() and set(read_run(out)["phases"]) >= set(phases_of("nar4rec")):
+        return out, 0.0
+    info = read_run(base)
+    config = load_overrides(RunConfig.from_dict(info["config"]), None, settings)
+    start = time.perf_counter()
+    train_run(info["data"], out, config=config, reuse={"evaluator": base}, progress=False,
+              resume=(out / "run.json").exists())
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", type=Path, required=True)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--split", default="valid")
+    parser.add_argument("--out", type=Path, default=Path("runs/gen"))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configurations {unknown} (known: {', '.join(CONFIGS)})")
+    results = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
+    for base in args.runs:
+        label = base.parent.name
+        data = read_run(base)["data"]
+        for name in names:
+            key = f"{label}/{name}/{args.split}"
+            if key in results:
+                continue
+            run, seconds = trained(base, args.out / label / name, CONFIGS[name])
+            report = evaluate_run(run, data, split=args.split)
+            variants = report["variants"]
+            results[key] = {"utility": report["metrics"]["utility"],
+                            "greedy": variants["generator_greedy"]["utility"],
+                            "logging": report["metrics"]["logging_utility"],
+                            "captured_lift": report["metrics"].get("captured_lift", math.nan),
+                            "seconds": seconds}
+            print(f"{key}: pipeline {results[key]['utility']:.4f}, greedy "
+                  f"{results[key]['greedy']:.4f}, {seconds:.0f} s", flush=True)
+            if args.json:
+                with atomic_file(args.json) as tmp:
+                    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\n| run / configuration ({args.split}) | pipeline utility | greedy | vs paper |")
+    print("|---|---|---|---|")
+    for key, values in results.items():
+        label, name, split = key.split("/")
+        if split != args.split:
+            continue
+        paper = results.get(f"{label}/paper/{split}", {}).get("utility", math.nan)
+        print(f"| {label} / {name} | {values['utility']:.4f} | {values['greedy']:.4f} | "
+              f"{values['utility'] - paper:+.4f} |")
+
+
+if __name__ == "__main__":
+    main()
