@@ -6,9 +6,13 @@ import dataclasses
 import socket
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from nar4rec.data.batch import PAD, RequestBatch
+from nar4rec.data.format import FormatSpec, RequestLogWriter
 from nar4rec.sim.presets import preset_config
 from nar4rec.sim.simulate import simulate
 
@@ -31,6 +35,48 @@ def free_port() -> int:
 def simulate_small(out: Path, preset: str = "kuaishou", requests: int = 3000, seed: int = 0,
                    **overrides) -> dict:
     return simulate(small_config(preset, **overrides), requests, seed, out, progress=False)
+
+
+def plackett_luce_log(path: Path, *, marginal: bool = True, seed: int = 0) -> pa.Table:
+    """A small log whose lists a Plackett-Luce logger drew, with every logging_ column right:
+    requests of 2 to 5 candidates (n) showing 2 or 3 (m), exact marginals; the last request's
+    logging policy is unknown (nulls in the logging_ columns)."""
+    from nar4rec.propensity import pl_log_prob, pl_marginals, pl_prefix_log_probs, pl_sample
+
+    rng = np.random.default_rng(seed)
+    n = np.array([3, 5, 4, 5, 2, 4])
+    m = np.array([2, 3, 3, 2, 2, 3])
+    score = rng.normal(size=(len(n), 5)).astype(np.float32)
+    temperature = np.array([1.0, 0.5, 2.0, 1.0, 0.3, 1.0])
+    logits = np.where(np.arange(5) < n[:, None], score / temperature[:, None], -np.inf)
+    lists = pl_sample(logits, 3, rng)[:, 0]
+    lists = np.where(np.arange(3) < m[:, None], lists, -1)                  # (R, 3)
+    marginals = pl_marginals(logits, 3)                   # exact: 60 ordered lists of 3
+    known = np.arange(len(n)) < len(n) - 1
+    columns = {
+        "request_id": np.arange(len(n)), "user_id": np.arange(len(n)) % 2,
+        "timestamp": pa.array(np.arange(len(n)) * 1000, pa.timestamp("ms", tz="UTC")),
+        "item_id": [list(range(10 * r, 10 * r + k)) for r, k in enumerate(n)],
+        "exposed": [row[:k].tolist() for row, k in zip(lists, m, strict=True)],
+        "feedback_click": [[0.0] * k for k in m],
+        "log_propensity": pl_log_prob(logits, lists),
+        "logging_score": [row[:k].tolist() if ok else None
+                          for row, k, ok in zip(score, n, known, strict=True)],
+        "logging_temperature": [t if ok else None for t, ok in zip(temperature, known,
+                                                                   strict=True)],
+        "logging_marginal": [marginals[r, :k, :j].tolist() if ok else None
+                             for r, (k, j, ok) in enumerate(zip(n, m, known, strict=True))],
+        "logging_prefix_log_propensity": [
+            row[:k].tolist() if ok else None
+            for row, k, ok in zip(pl_prefix_log_probs(logits, lists), m, known, strict=True)],
+    }
+    spec = FormatSpec(behaviours=("click",), utility_weights={"click": 1.0},
+                      has_upstream_score=False, has_log_propensity=True,
+                      has_logging_score=True, has_logging_marginal=marginal,
+                      has_logging_prefix=True)
+    with RequestLogWriter(path, spec) as writer:
+        writer.write(columns)
+    return pq.read_table(path)
 
 
 def train_tiny(root: Path, *, requests: int = 1500, n_candidates: int = 20, list_length: int = 5,

@@ -30,7 +30,8 @@ from nar4rec.runs import load_run, rerank_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-LABELS = ("exposed", "log_propensity")      # with every feedback_ column
+LABELS = ("exposed", "log_propensity", "logging_score", "logging_temperature",
+          "logging_marginal", "logging_prefix_log_propensity")    # with every feedback_ column
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import simulate_small
+from helpers import plackett_luce_log, simulate_small
 from nar4rec.data.batch import PAD, UNKNOWN
 from nar4rec.data.features import FeatureSpace
 from nar4rec.data.format import FormatSpec, RequestLogWriter, list_array
@@ -213,3 +213,76 @@ def test_python_rows_encode_as_the_table_does(tmp_path, data, source):
     assert vocab.encode([str(vocab.values[0]), None, "never seen"]).tolist() == \
         vocab.encode(pa.array([str(vocab.values[0]), None, "never seen"])).tolist() == \
         [2, UNKNOWN, UNKNOWN]
+
+
+def test_logging_columns_reach_the_batch(tmp_path):
+    path = tmp_path / "logged.parquet"
+    table = plackett_luce_log(path)
+    space = FeatureSpace.fit([path])
+    batch = next(iter(RequestLoader([path], space, batch_size=8)))
+    policy = batch.logging
+    n = np.array([len(x) for x in table.column("item_id").to_pylist()])
+    m = np.array([len(x) for x in table.column("exposed").to_pylist()])
+    assert policy.score.shape == (6, 5) and policy.score.dtype == torch.float64
+    assert policy.marginal.shape == (6, 5, 3) and policy.marginal.dtype == torch.float32
+    assert policy.prefix_log_propensity.shape == (6, 3)
+    for row in range(5):                                  # the last row's policy is unknown
+        assert policy.score[row, :n[row]].tolist() == pytest.approx(
+            table.column("logging_score")[row].as_py())
+        assert torch.isnan(policy.score[row, n[row]:]).all()
+        np.testing.assert_array_equal(policy.marginal[row, :n[row], :m[row]],
+                                      np.array(table.column("logging_marginal")[row].as_py(),
+                                               np.float32))
+        assert (policy.marginal[row, n[row]:] == 0).all()
+        assert (policy.marginal[row, :, m[row]:] == 0).all()
+        assert torch.isnan(policy.prefix_log_propensity[row, m[row]:]).all()
+    assert torch.isnan(policy.temperature[5]) and torch.isnan(policy.score[5]).all()
+    assert torch.isnan(policy.marginal[5]).all()
+    assert torch.isnan(policy.prefix_log_propensity[5]).all()
+    assert policy.temperature[:5].tolist() == [1.0, 0.5, 2.0, 1.0, 0.3]
+
+    same = space.encode_rows(table.to_pylist()).logging     # the service's path
+    for name in ("score", "temperature", "marginal", "prefix_log_propensity"):
+        assert torch.equal(getattr(same, name).isnan(), getattr(policy, name).isnan())
+        assert torch.equal(getattr(same, name).nan_to_num(), getattr(policy, name).nan_to_num())
+    assert torch.equal(batch.to("cpu").logging.temperature.nan_to_num(),
+                       policy.temperature.nan_to_num())
+    assert torch.equal(policy[1:3].score.nan_to_num(), policy.score[1:3].nan_to_num())
+
+    mixed = batch.shuffled(torch.Generator().manual_seed(1))   # candidates move together
+    for row in range(6):
+        order = [list(batch.item_id[row]).index(item) for item in mixed.item_id[row]]
+        assert torch.equal(mixed.logging.score[row].nan_to_num(),
+                           policy.score[row, order].nan_to_num())
+        assert torch.equal(mixed.logging.marginal[row].nan_to_num(),
+                           policy.marginal[row, order].nan_to_num())
+    assert mixed.logging.prefix_log_propensity is policy.prefix_log_propensity
+
+    reranking = next(iter(RequestLoader([path], space, batch_size=8, labels=False)))
+    assert reranking.logging is None
+    served = [{k: v for k, v in row.items() if k not in ("exposed", "feedback_click")}
+              for row in table.to_pylist()]
+    assert space.encode_rows(served).logging is None      # requests have no logged list
+
+
+def test_a_log_without_logging_columns_beside_one_with_them(tmp_path, data):
+    with_them = tmp_path / "new.parquet"
+    table = plackett_luce_log(with_them)
+    without = tmp_path / "old.parquet"
+    pq.write_table(table.drop_columns(["logging_score", "logging_temperature",
+                                       "logging_marginal", "logging_prefix_log_propensity"]),
+                   without)
+    space = FeatureSpace.fit([without])                    # trained before the columns
+    assert not space.spec.has_logging
+    assert next(iter(RequestLoader([without], space, batch_size=8))).logging is None
+    loader = RequestLoader([without, with_them], space, batch_size=12, shuffle=True)
+    batch = next(iter(loader))
+    known = ~torch.isnan(batch.logging.temperature)
+    assert known.sum() == 5                                # the old file's rows: unknown
+    assert (batch.request_id[known.numpy()] < 5).all()
+    # a checkpoint's feature space from before the columns still loads
+    saved = FeatureSpace.fit([data / "train.parquet"]).to_dict()
+    assert saved["spec"]["has_logging_score"] and saved["spec"]["has_logging_prefix"]
+    for flag in ("has_logging_score", "has_logging_marginal", "has_logging_prefix"):
+        del saved["spec"][flag]
+    assert not FeatureSpace.from_dict(saved).spec.has_logging

@@ -156,6 +156,32 @@ def test_write_requests_types_each_column_and_names_bad_ones(tmp_path):
     assert "float32" in fails(huge, "cand_num_price", row=7)
 
 
+def test_write_requests_takes_the_logging_policy(tmp_path):
+    from nar4rec.propensity import pl_log_prob, pl_prefix_log_probs
+
+    log = small_log()
+    score = np.stack(log["upstream_score"])
+    exposed = np.array(log["exposed"].tolist())
+    log = log.assign(logging_score=log["upstream_score"], logging_temperature=0.5,
+                     log_propensity=pl_log_prob(score / 0.5, exposed),
+                     logging_prefix_log_propensity=list(pl_prefix_log_probs(score / 0.5,
+                                                                            exposed)))
+    summary = nar4rec.write_requests(log, tmp_path / "logged.parquet",
+                                     utility_weights={"click": 1.0})
+    assert summary["problems"] == 0
+    assert {"logging_score", "logging_temperature", "logging_prefix_log_propensity"} <= set(
+        pq.read_schema(tmp_path / "logged.parquet").names)
+    with pytest.raises(DataError) as error:
+        nar4rec.write_requests(log.drop(columns=["logging_temperature"]),
+                               tmp_path / "bad.parquet", utility_weights={"click": 1.0})
+    assert error.value.field == "logging_temperature"
+    with pytest.raises(DataError) as error:
+        nar4rec.write_requests(log.assign(logging_temperature=0.25), tmp_path / "bad.parquet",
+                               utility_weights={"click": 1.0})
+    assert error.value.field == "log_propensity"          # the fields disagree
+    assert not (tmp_path / "bad.parquet").exists()
+
+
 def test_rerank_takes_frames_and_dicts_and_names_bad_requests(example):
     root, _ = example
     reranker = nar4rec.load(root / "work" / "dnn")               # a baseline, the same calls

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -14,11 +15,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from helpers import simulate_small, small_config
 from nar4rec.data.validate import validate_file
+from nar4rec.propensity import pl_log_prob, pl_prefix_log_probs
 from nar4rec.sim.oracle import beam_search, exhaustive, itemwise_top, list_utility, oracle
 from nar4rec.sim.policy import (
     plackett_luce,
@@ -226,6 +230,60 @@ def test_peaked_logging_policy_keeps_exact_propensities(tmp_path):
         assert np.exp(log_p).sum() == pytest.approx(1.0, abs=1e-9)
     simulate_small(tmp_path / "peaked", requests=600, logging_temperature=0.02)
     assert validate_file(tmp_path / "peaked" / "train.parquet") == []
+    table = pq.read_table(tmp_path / "peaked" / "train.parquet")
+    logits = rows_of(table, "logging_score") / 0.02
+    assert np.all(table.column("logging_temperature").to_numpy() == 0.02)
+    np.testing.assert_allclose(table.column("log_propensity").to_numpy(),
+                               pl_log_prob(logits, rows_of(table, "exposed", np.int64)),
+                               rtol=1e-12)
+
+
+# sha256 of the request, candidate, list and feedback columns that `simulate_small(requests=1200,
+# seed=5)` wrote before the logging_ columns existed (numpy 2.4): adding them drew nothing more.
+DRAWN_BEFORE_LOGGING_COLUMNS = "2246ed3e9c719bec11565377e131490dcbe41704d362d8593afec05d5a234149"
+
+
+def drawn_digest(folder: Path) -> str:
+    """A digest of every column of ids, events and shown lists of the three splits."""
+    digest = hashlib.sha256()
+    for split in ("train", "valid", "test"):
+        table = pq.read_table(folder / f"{split}.parquet")
+        for name in sorted(table.column_names):
+            if not (name in ("request_id", "user_id", "timestamp", "item_id", "exposed")
+                    or name.startswith(("user_cat_", "cand_cat_", "feedback_"))):
+                continue
+            column = table.column(name)
+            if pa.types.is_list(column.type):
+                digest.update(name.encode())
+                digest.update(pc.list_value_length(column).to_numpy().astype(np.int64).tobytes())
+                column = pc.list_flatten(column)
+            if pa.types.is_timestamp(column.type):
+                column = column.cast(pa.int64())
+            digest.update(name.encode())
+            digest.update(column.to_numpy().astype(np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def rows_of(table: pa.Table, name: str, dtype=np.float64) -> np.ndarray:
+    """A list column of equal-length lists as an (R, L) array."""
+    return np.stack(table.column(name).to_numpy(zero_copy_only=False)).astype(dtype)
+
+
+def test_logging_columns_describe_the_policy_and_draw_nothing_more(tmp_path):
+    simulate_small(tmp_path / "d", requests=1200, seed=5)
+    assert drawn_digest(tmp_path / "d") == DRAWN_BEFORE_LOGGING_COLUMNS
+    table = pq.read_table(tmp_path / "d" / "train.parquet")
+    score = rows_of(table, "logging_score")
+    np.testing.assert_array_equal(score, rows_of(table, "upstream_score"))
+    temperature = table.column("logging_temperature").to_numpy()
+    assert np.all(temperature == small_config("kuaishou").logging_temperature)
+    exposed = rows_of(table, "exposed", np.int64)
+    logits = score / temperature[:, None]
+    log_propensity = table.column("log_propensity").to_numpy()
+    np.testing.assert_allclose(log_propensity, pl_log_prob(logits, exposed), rtol=1e-12)
+    prefix = rows_of(table, "logging_prefix_log_propensity")
+    np.testing.assert_allclose(prefix, pl_prefix_log_probs(logits, exposed), rtol=1e-12)
+    np.testing.assert_allclose(prefix[:, -1], log_propensity, rtol=1e-12)
 
 
 def test_too_few_requests_for_three_splits_is_a_clear_error(tmp_path):

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import simulate_small
+from helpers import plackett_luce_log, simulate_small
 from nar4rec.cli import main
 from nar4rec.data.format import METADATA_KEY, read_spec
 from nar4rec.data.validate import check_file, validate_file
@@ -230,3 +230,110 @@ def test_a_repeated_candidate_is_located(data, tmp_path):
                           pa.list_(pa.string()))
     pq.write_table(as_text, bad)
     assert [(p.row, p.field) for p in validate_file(bad)] == [(6, "item_id"), (9, "item_id")]
+
+
+LOGGING = ("logging_score", "logging_temperature", "logging_marginal",
+           "logging_prefix_log_propensity")
+
+
+def test_logs_without_logging_columns_stay_valid(data, tmp_path):
+    table = pq.read_table(data / "valid.parquet")
+    assert {"logging_score", "logging_temperature",
+            "logging_prefix_log_propensity"} <= set(table.column_names)
+    old = tmp_path / "old.parquet"
+    pq.write_table(table.drop_columns([c for c in LOGGING if c in table.column_names]), old)
+    assert validate_file(old) == []
+    assert not read_spec(old).has_logging
+
+
+def test_logging_columns_are_checked_row_by_row(tmp_path):
+    good = tmp_path / "good.parquet"
+    table = plackett_luce_log(good)
+    assert validate_file(good) == []                      # the last row's policy unknown
+    spec = read_spec(good)
+    assert spec.has_logging_score and spec.has_logging_marginal and spec.has_logging_prefix
+    bad = tmp_path / "bad.parquet"
+
+    def problems_with(column: str, change) -> set[tuple[int | None, str | None]]:
+        values = table.column(column).to_pylist()
+        change(values)
+        rewrite(table, bad, column, values)
+        return problems_of(bad)
+
+    def shorter(values):
+        values[1] = values[1][:4]
+
+    def zero(values):
+        values[2] = 0.0
+
+    def one_null(values):
+        values[0] = None
+
+    def off(values):
+        values[3] -= 0.01
+
+    assert problems_with("logging_score", shorter) == {(1, "logging_score")}
+    assert problems_with("logging_temperature", zero) == {(2, "logging_temperature")}
+    assert problems_with("logging_temperature", one_null) == {(0, "logging_temperature")}
+    # the fields disagree: log_propensity is not the scores' probability of the list
+    assert problems_with("log_propensity", off) == {(3, "log_propensity"),
+                                                   (3, "logging_prefix_log_propensity")}
+
+    def prefix_grows(values):
+        values[1][1] = values[1][0] + 0.5
+
+    def prefix_positive(values):
+        values[2][0] = 0.3
+
+    def prefix_other_policy(values):
+        values[0][0] -= 0.1                               # still <= 0 and non-increasing
+
+    def prefix_long(values):
+        values[4] = values[4] + [values[4][-1]]
+
+    assert problems_with("logging_prefix_log_propensity", prefix_grows) == {
+        (1, "logging_prefix_log_propensity")}
+    assert problems_with("logging_prefix_log_propensity", prefix_positive) == {
+        (2, "logging_prefix_log_propensity")}
+    assert problems_with("logging_prefix_log_propensity", prefix_other_policy) == {
+        (0, "logging_prefix_log_propensity")}
+    assert problems_with("logging_prefix_log_propensity", prefix_long) == {
+        (4, "logging_prefix_log_propensity")}
+
+    exposed = table.column("exposed").to_pylist()
+
+    def column_sum(values):
+        values[1][0][0] += 0.1                            # position 0 sums to 1.1
+
+    def unreachable(values):                              # the shown item: probability 0
+        shown, other = exposed[4][0], 1 - exposed[4][0]
+        values[4][shown][0], values[4][other][0] = 0.0, 1.0
+
+    def above_one(values):
+        values[2][0][1] = 1.5
+
+    def too_many_positions(values):
+        values[3][0] = values[3][0] + [0.0]
+
+    def a_nan(values):
+        values[0][2][1] = float("nan")
+
+    for change, row in ((column_sum, 1), (unreachable, 4), (above_one, 2),
+                        (too_many_positions, 3), (a_nan, 0)):
+        assert problems_with("logging_marginal", change) == {(row, "logging_marginal")}, \
+            change.__name__
+    messages = [p.message for p in validate_file(bad)]
+    assert messages == ["has a value that is not finite (NaN or infinite)"]
+
+    rows_over_one = table.column("logging_marginal").to_pylist()
+    rows_over_one[4] = [[1.0, 1.0], [0.0, 0.0]]           # candidate 0 at both positions
+    rewrite(table, bad, "logging_marginal", rows_over_one)
+    assert any("sum to more than 1" in p.message for p in validate_file(bad))
+
+    # both or neither of the Plackett-Luce columns; a file with any logging_ column is a log
+    pq.write_table(table.drop_columns(["logging_temperature"]), bad)
+    assert problems_of(bad) == {(None, "logging_temperature")}
+    pq.write_table(table.drop_columns(["exposed", "feedback_click", "log_propensity",
+                                       "logging_marginal", "logging_prefix_log_propensity"]),
+                   bad)
+    assert problems_of(bad) == {(None, "feedback_click")}       # its labels are missing

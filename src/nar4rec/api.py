@@ -15,7 +15,6 @@ row per request keyed by the request-log columns (docs/data-format.md), and rais
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,7 +30,13 @@ from nar4rec.data.format import (
     EXPOSED,
     FEEDBACK,
     ITEM_ID,
+    LABEL_COLUMNS,
     LOG_PROPENSITY,
+    LOGGING_COLUMNS,
+    LOGGING_MARGINAL,
+    LOGGING_PREFIX,
+    LOGGING_SCORE,
+    LOGGING_TEMPERATURE,
     REQUEST_ID,
     TIMESTAMP,
     TIMESTAMP_TYPE,
@@ -53,7 +58,8 @@ __all__ = ["Reranker", "evaluate", "load", "split_by_time", "train_model", "writ
 Requests = "pandas.DataFrame | pa.Table | Sequence[Mapping]"
 REQUESTS = "requests"            # how errors name an in-memory input
 PREFIXES = (USER_CAT, USER_NUM, CAND_CAT, CAND_NUM, FEEDBACK)
-FIXED = (REQUEST_ID, USER_ID, TIMESTAMP, ITEM_ID, UPSTREAM_SCORE, EXPOSED, LOG_PROPENSITY)
+FIXED = (REQUEST_ID, USER_ID, TIMESTAMP, ITEM_ID, UPSTREAM_SCORE, EXPOSED, LOG_PROPENSITY,
+         *LOGGING_COLUMNS)
 ID_TYPE_NAMES = {"int64": pa.int64(), "string": pa.string()}
 
 
@@ -153,7 +159,7 @@ class Reranker:
                             if settings else None)
         self.batch_size = batch_size
         spec = self.run.space.spec
-        self.spec = dataclasses.replace(spec, has_labels=False, has_log_propensity=False)
+        self.spec = spec.without_labels()
         self.columns = [REQUEST_ID, USER_ID, ITEM_ID,
                         *(USER_CAT + f for f in spec.user_cat),
                         *(USER_NUM + f for f in spec.user_num),
@@ -282,14 +288,23 @@ def _spec_of(table: pa.Table, utility_weights: Mapping[str, float] | None) -> Fo
     if unknown:
         raise DataError(f"utility weight for '{unknown[0]}', which has no column",
                         file=REQUESTS, field=FEEDBACK + unknown[0])
-    has_labels = EXPOSED in names or bool(behaviours) or LOG_PROPENSITY in names
+    has_labels = bool(behaviours) or any(name in LABEL_COLUMNS for name in names)
+    for column, partner in ((LOGGING_SCORE, LOGGING_TEMPERATURE),
+                            (LOGGING_TEMPERATURE, LOGGING_SCORE)):
+        if column in names and partner not in names:
+            raise DataError(f"required column is missing: {column} declares a Plackett-Luce "
+                            f"logging policy with {partner}, both or neither",
+                            file=REQUESTS, field=partner)
     try:
         return FormatSpec(
             behaviours=behaviours, utility_weights=weights,
             user_cat=suffixes(USER_CAT), user_num=suffixes(USER_NUM),
             cand_cat=suffixes(CAND_CAT), cand_num=suffixes(CAND_NUM),
             has_upstream_score=UPSTREAM_SCORE in names,
-            has_log_propensity=LOG_PROPENSITY in names, has_labels=has_labels)
+            has_log_propensity=LOG_PROPENSITY in names, has_labels=has_labels,
+            has_logging_score=LOGGING_SCORE in names,
+            has_logging_marginal=LOGGING_MARGINAL in names,
+            has_logging_prefix=LOGGING_PREFIX in names)
     except ValueError as exc:
         raise DataError(str(exc), file=REQUESTS) from None
 

@@ -156,8 +156,9 @@ class GraphedReranker(CudaGraphed):
         rows, width = bucket_shape(len(batch), batch.cand_mask.shape[1])
         if width not in self.widths:                    # capture every batch size for it
             self.widths.add(width)
-            first = dataclasses.replace(batch, **{field.name: getattr(batch, field.name)[:1]
-                                                  for field in dataclasses.fields(batch)})
+            first = dataclasses.replace(batch, **{
+                field.name: getattr(batch, field.name)[:1] for field in dataclasses.fields(batch)
+                if getattr(batch, field.name) is not None})
             largest = bucket_shape(self.max_batch, 1)[0]
             for size in (1 << k for k in range(largest.bit_length())):
                 self(pad_batch(first, size, width))
@@ -174,7 +175,8 @@ def bucket_shape(rows: int, width: int, *, step: int = 16) -> tuple[int, int]:
 
 def pad_batch(batch: RequestBatch, rows: int, width: int) -> RequestBatch:
     """`batch` grown to `rows` requests (copies of its first) and `width` candidate slots
-    (masked: no features, never placed); the real requests' answers do not change."""
+    (masked: no features, never placed); the real requests' answers do not change. The
+    logging policy (`RequestBatch.logging`), which inference never reads, is left out."""
     extra_rows, extra_width = rows - len(batch), width - batch.cand_mask.shape[1]
     if extra_rows < 0 or extra_width < 0:
         raise ValueError(f"cannot pad a batch of {len(batch)} x {batch.cand_mask.shape[1]} "
@@ -182,6 +184,9 @@ def pad_batch(batch: RequestBatch, rows: int, width: int) -> RequestBatch:
     padded = {}
     for field in dataclasses.fields(batch):
         value = getattr(batch, field.name)
+        if value is None or field.name == "logging":
+            padded[field.name] = None
+            continue
         if field.name in _CANDIDATE_AXIS and extra_width:
             value = _pad_axis(value, 1, extra_width, fill=_CANDIDATE_AXIS[field.name])
         if extra_rows:

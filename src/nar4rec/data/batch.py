@@ -6,13 +6,45 @@ vocabulary); the known values of a feature start at 2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
 
 PAD = 0
 UNKNOWN = 1
+
+
+@dataclass
+class LoggingPolicy:
+    """What a log says of its logging policy beyond `log_propensity`, for B requests
+    (docs/data-format.md, the logging_ columns); a field is None when the log has no such
+    column, and NaN marks a null (the policy is unknown for that request).
+
+    score: (B, N) float64 `logging_score`, NaN past a request's candidates; with
+        temperature: (B,) float64 `logging_temperature`, a Plackett-Luce logger
+        (`propensity.logging_probabilities` turns them into probabilities).
+    marginal: (B, N, M) float32 `logging_marginal`: P(candidate i shown at position k), 0 for
+        padding candidates and positions past the logged list's end.
+    prefix_log_propensity: (B, M) float64 `logging_prefix_log_propensity`: log P(the logged
+        list's first k+1 items, in order), NaN past the list's end.
+    """
+
+    score: torch.Tensor | None = None
+    temperature: torch.Tensor | None = None
+    marginal: torch.Tensor | None = None
+    prefix_log_propensity: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> LoggingPolicy:
+        return self._map(lambda v: v.to(device, non_blocking=non_blocking))
+
+    def __getitem__(self, rows) -> LoggingPolicy:
+        """The policy of requests `rows` (a slice, or an index tensor)."""
+        return self._map(lambda v: v[rows])
+
+    def _map(self, apply) -> LoggingPolicy:
+        return LoggingPolicy(**{f.name: None if getattr(self, f.name) is None
+                                else apply(getattr(self, f.name)) for f in fields(self)})
 
 
 @dataclass
@@ -25,6 +57,8 @@ class RequestBatch:
     `cand_cat[..., 0]` the item id. `request_id`, `user_id` and `item_id` keep the raw ids
     (numpy) for joining results back and for scoring lists with a simulator's ground truth.
     Requests to rerank (no logged list) have M = 1 and `exposed_mask` all False.
+    `logging` holds the log's logging_ columns (`LoggingPolicy`), for off-policy evaluation;
+    None when the log has none of them, and for requests to rerank.
     """
 
     request_id: np.ndarray
@@ -40,12 +74,14 @@ class RequestBatch:
     exposed_mask: torch.Tensor
     feedback: torch.Tensor
     log_propensity: torch.Tensor
+    logging: LoggingPolicy | None = None
 
     def __len__(self) -> int:
         return len(self.request_id)
 
     def to(self, device: torch.device | str) -> RequestBatch:
-        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+        moved = {k: (v.to(device, non_blocking=True)
+                     if isinstance(v, torch.Tensor | LoggingPolicy) else v)
                  for k, v in self.__dict__.items()}
         return RequestBatch(**moved)
 
@@ -68,8 +104,13 @@ class RequestBatch:
             index = order.view(*order.shape, *[1] * (values.dim() - 2)).expand_as(values)
             return values.gather(1, index)
 
+        logging = self.logging
+        if logging is not None:
+            logging = replace(
+                logging, score=None if logging.score is None else take(logging.score),
+                marginal=None if logging.marginal is None else take(logging.marginal))
         return replace(
             self, cand_cat=take(self.cand_cat), cand_num=take(self.cand_num),
             upstream_score=take(self.upstream_score), cand_mask=take(self.cand_mask),
             item_id=np.take_along_axis(self.item_id, order.cpu().numpy(), axis=1),
-            exposed=where.gather(1, self.exposed))
+            exposed=where.gather(1, self.exposed), logging=logging)

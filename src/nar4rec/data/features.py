@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from nar4rec.data.batch import PAD, UNKNOWN, RequestBatch
+from nar4rec.data.batch import PAD, UNKNOWN, LoggingPolicy, RequestBatch
 from nar4rec.data.format import (
     CAND_CAT,
     CAND_NUM,
@@ -26,6 +26,11 @@ from nar4rec.data.format import (
     FEEDBACK,
     ITEM_ID,
     LOG_PROPENSITY,
+    LOGGING_COLUMNS,
+    LOGGING_MARGINAL,
+    LOGGING_PREFIX,
+    LOGGING_SCORE,
+    LOGGING_TEMPERATURE,
     REQUEST_ID,
     UPSTREAM_SCORE,
     USER_CAT,
@@ -183,7 +188,8 @@ class FeatureSpace:
 
         Rows without exposed and feedback_ columns (requests to rerank) get empty logged lists:
         `exposed` and `feedback` hold one padded position, masked out by `exposed_mask`, as
-        for `encode_rows`."""
+        for `encode_rows`. The logging_ columns, where the rows have any and an exposed list,
+        fill `RequestBatch.logging`."""
         return self._encode(_TableColumns(batch))
 
     def encode_rows(self, rows: Sequence[dict]) -> RequestBatch:
@@ -230,6 +236,7 @@ class FeatureSpace:
             log_propensity = np.full(rows, np.nan)
         item_values, integer_ids = source.item_ids()
         item_id = _pad(item_values, n, width_n, -1 if integer_ids else None)
+        logging = _logging_policy(source, width_n, width_m) if source.has(EXPOSED) else None
         return RequestBatch(
             request_id=source.values(REQUEST_ID),
             user_id=source.values(USER_ID),
@@ -244,6 +251,7 @@ class FeatureSpace:
             exposed_mask=torch.from_numpy(np.arange(width_m)[None, :] < m[:, None]),
             feedback=torch.from_numpy(feedback.astype(np.float32)),
             log_propensity=torch.from_numpy(log_propensity.astype(np.float32)),
+            logging=logging,
         )
 
     def to_dict(self) -> dict:
@@ -254,7 +262,10 @@ class FeatureSpace:
                      "user_cat": list(self.spec.user_cat), "user_num": list(self.spec.user_num),
                      "cand_cat": list(self.spec.cand_cat), "cand_num": list(self.spec.cand_num),
                      "has_upstream_score": self.spec.has_upstream_score,
-                     "has_log_propensity": self.spec.has_log_propensity},
+                     "has_log_propensity": self.spec.has_log_propensity,
+                     "has_logging_score": self.spec.has_logging_score,
+                     "has_logging_marginal": self.spec.has_logging_marginal,
+                     "has_logging_prefix": self.spec.has_logging_prefix},
             "user_cat": {k: v.values for k, v in self.user_cat.items()},
             "cand_cat": {k: v.values for k, v in self.cand_cat.items()},
             "user_num": {k: [v.mean, v.std] for k, v in self.user_num.items()},
@@ -269,7 +280,11 @@ class FeatureSpace:
                           user_cat=tuple(s["user_cat"]), user_num=tuple(s["user_num"]),
                           cand_cat=tuple(s["cand_cat"]), cand_num=tuple(s["cand_num"]),
                           has_upstream_score=s["has_upstream_score"],
-                          has_log_propensity=s["has_log_propensity"])
+                          has_log_propensity=s["has_log_propensity"],
+                          # absent from the checkpoints of runs older than these columns
+                          has_logging_score=s.get("has_logging_score", False),
+                          has_logging_marginal=s.get("has_logging_marginal", False),
+                          has_logging_prefix=s.get("has_logging_prefix", False))
         return cls(
             spec=spec,
             user_cat={k: Vocabulary(list(v)) for k, v in data["user_cat"].items()},
@@ -277,6 +292,38 @@ class FeatureSpace:
             user_num={k: NumericStats(*v) for k, v in data["user_num"].items()},
             cand_num={k: NumericStats(*v) for k, v in data["cand_num"].items()},
         )
+
+
+def _logging_policy(source: _TableColumns | _RowColumns, width_n: int, width_m: int
+                    ) -> LoggingPolicy | None:
+    """The rows' logging_ columns as tensors padded to (N, M) = (width_n, width_m); None when
+    they have none. A null (the policy unknown for that request) becomes NaN."""
+    if not any(source.has(name) for name in LOGGING_COLUMNS):
+        return None
+    rows = source.rows
+    policy = LoggingPolicy()
+    if source.has(LOGGING_SCORE) and source.has(LOGGING_TEMPERATURE):
+        policy.score = torch.from_numpy(_pad_cut(
+            _numbers(source.flat(LOGGING_SCORE)), source.lengths(LOGGING_SCORE), width_n,
+            np.nan))
+        policy.temperature = torch.from_numpy(_numbers(source.column(LOGGING_TEMPERATURE)))
+    if source.has(LOGGING_MARGINAL):
+        outer, inner, values = source.nested(LOGGING_MARGINAL)            # (R,), (Σn,), (Σnm,)
+        candidate = np.arange(len(inner)) - np.repeat(np.cumsum(outer) - outer, outer)
+        row = np.repeat(np.arange(rows), outer)
+        value_of = np.repeat(np.arange(len(inner)), inner)                # inner list of each
+        position = np.arange(len(values)) - np.repeat(np.cumsum(inner) - inner, inner)
+        keep = (candidate[value_of] < width_n) & (position < width_m)
+        marginal = np.zeros((rows, width_n, width_m), np.float32)
+        marginal[row[value_of][keep], candidate[value_of][keep], position[keep]] = \
+            _numbers(values)[keep]
+        marginal[source.nulls(LOGGING_MARGINAL)] = np.nan
+        policy.marginal = torch.from_numpy(marginal)
+    if source.has(LOGGING_PREFIX):
+        policy.prefix_log_propensity = torch.from_numpy(_pad_cut(
+            _numbers(source.flat(LOGGING_PREFIX)), source.lengths(LOGGING_PREFIX), width_m,
+            np.nan))
+    return policy
 
 
 def _common_spec(paths: list[Path]) -> FormatSpec:
@@ -323,6 +370,15 @@ class _TableColumns:
     def _no_labels(self, name: str) -> bool:
         return (name == EXPOSED or name.startswith(FEEDBACK)) and not self.has(name)
 
+    def nulls(self, name: str) -> np.ndarray:
+        return self.table.column(name).is_null().to_numpy(zero_copy_only=False)
+
+    def nested(self, name: str) -> tuple[np.ndarray, np.ndarray, pa.Array | pa.ChunkedArray]:
+        """A list<list<...>> column: each row's list length, each inner list's length (null
+        lists hold none) and the values of all inner lists, in order."""
+        inner = pc.list_flatten(self.table.column(name))
+        return _lengths(self.table.column(name)), _lengths(inner), pc.list_flatten(inner)
+
     def item_ids(self) -> tuple[np.ndarray, bool]:
         values = self.flat(ITEM_ID)
         return values.to_numpy(zero_copy_only=False), pa.types.is_integer(values.type)
@@ -345,15 +401,28 @@ class _RowColumns:
         return np.array(self.column(name))
 
     def flat(self, name: str) -> list:
-        return [value for record in self.records for value in record.get(name, ())]
+        return [value for record in self.records for value in _listed(record.get(name))]
 
     def lengths(self, name: str) -> np.ndarray:
-        return np.array([len(record.get(name, ())) for record in self.records], np.int64)
+        return np.array([len(_listed(record.get(name))) for record in self.records], np.int64)
+
+    def nulls(self, name: str) -> np.ndarray:
+        return np.array([record.get(name) is None for record in self.records], bool)
+
+    def nested(self, name: str) -> tuple[np.ndarray, np.ndarray, list]:
+        inner = self.flat(name)
+        return (self.lengths(name), np.array([len(_listed(x)) for x in inner], np.int64),
+                [value for values in inner for value in _listed(values)])
 
     def item_ids(self) -> tuple[np.ndarray, bool]:
         values = self.flat(ITEM_ID)
         integer = all(isinstance(v, int) for v in values)
         return np.array(values, dtype=np.int64 if integer else object), integer
+
+
+def _listed(values) -> Sequence:
+    """A row's list value, with None (a null) as an empty list."""
+    return () if values is None else values
 
 
 def _lengths(column) -> np.ndarray:
@@ -372,6 +441,12 @@ def _scale(values: np.ndarray, stats: NumericStats) -> np.ndarray:
     """Standardise; a missing or non-finite value becomes the mean (0 after scaling)."""
     scaled = (values - stats.mean) / stats.std
     return np.where(np.isfinite(scaled), scaled, 0.0)
+
+
+def _pad_cut(flat: np.ndarray, lengths: np.ndarray, width: int, fill) -> np.ndarray:
+    """`_pad` keeping each row's first `width` values (a longer row is cut)."""
+    return np.ascontiguousarray(
+        _pad(flat, lengths, max(width, int(lengths.max(initial=0))), fill)[:, :width])
 
 
 def _pad(flat: np.ndarray, lengths: np.ndarray, width: int, fill) -> np.ndarray:

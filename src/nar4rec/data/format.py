@@ -15,15 +15,26 @@ Columns (n = number of candidates, m = length of the exposed list; both may vary
     feedback_<b>        list<float>           [m]  behaviour b at each exposed position
     log_propensity      double (nullable)          log-probability of the exposed list under
                                                     the logging policy (optional)
+    logging_score       list<float>           [n]  the logging policy's score of each candidate,
+    logging_temperature double                      with its temperature: a Plackett-Luce
+                                                    logger (optional, both or neither)
+    logging_marginal    list<list<float>>  [n][m]  P(candidate i shown at position k) under the
+                                                    logging policy (optional)
+    logging_prefix_log_propensity
+                        list<double>          [m]  log P(the first k+1 shown items, in order)
+                                                    under the logging policy (optional)
 
 The schema metadata key ``nar4rec`` holds JSON with the behaviours, in order, and the utility
 weight of each (paper, section 3.1: R(u, Y) = sum_i sum_b w_b e_{u, y_i, b}). A file whose
 writer cannot set Parquet metadata (a part file written by Spark) has the same JSON in the
 sidecar file ``_nar4rec.json`` of its folder instead.
 
+The logging_ columns describe the logging policy for off-policy evaluation (docs/ope.md); a
+null in any of them means "unknown for this request".
+
 A request file to rerank (`FormatSpec.has_labels` False) holds only what the ranking stage
-knows: no exposed, feedback_ or log_propensity column, timestamp optional, and behaviours that
-may be empty. It can be reranked, not trained or evaluated on.
+knows: no exposed, feedback_, log_propensity or logging_ column, timestamp optional, and
+behaviours that may be empty. It can be reranked, not trained or evaluated on.
 """
 
 from __future__ import annotations
@@ -58,6 +69,12 @@ ITEM_ID = "item_id"
 UPSTREAM_SCORE = "upstream_score"
 EXPOSED = "exposed"
 LOG_PROPENSITY = "log_propensity"
+LOGGING_SCORE = "logging_score"
+LOGGING_TEMPERATURE = "logging_temperature"
+LOGGING_MARGINAL = "logging_marginal"
+LOGGING_PREFIX = "logging_prefix_log_propensity"
+LOGGING_COLUMNS = (LOGGING_SCORE, LOGGING_TEMPERATURE, LOGGING_MARGINAL, LOGGING_PREFIX)
+LABEL_COLUMNS = (EXPOSED, LOG_PROPENSITY, *LOGGING_COLUMNS)   # with every feedback_ column
 
 USER_CAT = "user_cat_"
 USER_NUM = "user_num_"
@@ -78,8 +95,16 @@ class FormatSpec:
     """What one request-log file holds: its behaviours, weights and feature names.
 
     has_labels: the file logs the shown lists (`exposed`) and the feedback on them; False for
-    a request file to rerank, which holds neither (nor `log_propensity`), may leave out the
-    timestamp and may declare no behaviours.
+    a request file to rerank, which holds neither (nor `log_propensity` or a logging_ column),
+    may leave out the timestamp and may declare no behaviours.
+    has_logging_score: the log declares a Plackett-Luce logging policy, `logging_score` and
+        `logging_temperature`: the shown list was drawn position by position with
+        P(y_k | y_<k) = softmax(logging_score / logging_temperature) over the candidates not
+        yet placed.
+    has_logging_marginal: the log holds `logging_marginal`, each candidate's probability of
+        being shown at each position under the logging policy.
+    has_logging_prefix: the log holds `logging_prefix_log_propensity`, the log-probability of
+        each prefix of the shown list under the logging policy.
     """
 
     behaviours: tuple[str, ...]
@@ -91,6 +116,9 @@ class FormatSpec:
     has_upstream_score: bool = True
     has_log_propensity: bool = False
     has_labels: bool = True
+    has_logging_score: bool = False
+    has_logging_marginal: bool = False
+    has_logging_prefix: bool = False
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -98,9 +126,30 @@ class FormatSpec:
             raise ValueError("a request log needs at least one behaviour")
         if not self.has_labels and self.has_log_propensity:
             raise ValueError("a request file to rerank has no log_propensity: it logs no list")
+        if not self.has_labels and self.has_logging:
+            raise ValueError("a request file to rerank has no logging_ column: it logs no list")
         missing = [b for b in self.behaviours if b not in self.utility_weights]
         if missing:
             raise ValueError(f"no utility weight for behaviours {missing}")
+
+    @property
+    def has_logging(self) -> bool:
+        """Whether the log describes its logging policy beyond `log_propensity`."""
+        return self.has_logging_score or self.has_logging_marginal or self.has_logging_prefix
+
+    @property
+    def logging_columns(self) -> tuple[str, ...]:
+        """The logging_ columns this spec holds, in schema order."""
+        return ((LOGGING_SCORE, LOGGING_TEMPERATURE) if self.has_logging_score else ()) + \
+            ((LOGGING_MARGINAL,) if self.has_logging_marginal else ()) + \
+            ((LOGGING_PREFIX,) if self.has_logging_prefix else ())
+
+    def without_labels(self) -> FormatSpec:
+        """The spec of a request file to rerank with the same features: no exposed, feedback_,
+        log_propensity or logging_ column."""
+        return dataclasses.replace(self, has_labels=False, has_log_propensity=False,
+                                   has_logging_score=False, has_logging_marginal=False,
+                                   has_logging_prefix=False)
 
     @property
     def weights(self) -> np.ndarray:
@@ -177,6 +226,13 @@ class FormatSpec:
             fields += [pa.field(FEEDBACK + b, pa.list_(NUMBER_TYPE)) for b in self.behaviours]
         if self.has_log_propensity:
             fields.append(pa.field(LOG_PROPENSITY, pa.float64()))
+        if self.has_logging_score:
+            fields.append(pa.field(LOGGING_SCORE, pa.list_(NUMBER_TYPE)))
+            fields.append(pa.field(LOGGING_TEMPERATURE, pa.float64()))
+        if self.has_logging_marginal:
+            fields.append(pa.field(LOGGING_MARGINAL, pa.list_(pa.list_(NUMBER_TYPE))))
+        if self.has_logging_prefix:
+            fields.append(pa.field(LOGGING_PREFIX, pa.list_(pa.float64())))
         meta = {METADATA_KEY: json.dumps(self.metadata()).encode()}
         return pa.schema(fields, metadata=meta)
 
@@ -196,8 +252,9 @@ class FormatSpec:
         file whose schema has no such key (Spark cannot write one), from the sidecar
         `_nar4rec.json` in the file's folder (`format_metadata`).
 
-        A file without any of the exposed, feedback_ and log_propensity columns is a request
-        file to rerank (`has_labels` False); one with any of them is a log and needs them all.
+        A file without any of the exposed, feedback_, log_propensity and logging_ columns is a
+        request file to rerank (`has_labels` False); one with any of them is a log and needs
+        exposed and feedback_. `logging_score` and `logging_temperature` come together.
         """
         file = str(file)
         meta, source = format_metadata(schema, file)
@@ -205,7 +262,7 @@ class FormatSpec:
             raise DataError(f"{source} format is {meta.get('format')!r}, expected "
                             f"{FORMAT_NAME!r}", file=file, field="nar4rec")
         names = schema.names
-        has_labels = any(n in (EXPOSED, LOG_PROPENSITY) or n.startswith(FEEDBACK) for n in names)
+        has_labels = any(n in LABEL_COLUMNS or n.startswith(FEEDBACK) for n in names)
         behaviours = meta.get("behaviours", None if has_labels else [])
         weights = meta.get("utility_weights", None if has_labels else {})
         if not isinstance(behaviours, list) or (has_labels and not behaviours) or not all(
@@ -243,6 +300,12 @@ class FormatSpec:
         for column in required:
             if column not in names:
                 raise DataError("required column is missing", file=file, field=column)
+        for column, partner in ((LOGGING_SCORE, LOGGING_TEMPERATURE),
+                                (LOGGING_TEMPERATURE, LOGGING_SCORE)):
+            if column in names and partner not in names:
+                raise DataError(f"required column is missing: {column} declares a Plackett-Luce "
+                                f"logging policy with {partner}, both or neither",
+                                file=file, field=partner)
         extra = {k: v for k, v in meta.items()
                  if k not in ("format", "version", "behaviours", "utility_weights")}
         return cls(
@@ -255,6 +318,9 @@ class FormatSpec:
             has_upstream_score=UPSTREAM_SCORE in names,
             has_log_propensity=LOG_PROPENSITY in names,
             has_labels=has_labels,
+            has_logging_score=LOGGING_SCORE in names,
+            has_logging_marginal=LOGGING_MARGINAL in names,
+            has_logging_prefix=LOGGING_PREFIX in names,
             extra=extra,
         )
 
@@ -358,8 +424,9 @@ class RequestLogWriter:
 
     Use as a context manager; if the block raises, no file is left behind. With
     `labels=False` it writes a request file to rerank: the spec's columns without exposed,
-    feedback_ and log_propensity. `id_type` types the id and categorical columns: int64 or
-    string for all, or {column: type} for some, the others int64 (`FormatSpec.id_types`).
+    feedback_, log_propensity and logging_ (`FormatSpec.without_labels`). `id_type` types the
+    id and categorical columns: int64 or string for all, or {column: type} for some, the
+    others int64 (`FormatSpec.id_types`).
     `timestamp=False` leaves out the timestamp column (a request file to rerank only).
     """
 
@@ -368,7 +435,7 @@ class RequestLogWriter:
                  row_group_size: int = 16384, compression: str = "zstd", *,
                  labels: bool = True, timestamp: bool = True) -> None:
         if not labels:
-            spec = dataclasses.replace(spec, has_labels=False, has_log_propensity=False)
+            spec = spec.without_labels()
         if not (timestamp or not spec.has_labels):
             raise ValueError("a request log needs its timestamps (a request file to rerank "
                              "may leave them out)")

@@ -43,9 +43,10 @@ class RequestLoader:
     `buffer_row_groups` row groups: memory holds a few row groups, never the whole data.
 
     With `labels=False` (reranking) it reads only what the ranking stage knows: the files may
-    be request files to rerank, any exposed, feedback_ and log_propensity columns are not read,
-    and every batch's logged lists are empty (`FeatureSpace.encode`). With `labels=True`
-    (training, evaluation) a file without them is an error.
+    be request files to rerank, any exposed, feedback_, log_propensity and logging_ columns
+    are not read, and every batch's logged lists are empty (`FeatureSpace.encode`). With
+    `labels=True` (training, evaluation) a file without them is an error; its log_propensity
+    and logging_ columns are read where it has them (`RequestBatch.logging`).
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], space: FeatureSpace, *,
@@ -63,17 +64,18 @@ class RequestLoader:
         self.drop_last = drop_last
         self.epoch = 0
         self.units: list[tuple[Path, int, int]] = []      # (file, row group, rows)
+        self.columns: dict[Path, list[str]] = {}          # what to read of each file
         for path in self.paths:
             parquet = open_parquet(path)
             spec = FormatSpec.from_schema(parquet.schema_arrow, path)
             if labels:
                 spec.require_labels(path)
             space.check_compatible(spec, str(path), labels=labels)
+            self.columns[path] = _columns_needed(space, spec, labels)
             for group in range(parquet.metadata.num_row_groups):
                 self.units.append((path, group, parquet.metadata.row_group(group).num_rows))
         if not self.units:
             raise DataError("no rows to read", file=", ".join(str(p) for p in self.paths))
-        self.columns = _columns_needed(space, labels)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -105,7 +107,8 @@ class RequestLoader:
                 if path not in files:
                     files[path] = open_parquet(path)
                 try:
-                    tables.append(files[path].read_row_group(group, columns=self.columns))
+                    tables.append(files[path].read_row_group(group,
+                                                              columns=self.columns[path]))
                 except (pa.ArrowException, OSError) as exc:
                     raise DataError(f"cannot read row group {group} ({exc})",
                                     file=str(path)) from None
@@ -140,7 +143,10 @@ def max_lengths(paths: Sequence[str | os.PathLike]) -> tuple[int, int]:
     return most_candidates, longest_list
 
 
-def _columns_needed(space: FeatureSpace, labels: bool) -> list[str]:
+def _columns_needed(space: FeatureSpace, file_spec: FormatSpec, labels: bool) -> list[str]:
+    """The columns to read of a file whose spec is `file_spec`: the features `space` was
+    fitted on and, with `labels`, the logged lists, their feedback and whatever the file says
+    of its logging policy (log_propensity, logging_)."""
     spec = space.spec
     columns = [REQUEST_ID, USER_ID, ITEM_ID]
     columns += [USER_CAT + f for f in spec.user_cat] + [USER_NUM + f for f in spec.user_num]
@@ -150,6 +156,7 @@ def _columns_needed(space: FeatureSpace, labels: bool) -> list[str]:
     if labels:
         columns.append(EXPOSED)
         columns += [FEEDBACK + b for b in spec.behaviours]
-        if spec.has_log_propensity:
+        if file_spec.has_log_propensity:
             columns.append(LOG_PROPENSITY)
+        columns += file_spec.logging_columns
     return columns

@@ -19,6 +19,10 @@ from nar4rec.data.format import (
     FLOAT32_MAX,
     ITEM_ID,
     LOG_PROPENSITY,
+    LOGGING_MARGINAL,
+    LOGGING_PREFIX,
+    LOGGING_SCORE,
+    LOGGING_TEMPERATURE,
     REQUEST_ID,
     TIMESTAMP,
     UPSTREAM_SCORE,
@@ -29,6 +33,7 @@ from nar4rec.data.format import (
     open_parquet,
 )
 from nar4rec.errors import DataError
+from nar4rec.propensity import pl_log_prob, pl_prefix_log_probs
 
 BEYOND_FLOAT32 = f"has a value beyond float32's range (|x| > {FLOAT32_MAX:.8g})"
 
@@ -113,6 +118,14 @@ def _expected_types(spec: FormatSpec) -> dict[str, tuple[str, object]]:
         expected[FEEDBACK + b] = ("list of numbers", lambda t: _is_list_of(t, _is_number))
     if spec.has_log_propensity:
         expected[LOG_PROPENSITY] = ("number", _is_number)
+    if spec.has_logging_score:
+        expected[LOGGING_SCORE] = ("list of numbers", lambda t: _is_list_of(t, _is_number))
+        expected[LOGGING_TEMPERATURE] = ("number", _is_number)
+    if spec.has_logging_marginal:
+        expected[LOGGING_MARGINAL] = ("list of lists of numbers", lambda t: _is_list_of(
+            t, lambda v: _is_list_of(v, _is_number)))
+    if spec.has_logging_prefix:
+        expected[LOGGING_PREFIX] = ("list of numbers", lambda t: _is_list_of(t, _is_number))
     return expected
 
 
@@ -253,7 +266,11 @@ def _check_batch(batch: pa.RecordBatch, spec: FormatSpec, offset: int,
     for name in [CAND_NUM + f for f in spec.cand_num] + (
             [UPSTREAM_SCORE] if spec.has_upstream_score else []):
         _check_numbers(batch.column(name), name, flag)
-    m = _check_labels(batch, spec, n, flag) if spec.has_labels else np.zeros(0, np.int64)
+    m = np.zeros(0, np.int64)
+    if spec.has_labels:
+        m, lists = _check_labels(batch, spec, n, flag)
+        if spec.has_logging:
+            _check_logging(batch, spec, n, m, lists, flag)
 
     counts = Counts.of_table(batch, spec)
     report.counts.add(counts)
@@ -267,10 +284,12 @@ def _check_batch(batch: pa.RecordBatch, spec: FormatSpec, offset: int,
 
 
 def _check_labels(batch: pa.RecordBatch, spec: FormatSpec, n: np.ndarray,
-                  flag) -> np.ndarray:
+                  flag) -> tuple[np.ndarray, np.ndarray]:
     """Check the logged lists and their feedback (lengths, indices into the candidates,
-    numbers); return the lists' lengths m."""
+    numbers); return the lists' lengths m (R,) and the lists (R, max m) padded with -1, all
+    -1 for a row whose list is not valid."""
     m = _lengths(batch.column(EXPOSED))
+    bad = (m <= 0) | (m > n) | (n <= 0)
     flag(np.flatnonzero(m == 0), EXPOSED, "the exposed list is empty")
     flag(np.flatnonzero((m > n) & (n >= 0)), EXPOSED,
          "more exposed positions than candidates (m > n)")
@@ -296,7 +315,179 @@ def _check_labels(batch: pa.RecordBatch, spec: FormatSpec, n: np.ndarray,
         order = np.argsort(key, kind="stable")
         repeats = order[1:][np.diff(key[order]) == 0]
         flag(ok_rows[repeats], EXPOSED, "shows the same candidate twice")
-    return m
+        bad[rows[null | out_of_range]] = True
+        bad[ok_rows[repeats]] = True
+        lists = _padded(values, np.maximum(m, 0), -1)
+    else:
+        lists = np.full((len(m), 1), -1)
+    lists[bad] = -1
+    return m, lists
+
+
+def _padded(flat: np.ndarray, lengths: np.ndarray, fill, width: int | None = None
+            ) -> np.ndarray:
+    """Row r's lengths[r] values of `flat` (concatenated by row) in an (R, width) array padded
+    with `fill`; width is the longest row's length unless given (longer rows are cut)."""
+    longest = max(int(lengths.max(initial=0)), 1)
+    out = np.full((len(lengths), max(longest, width or 1)), fill, dtype=flat.dtype)
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    out[row, np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)] = flat
+    return out if width is None else np.ascontiguousarray(out[:, :width])
+
+
+def _check_logging(batch: pa.RecordBatch, spec: FormatSpec, n: np.ndarray, m: np.ndarray,
+                   lists: np.ndarray, flag) -> None:
+    """Check the logging_ columns: shapes against n and m, numbers, and that they agree
+    with each other and with log_propensity. A null is a request whose logging policy is
+    unknown; only rows whose list and every column involved are valid are compared."""
+    rows = batch.num_rows
+    real = (lists >= 0).any(axis=1)                     # a valid exposed list
+    log_propensity = np.full(rows, np.nan)
+    if spec.has_log_propensity:
+        log_propensity = batch.column(LOG_PROPENSITY).to_numpy(
+            zero_copy_only=False).astype(np.float64)
+        invalid = ~np.isfinite(log_propensity) | (np.abs(np.nan_to_num(log_propensity))
+                                                   > FLOAT32_MAX) | (log_propensity > 1e-9)
+        log_propensity[invalid] = np.nan        # null, or reported as a problem of its own
+    logits = None
+    if spec.has_logging_score:
+        logits = _check_plackett_luce(batch, n, lists, real, log_propensity, flag)
+    if spec.has_logging_marginal:
+        _check_marginal(batch.column(LOGGING_MARGINAL), n, m, lists, flag)
+    if spec.has_logging_prefix:
+        _check_prefix(batch.column(LOGGING_PREFIX), m, lists, real, log_propensity, logits,
+                      flag)
+
+
+def _check_plackett_luce(batch: pa.RecordBatch, n: np.ndarray, lists: np.ndarray,
+                         real: np.ndarray, log_propensity: np.ndarray, flag) -> np.ndarray:
+    """logging_score (n finite numbers) and logging_temperature (> 0), null together, and
+    log_propensity their Plackett-Luce log-probability of the exposed list. Returns the
+    logits (R, N) of the rows fit to compare, -inf for padding, NaN for the other rows."""
+    score, temperature = batch.column(LOGGING_SCORE), batch.column(LOGGING_TEMPERATURE)
+    lengths = _lengths(score)                                         # -1 for a null
+    values, value_rows = _flat(score)
+    numbers = values.fill_null(np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
+    t = temperature.to_numpy(zero_copy_only=False).astype(np.float64)
+    t_null = temperature.is_null().to_numpy(zero_copy_only=False)
+    both = "a Plackett-Luce logger needs both; null in both: unknown for this request"
+    flag(np.flatnonzero((lengths < 0) & ~t_null), LOGGING_SCORE,
+         f"is null while {LOGGING_TEMPERATURE} is not ({both})")
+    flag(np.flatnonzero(t_null & (lengths >= 0)), LOGGING_TEMPERATURE,
+         f"is null while {LOGGING_SCORE} is not ({both})")
+    flag(np.flatnonzero((lengths != n) & (n >= 0) & (lengths >= 0)), LOGGING_SCORE,
+         "length differs from the number of candidates (item_id)")
+    _check_numbers(score, LOGGING_SCORE, flag)
+    bad_t = ~t_null & ~(np.isfinite(t) & (np.nan_to_num(t, nan=0.0) > 0))
+    flag(np.flatnonzero(bad_t), LOGGING_TEMPERATURE, "must be a finite number > 0")
+
+    usable = real & (lengths == n) & ~t_null & ~bad_t
+    usable[value_rows[~np.isfinite(numbers)]] = False
+    width = max(int(n.max(initial=1)), 1)
+    scores = _padded(numbers, np.maximum(lengths, 0), np.nan, width)       # (R, N)
+    logits = np.where(usable[:, None] & ~np.isnan(scores),
+                      scores / np.where(usable, t, 1.0)[:, None], -np.inf)
+    check = np.flatnonzero(usable & ~np.isnan(log_propensity))
+    for part in _row_chunks(check, width):
+        computed = pl_log_prob(logits[part], lists[part])
+        wrong = np.abs(computed - log_propensity[part]) > 1e-3
+        for row, value in zip(part[wrong], computed[wrong], strict=True):
+            flag(np.array([row]), LOG_PROPENSITY,
+                 f"{log_propensity[row]:.6g} is not the Plackett-Luce log-probability of the "
+                 f"exposed list under {LOGGING_SCORE} / {LOGGING_TEMPERATURE} ({value:.6g})")
+    logits[~usable] = np.nan
+    return logits
+
+
+def _check_prefix(column, m: np.ndarray, lists: np.ndarray, real: np.ndarray,
+                  log_propensity: np.ndarray, logits: np.ndarray | None, flag) -> None:
+    """logging_prefix_log_propensity: m finite log-probabilities, <= 0, non-increasing, the
+    last one log_propensity, and all of them the Plackett-Luce ones where the log has
+    logging_score (`logits`)."""
+    name = LOGGING_PREFIX
+    lengths = _lengths(column)
+    flag(np.flatnonzero((lengths != m) & (m >= 0) & (lengths >= 0)), name,
+         "length differs from the exposed list's")
+    _check_numbers(column, name, flag)
+    values, value_rows = _flat(column)
+    numbers = values.fill_null(np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
+    flag(value_rows[np.nan_to_num(numbers, nan=0.0) > 1e-9], name,
+         "is a log-probability and must be <= 0")
+    same_row = value_rows[1:] == value_rows[:-1]
+    flag(value_rows[1:][same_row & (np.diff(numbers) > 1e-9)], name,
+         "increases along the list (a longer prefix cannot be more probable)")
+    usable = real & (lengths == m)
+    usable[value_rows[~np.isfinite(numbers)]] = False
+    prefix = _padded(numbers, np.maximum(lengths, 0), np.nan, lists.shape[1])    # (R, M)
+    last = prefix[np.arange(len(m)), np.clip(m - 1, 0, prefix.shape[1] - 1)]
+    disagree = usable & ~np.isnan(log_propensity) & (
+        np.abs(last - log_propensity) > 1e-4 * np.maximum(1.0, np.abs(log_propensity)))
+    flag(np.flatnonzero(disagree), name,
+         f"its last entry (the whole list's) differs from {LOG_PROPENSITY}")
+    if logits is None:
+        return
+    check = np.flatnonzero(usable & ~np.isnan(logits).any(axis=1))
+    for part in _row_chunks(check, logits.shape[1]):
+        computed = pl_prefix_log_probs(logits[part], lists[part])
+        wrong = (np.abs(np.nan_to_num(computed - prefix[part], nan=0.0)) > 1e-3).any(axis=1)
+        flag(part[wrong], name, "is not the Plackett-Luce log-probability of the exposed "
+             f"list's prefixes under {LOGGING_SCORE} / {LOGGING_TEMPERATURE}")
+
+
+def _row_chunks(rows: np.ndarray, width: int) -> list[np.ndarray]:
+    """`rows` in pieces of about 4M candidate slots (bounded memory for the PL checks)."""
+    return np.array_split(rows, max(1, len(rows) * width // 2**22))
+
+
+def _check_marginal(column, n: np.ndarray, m: np.ndarray, lists: np.ndarray, flag) -> None:
+    """logging_marginal: n lists of m probabilities in [0, 1]; each position's column sums to
+    1 over the candidates, each candidate's row to at most 1, and the item shown at each
+    position has a probability > 0."""
+    name = LOGGING_MARGINAL
+    outer = _lengths(column)                                       # -1 for a null row
+    flag(np.flatnonzero((outer != n) & (n >= 0) & (outer >= 0)), name,
+         "length differs from the number of candidates (item_id)")
+    inner_lists, list_rows = _flat(column)                         # one per candidate
+    inner = _lengths(inner_lists)
+    flag(list_rows[inner < 0], name, "has a null list of probabilities")
+    wrong_m = (inner >= 0) & (inner != np.maximum(m, 0)[list_rows])
+    flag(list_rows[wrong_m], name,
+         "a candidate's probabilities differ in length from the exposed list")
+    values, value_lists = _flat(inner_lists)
+    if len(values) == 0:
+        return
+    value_rows = list_rows[value_lists]
+    null = values.is_null().to_numpy(zero_copy_only=False)
+    numbers = values.fill_null(np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
+    flag(value_rows[null], name, "has a null value")
+    flag(value_rows[~null & ~np.isfinite(numbers)], name,
+         "has a value that is not finite (NaN or infinite)")
+    flag(value_rows[(numbers < 0) | (numbers > 1)], name, "has a probability outside [0, 1]")
+
+    # Rows of the right shape with finite numbers: sums by position and by candidate.
+    shaped = (outer == n) & (m > 0) & (n > 0)
+    shaped[list_rows[(inner < 0) | wrong_m]] = False
+    shaped[value_rows[~np.isfinite(numbers)]] = False
+    keep = shaped[value_rows]
+    inner = np.maximum(inner, 0)
+    position = np.arange(len(values)) - np.repeat(np.cumsum(inner) - inner, inner)
+    cells = np.where(shaped, m, 0)                                 # (row, position) cells
+    first_cell = np.cumsum(cells) - cells
+    column_sum = np.bincount((first_cell[value_rows] + position)[keep],
+                             weights=numbers[keep], minlength=int(cells.sum()))
+    cell_rows = np.repeat(np.arange(len(m)), cells)
+    flag(cell_rows[np.abs(column_sum - 1.0) > 1e-3], name,
+         "a position's probabilities over the candidates do not sum to 1")
+    row_sum = np.bincount(value_lists[keep], weights=numbers[keep], minlength=len(inner))
+    flag(list_rows[row_sum > 1.0 + 1e-3], name,
+         "a candidate's probabilities over the positions sum to more than 1")
+    # The item shown at position k: value k of the row's inner list of that candidate.
+    candidates = np.maximum(outer, 0)
+    first_list = np.cumsum(candidates) - candidates
+    first_value = np.cumsum(inner) - inner
+    row, k = np.nonzero((lists >= 0) & shaped[:, None])
+    shown = numbers[first_value[first_list[row] + lists[row, k]] + k]
+    flag(row[~(shown > 0)], name, "gives the item shown at a position probability 0")
 
 
 def _check_distinct_items(items: pa.Array, rows: np.ndarray, offset: int,

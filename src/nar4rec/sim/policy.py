@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nar4rec.propensity import pl_log_prob, pl_sample
 from nar4rec.sim.world import World
 
 
@@ -71,35 +72,23 @@ def plackett_luce(scores: np.ndarray, m: int, temperature: float,
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Sample ordered lists of length m from Plackett-Luce over scores / temperature.
 
-    Uses the Gumbel-top-m trick. Returns the lists (R, m) of candidate indices and the exact
-    log-probability of each list (R,) under the policy.
+    Uses the Gumbel-top-m trick (`propensity.pl_sample`). Returns the lists (R, m) of
+    candidate indices and the exact log-probability of each list (R,) under the policy.
     """
-    logits = scores.astype(np.float64) / temperature                         # (R, n)
-    keys = logits + rng.gumbel(size=logits.shape)
-    if m < logits.shape[1]:
-        top = np.argpartition(-keys, m - 1, axis=1)[:, :m]
-    else:
-        top = np.broadcast_to(np.arange(logits.shape[1]), logits.shape).copy()
-    order = np.argsort(-np.take_along_axis(keys, top, axis=1), axis=1, kind="stable")
-    lists = np.take_along_axis(top, order, axis=1)                           # (R, m)
+    logits = logging_logits(scores, temperature)                             # (R, n)
+    lists = pl_sample(logits, m, rng)[:, 0]                                  # (R, m)
     return lists, plackett_luce_log_prob(logits, lists)
 
 
-def plackett_luce_log_prob(logits: np.ndarray, lists: np.ndarray) -> np.ndarray:
-    """log P(list) under Plackett-Luce with the given logits: (R, n), (R, m) -> (R,).
+def logging_logits(scores: np.ndarray, temperature: float) -> np.ndarray:
+    """The logging policy's logits, scores / temperature in float64: (R, n) -> (R, n)."""
+    return scores.astype(np.float64) / temperature
 
-    Computed in log space: the denominator at step k is the log-sum-exp of the logits of the
-    candidates not yet placed, that is of the unlisted candidates and of list items k..m-1,
-    so the result stays exact (and <= 0) however peaked the policy is.
-    """
-    chosen = np.take_along_axis(logits, lists, axis=1)                       # (R, m)
-    unlisted = logits.copy()
-    np.put_along_axis(unlisted, lists, -np.inf, axis=1)
-    rest = np.logaddexp.reduce(unlisted, axis=1)                              # (R,)
-    # Suffix log-sum-exp of the listed logits: log sum_{j >= k} exp(chosen_j).
-    suffix = np.logaddexp.accumulate(chosen[:, ::-1], axis=1)[:, ::-1]       # (R, m)
-    denominator = np.logaddexp(rest[:, None], suffix)
-    return np.minimum(chosen - denominator, 0.0).sum(axis=1)
+
+def plackett_luce_log_prob(logits: np.ndarray, lists: np.ndarray) -> np.ndarray:
+    """log P(list) under Plackett-Luce with the given logits: (R, n), (R, m) -> (R,)
+    (`propensity.pl_log_prob`, exact however peaked the policy is)."""
+    return pl_log_prob(logits, lists)
 
 
 def sample_feedback(world: World, probabilities: np.ndarray,

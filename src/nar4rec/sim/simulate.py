@@ -36,6 +36,9 @@ from nar4rec.data.format import (
     FEEDBACK,
     ITEM_ID,
     LOG_PROPENSITY,
+    LOGGING_PREFIX,
+    LOGGING_SCORE,
+    LOGGING_TEMPERATURE,
     REQUEST_ID,
     TIMESTAMP,
     UPSTREAM_SCORE,
@@ -48,9 +51,10 @@ from nar4rec.data.format import (
 )
 from nar4rec.errors import Nar4recError
 from nar4rec.io import atomic_dir
+from nar4rec.propensity import pl_prefix_log_probs
 from nar4rec.sim.movielens import build_movielens_world
 from nar4rec.sim.oracle import itemwise_top, oracle
-from nar4rec.sim.policy import plackett_luce, sample_feedback, sample_requests
+from nar4rec.sim.policy import logging_logits, plackett_luce, sample_feedback, sample_requests
 from nar4rec.sim.presets import SimConfig
 from nar4rec.sim.world import TRUTH_DIR, WORLD_FILE, World, build_synthetic_world
 
@@ -75,6 +79,8 @@ def format_spec(world: World) -> FormatSpec:
         cand_num=tuple(world.item_num),
         has_upstream_score=True,
         has_log_propensity=True,
+        has_logging_score=True,
+        has_logging_prefix=True,
         extra={"source": f"nar4rec simulate --preset {c.preset}",
                "ground_truth": f"{TRUTH_DIR}/{WORLD_FILE}"},
     )
@@ -238,6 +244,12 @@ def _simulate_chunk(world: World, spec: FormatSpec, start: int, size: int, total
         UPSTREAM_SCORE: list_array(req.upstream_score.astype(np.float32)),
         EXPOSED: list_array(lists.astype(np.int32)),
         LOG_PROPENSITY: log_propensity,
+        # The logging policy itself, for off-policy evaluation; computed from what was drawn
+        # above without drawing more, so the requests, lists and feedback of a seed stay.
+        LOGGING_SCORE: list_array(req.upstream_score.astype(np.float32)),
+        LOGGING_TEMPERATURE: np.full(size, c.logging_temperature),
+        LOGGING_PREFIX: list_array(pl_prefix_log_probs(
+            logging_logits(req.upstream_score, c.logging_temperature), lists)),
     }
     for name in spec.user_cat:
         columns[USER_CAT + name] = world.user_cat[name][req.users]
