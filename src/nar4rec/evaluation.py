@@ -82,7 +82,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path, *, split: str = "tes
     run = load_run(run_dir, sets=sets)
     system = run.system
     paths = split_files(data_dir, split)
-    world = _world_of(data_dir)
+    world = world_of(data_dir)
     oracle = _oracle_lists(data_dir) if world is not None and split == "test" else None
     most_candidates, _ = max_lengths(paths)
     list_length = run.info["list_length"]
@@ -301,7 +301,9 @@ def _upstream_lists(batch: RequestBatch, list_length: int) -> torch.Tensor:
     return lists.masked_fill(~real, decode.NO_ITEM)
 
 
-def _world_of(data_dir: str | Path):
+def world_of(data_dir: str | Path):
+    """The simulator's ground truth of a data directory (truth/world.npz), None for logs
+    without one."""
     from nar4rec.sim.world import TRUTH_DIR, WORLD_FILE, World
     if (Path(data_dir) / TRUTH_DIR / WORLD_FILE).exists():
         return World.load(data_dir)
