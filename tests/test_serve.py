@@ -7,6 +7,7 @@ import copy
 import http.client
 import itertools
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from nar4rec.data.format import CAND_NUM, ITEM_ID
 from nar4rec.data.loader import RequestLoader
 from nar4rec.data.validate import validate_file
 from nar4rec.errors import Nar4recError
+from nar4rec.exploration import Exploration
 from nar4rec.runs import load_run
 from nar4rec.serve import (
     Backend,
@@ -334,7 +336,7 @@ class HeldBackend:
     """A backend whose rerank waits while `gate` is closed, so that later requests queue up."""
 
     def __init__(self, backend: Backend):
-        self.backend, self.space = backend, backend.space
+        self.backend, self.space, self.exploration = backend, backend.space, None
         self.gate, self.sizes = threading.Event(), []
 
     def rerank(self, batch):
@@ -367,7 +369,8 @@ def test_concurrent_requests_are_reranked_together_each_getting_its_own_list(ser
     answers = held_batch(batcher, backend, rows[0], rows[1:4])
     assert backend.sizes == [1, 3]                             # 1, 2 and 3 in one call
     loader = RequestLoader([root / "data" / "test.parquet"], run.space, batch_size=1)
-    for (placed, scores, _, unseen), batch in zip(answers, loader, strict=False):
+    for (placed, scores, _, unseen, logged), batch in zip(answers, loader, strict=False):
+        assert logged is None                                   # not exploring
         expected = run.reranker.rerank(batch)
         np.testing.assert_array_equal(placed, expected.lists[0].numpy())
         np.testing.assert_allclose(scores, expected.item_scores[0].numpy(), rtol=1e-4,
@@ -447,3 +450,36 @@ def test_the_service_says_where_it_listens(served):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_exploring_mode_returns_propensities_that_match_the_frequencies(served):
+    """`serve --explore`: the same request many times; each distinct list is shown about as
+    often as its returned propensity says, the model's list most of all, and the marginals
+    are each position's distribution over the request's candidates."""
+    root, _, _ = served
+    exploring = TestClient(create_app(Backend(run=root / "run", exploration=Exploration(
+        epsilon=0.5, temperature=2.0, samples=2048), seed=0), max_candidates=30))
+    request = body(served, 3)
+    answers = [exploring.post("/v1/rerank", json=request).json() for _ in range(1500)]
+    assert exploring.get("/healthz").json()["exploration"] == {"epsilon": 0.5,
+                                                               "temperature": 2.0}
+    seen = Counter(tuple(a["items"]) for a in answers)
+    propensity = {tuple(a["items"]): math.exp(a["log_propensity"]) for a in answers}
+    model_list, times = seen.most_common(1)[0]
+    assert propensity[model_list] > 0.5
+    for shown, times in seen.most_common(4):
+        p = propensity[shown]
+        assert abs(times / 1500 - p) < 4 * math.sqrt(p * (1 - p) / 1500) + 0.002, (shown, p)
+    explored = [a for a in answers if a["explored"]]
+    assert 600 < len(explored) < 900 and all(s is None for s in explored[0]["scores"])
+    items = [c["item_id"] for c in request["candidates"]]
+    marginal = np.array(answers[0]["logging_marginal"])                 # (n, m)
+    assert marginal.shape == (len(items), 4) and np.allclose(marginal.sum(0), 1.0, atol=1e-6)
+    first = Counter(a["items"][0] for a in answers)
+    for index, item in enumerate(items):
+        assert abs(first[item] / 1500 - marginal[index, 0]) < 0.05, item
+    prefixes = answers[0]["prefix_log_propensity"]
+    assert prefixes[-1] == pytest.approx(answers[0]["log_propensity"])
+    # Off by default: no propensities.
+    _, client, _ = served
+    assert client.post("/v1/rerank", json=request).json()["log_propensity"] is None

@@ -7,7 +7,8 @@ are imported on first use, so that `import nar4rec` (and the command line's star
 
 __version__ = "0.1.0"
 
-_API = ("Reranker", "evaluate", "load", "split_by_time", "train_model", "write_requests")
+_API = ("Exploration", "Reranker", "evaluate", "load", "split_by_time", "train_model",
+        "write_requests")
 __all__ = [*_API, "__version__"]
 
 

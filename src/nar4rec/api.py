@@ -51,9 +51,11 @@ from nar4rec.data.format import (
 from nar4rec.data.split import split_by_time
 from nar4rec.data.validate import Problem, check_file, check_table
 from nar4rec.errors import DataError
+from nar4rec.exploration import Exploration
 from nar4rec.io import atomic_file
 
-__all__ = ["Reranker", "evaluate", "load", "split_by_time", "train_model", "write_requests"]
+__all__ = ["Exploration", "Reranker", "evaluate", "load", "split_by_time", "train_model",
+           "write_requests"]
 
 Requests = "pandas.DataFrame | pa.Table | Sequence[Mapping]"
 REQUESTS = "requests"            # how errors name an in-memory input
@@ -179,10 +181,16 @@ class Reranker:
         """The item ids of each request's list, best first, in the order of the requests."""
         return self.rerank_table(requests, frame=False).column("items").to_pylist()
 
-    def rerank_table(self, requests, *, frame: bool | None = None):
+    def rerank_table(self, requests, *, frame: bool | None = None,
+                     explore: Exploration | None = None, seed: int | None = None):
         """One row per request: request_id, user_id, items (item ids in order), positions
         (their candidate indices), scores (each item's predicted utility, a baseline's own
         score), predicted_utility (the list's, by NAR4Rec's evaluator; NaN for a baseline).
+
+        With `explore` (`nar4rec.exploration.Exploration`, draws seeded by `seed`), the
+        exploring policy's lists and their propensities (explored, log_propensity,
+        logging_prefix_log_propensity, logging_marginal): log them with the feedback, and
+        `nar4rec ope` can evaluate the next model on those logs (docs/ope.md).
 
         Returns a pandas DataFrame when given one (or `frame=True`), else a pyarrow Table.
         """
@@ -190,7 +198,9 @@ class Reranker:
 
         table = self._checked(requests_table(requests))
         space, system = self.run.space, self.run.system
-        parts = [reranked_table(system, space.encode(table.slice(start, self.batch_size)))
+        rng = np.random.default_rng(seed)
+        parts = [reranked_table(system, space.encode(table.slice(start, self.batch_size)),
+                                explore, rng)
                  for start in range(0, table.num_rows, self.batch_size)]
         result = pa.concat_tables(parts) if parts else pa.table({})
         if frame if frame is not None else _is_frame(requests):

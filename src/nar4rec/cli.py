@@ -614,13 +614,16 @@ def _rerank_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output .parquet file")
     _set_option(parser, "reranker setting", "reranker.alphas=[0.6] or reranker.samples=0")
     _batch_size_option(parser)
+    _explore_options(parser, "the output then holds explored, log_propensity, "
+                     "logging_prefix_log_propensity and logging_marginal")
 
 
 def _rerank(args: argparse.Namespace) -> int:
     from nar4rec.runs import rerank_file
 
     count = rerank_file(args.run_dir, args.data, args.out, batch_size=args.batch_size,
-                        sets=parse_sets(args.set))
+                        sets=parse_sets(args.set), exploration=_exploration(args),
+                        seed=args.explore_seed)
     print(f"reranked {plural(count, 'request')} into {args.out}")
     return 0
 
@@ -810,6 +813,29 @@ def _serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--body-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="answer 408 to a request whose body has not arrived this long "
                              "after it started (default %(default)s)")
+    _explore_options(parser, "answers carry log_propensity, prefix_log_propensity and "
+                     "logging_marginal")
+
+
+def _explore_options(parser: argparse.ArgumentParser, carried: str) -> None:
+    parser.add_argument("--explore", type=float, default=0.0, metavar="EPSILON",
+                        help="exploring mode: show a Plackett-Luce draw over the upstream "
+                             "order instead of the model's list to this share of requests; "
+                             f"{carried}, for `nar4rec ope` on the logs (default "
+                             "%(default)s: off; docs/ope.md)")
+    parser.add_argument("--explore-temperature", type=float, default=1.0,
+                        help="temperature of that draw over the request-standardised "
+                             "upstream score (default %(default)s)")
+    parser.add_argument("--explore-seed", type=int,
+                        help="seed of the exploring draws (default: fresh ones)")
+
+
+def _exploration(args: argparse.Namespace):
+    from nar4rec.exploration import Exploration
+
+    if not args.explore:
+        return None
+    return Exploration(epsilon=args.explore, temperature=args.explore_temperature)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -818,7 +844,8 @@ def _serve(args: argparse.Namespace) -> int:
     from nar4rec.serve import Backend, create_app
 
     backend = Backend(run=args.run_dir, export=args.export, threads=args.threads,
-                      device=args.device)
+                      device=args.device, exploration=_exploration(args),
+                      seed=args.explore_seed)
     app = create_app(backend, max_candidates=args.max_candidates,
                      max_body_bytes=args.max_body_bytes, body_seconds=args.body_timeout)
     # Two threads share the GIL, the event loop and the batcher: a 0.5 ms switch interval

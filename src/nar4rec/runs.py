@@ -33,6 +33,7 @@ from nar4rec.data.features import FeatureSpace
 from nar4rec.data.format import folder_files
 from nar4rec.data.loader import RequestLoader, max_lengths
 from nar4rec.errors import Nar4recError
+from nar4rec.exploration import Exploration, explore
 from nar4rec.io import atomic_file
 from nar4rec.registry import system_class
 from nar4rec.reranker import Reranker
@@ -348,7 +349,8 @@ def _load_phase(run_dir: Path, system: type[System], phase: Phase,
 
 @torch.no_grad()
 def rerank_file(run_dir: str | Path, data_file: str | Path, out_file: str | Path, *,
-                batch_size: int = 1024, sets: dict | None = None) -> int:
+                batch_size: int = 1024, sets: dict | None = None,
+                exploration: Exploration | None = None, seed: int | None = None) -> int:
     """Rerank every request of a request-log file; write one row per request.
 
     The file needs only what the ranking stage knows (a request file to rerank,
@@ -359,36 +361,72 @@ def rerank_file(run_dir: str | Path, data_file: str | Path, out_file: str | Path
     The output Parquet holds request_id, user_id, items (the returned item ids in order),
     positions (their candidate indices), scores (each item's predicted utility; a baseline's
     own candidate score) and predicted_utility (the list's, by NAR4Rec's evaluator; NaN for a
-    baseline). Returns the number of requests.
+    baseline). With `exploration` (`exploration.explore`, its draws seeded by `seed`) the
+    lists are the exploring policy's, with its propensities in the format's columns
+    (`reranked_table`). Returns the number of requests.
     """
     run = load_run(run_dir, sets=sets)
     data_file = Path(data_file)
     if not data_file.is_file():
         raise Nar4recError(f"{data_file}: no such file")
     loader = RequestLoader([data_file], run.space, batch_size=batch_size, labels=False)
-    table = pa.concat_tables([reranked_table(run.system, batch) for batch in loader])
+    rng = np.random.default_rng(seed)
+    table = pa.concat_tables([reranked_table(run.system, batch, exploration, rng)
+                              for batch in loader])
     with atomic_file(out_file) as tmp:
         pq.write_table(table, tmp)
     return table.num_rows
 
 
 @torch.no_grad()
-def reranked_table(system: System, batch: RequestBatch) -> pa.Table:
+def reranked_table(system: System, batch: RequestBatch, exploration: Exploration | None = None,
+                   rng: np.random.Generator | None = None) -> pa.Table:
     """One row per request of the batch, as `rerank_file` writes them: request_id, user_id,
-    items (item ids in order), positions (candidate indices), scores, predicted_utility."""
+    items (item ids in order), positions (candidate indices), scores, predicted_utility.
+
+    With `exploration`, the exploring policy's lists (an explored list's scores and utility
+    are NaN: the model did not choose it) and, to log beside the feedback for `nar4rec ope`,
+    explored, log_propensity, logging_prefix_log_propensity and logging_marginal (each
+    candidate's probability at each position of the list, candidates in the request's
+    order)."""
     reranked = system.rerank(batch)
     lists = reranked.lists.numpy()                                      # (B, m)
+    item_scores = reranked.item_scores.numpy().astype(np.float32)
+    utility = reranked.utility.numpy().astype(np.float32)
+    explored = None
+    if exploration is not None:
+        explored = explore(lists, batch.upstream_score.numpy(), batch.cand_mask.numpy(),
+                           exploration, rng if rng is not None else np.random.default_rng())
+        lists = explored.lists
+        item_scores = np.where(explored.explored[:, None], np.nan, item_scores)
+        utility = np.where(explored.explored, np.nan, utility)
     placed = lists >= 0
     items = np.take_along_axis(np.asarray(batch.item_id), np.where(placed, lists, 0), 1)
     lengths = placed.sum(1)
-    return pa.table({
+    columns = {
         "request_id": pa.array(batch.request_id),
         "user_id": pa.array(batch.user_id),
         "items": _ragged(items[placed], lengths),
         "positions": _ragged(lists[placed].astype(np.int32), lengths),
-        "scores": _ragged(reranked.item_scores.numpy()[placed].astype(np.float32), lengths),
-        "predicted_utility": pa.array(reranked.utility.numpy().astype(np.float32)),
-    })
+        "scores": _ragged(item_scores[placed].astype(np.float32), lengths),
+        "predicted_utility": pa.array(utility.astype(np.float32)),
+    }
+    if explored is not None:
+        candidates = batch.cand_mask.sum(1).numpy()                     # (B,)
+        n, m = explored.marginal.shape[1:]
+        kept = ((np.arange(n)[None, :, None] < candidates[:, None, None])
+                & (np.arange(m)[None, None, :] < lengths[:, None, None]))  # (B, N, m)
+        rows = _ragged(explored.marginal[kept].astype(np.float32),
+                       np.repeat(lengths, candidates))                  # one list a candidate
+        offsets = np.concatenate([[0], np.cumsum(candidates)]).astype(np.int32)
+        columns |= {
+            "explored": pa.array(explored.explored),
+            "log_propensity": pa.array(explored.log_propensity),
+            "logging_prefix_log_propensity": _ragged(
+                explored.prefix_log_propensity[placed], lengths),
+            "logging_marginal": pa.ListArray.from_arrays(pa.array(offsets), rows),
+        }
+    return pa.table(columns)
 
 
 def _ragged(flat: np.ndarray, lengths: np.ndarray) -> pa.ListArray:

@@ -55,6 +55,7 @@ from nar4rec.data.format import (
     USER_NUM,
 )
 from nar4rec.errors import Nar4recError
+from nar4rec.exploration import Exploration, explore
 
 Id = StrictInt | StrictStr
 Value = StrictInt | StrictFloat | StrictStr | None
@@ -95,11 +96,23 @@ class RerankRequest(BaseModel):
 class RerankResponse(BaseModel):
     request_id: Id | None
     items: list[Id] = Field(description="item ids in the order to show them")
-    scores: list[float] = Field(description="each item's predicted utility in the list (a "
-                                "baseline: its own score of the item)")
+    scores: list[float | None] = Field(description="each item's predicted utility in the "
+                                       "list (a baseline: its own score of the item); null "
+                                       "for an explored list")
     predicted_utility: float | None = Field(description="the list's predicted utility; null "
-                                            "for a model that predicts none (the baselines)")
+                                            "for a model that predicts none (the baselines) "
+                                            "and for an explored list")
     latency_ms: float
+    explored: bool | None = Field(None, description="exploring mode (serve --explore): True "
+                                  "when the list is a Plackett-Luce draw over the upstream "
+                                  "order, False when it is the model's")
+    log_propensity: float | None = Field(None, description="exploring mode: log-probability "
+                                         "of the list under the exploring policy")
+    prefix_log_propensity: list[float] | None = Field(
+        None, description="exploring mode: log-probability of each prefix of the list")
+    logging_marginal: list[list[float]] | None = Field(
+        None, description="exploring mode: for each candidate, in the request's order, its "
+        "probability at each position; log these with the feedback for `nar4rec ope`")
 
 
 class BadInput(Exception):
@@ -117,12 +130,17 @@ class Backend:
         to a few fixed shapes and replayed from CUDA graphs (`cuda_graphs.GraphedReranker`).
         An export runs on the CPU (onnxruntime's CPU package).
     max_batch: the most requests of one model call (`Batcher`), the largest graph captured.
+    exploration: exploring mode (`exploration.explore`): every answer carries the shown list's
+        propensities; `seed` seeds its draws (None: fresh ones).
     """
 
     def __init__(self, *, run: str | Path | None = None, export: str | Path | None = None,
-                 threads: int = 1, device: str = "cpu", max_batch: int = 64):
+                 threads: int = 1, device: str = "cpu", max_batch: int = 64,
+                 exploration: Exploration | None = None, seed: int | None = None):
         if (run is None) == (export is None):
             raise Nar4recError("serve needs exactly one of --run and --export")
+        self.exploration = exploration
+        self.rng = np.random.default_rng(seed)
         self.graphed = None
         if run is not None:
             from nar4rec.runs import load_run
@@ -329,8 +347,9 @@ class Batcher:
         threading.Thread(target=self._work, name="nar4rec-batcher", daemon=True).start()
 
     def submit(self, row: dict[str, object]) -> Future:
-        """Queue one row from `request_row`; the future gets (list, scores, utility, unseen)
-        or raises BadInput / the model's error."""
+        """Queue one row from `request_row`; the future gets (list, scores, utility, unseen,
+        propensities: a dict in exploring mode, else None) or raises BadInput / the model's
+        error."""
         future: Future = Future()
         self.queue.put((row, future))
         return future
@@ -362,8 +381,30 @@ class Batcher:
                 future.set_exception(exc)
             return
         unseen = unseen_values(batch)
+        logged = [None] * len(pending)
+        if self.backend.exploration is not None:
+            lists, scores, utility, logged = self._explore(batch, lists, scores, utility)
         for i, (_, future) in enumerate(pending):
-            future.set_result((lists[i], scores[i], float(utility[i]), int(unseen[i])))
+            future.set_result((lists[i], scores[i], float(utility[i]), int(unseen[i]),
+                               logged[i]))
+
+    def _explore(self, batch: RequestBatch, lists, scores, utility):
+        """The exploring policy's lists (an explored one has no model scores) and each
+        request's propensities, its candidates in the request's order."""
+        with self.backend.lock:                   # the generator of random numbers is shared
+            out = explore(lists, batch.upstream_score.numpy(), batch.cand_mask.numpy(),
+                          self.backend.exploration, self.backend.rng)
+        scores = np.where(out.explored[:, None], np.nan, scores)
+        utility = np.where(out.explored, np.nan, utility)
+        counts = batch.cand_mask.sum(1).tolist()
+        logged = [{"explored": bool(out.explored[i]),
+                   "log_propensity": float(out.log_propensity[i]),
+                   "prefix_log_propensity": out.prefix_log_propensity[i][
+                       out.lists[i] >= 0].tolist(),
+                   "logging_marginal": out.marginal[i, :counts[i],
+                                                    :int((out.lists[i] >= 0).sum())].tolist()}
+                  for i in range(len(lists))]
+        return out.lists, scores, utility, logged
 
 
 class BodyLimit:
@@ -486,7 +527,7 @@ def create_app(backend: Backend, *, max_candidates: int = 1000,
         started = time.perf_counter()
         row = request_row(body, backend.space, backend.list_length, max_candidates)
         try:
-            placed_list, scores, utility, unseen = await asyncio.wrap_future(
+            placed_list, scores, utility, unseen, logged = await asyncio.wrap_future(
                 batcher.submit(row))
         except BadInput:
             raise
@@ -495,7 +536,8 @@ def create_app(backend: Backend, *, max_candidates: int = 1000,
                 stats.counts["error"] += 1
             raise
         placed = placed_list >= 0
-        if not np.isfinite(scores[placed]).all() or math.isinf(utility):
+        explored = logged is not None and logged["explored"]
+        if not explored and (not np.isfinite(scores[placed]).all() or math.isinf(utility)):
             where, value, distance = farthest_value(row, backend.space)
             if distance > EXTREME_DEVIATIONS:   # the request's doing: a 422 that names it
                 raise BadInput(f"{where}: {value!r} is too far from the training data (about "
@@ -511,14 +553,17 @@ def create_app(backend: Backend, *, max_candidates: int = 1000,
             stats.unseen_values += unseen
             stats.latencies.append(latency)
         return RerankResponse(request_id=body.request_id, items=items,
-                              scores=[float(s) for s in scores[placed]],
+                              scores=[None if explored else float(s) for s in scores[placed]],
                               predicted_utility=None if math.isnan(utility) else utility,
-                              latency_ms=latency)
+                              latency_ms=latency, **(logged or {}))
 
     @app.get("/healthz")
     def healthz() -> dict:
+        exploring = backend.exploration
         return {"status": "ok", "model": backend.model, "backend": backend.kind,
-                "list_length": backend.list_length}
+                "list_length": backend.list_length,
+                "exploration": None if exploring is None else
+                {"epsilon": exploring.epsilon, "temperature": exploring.temperature}}
 
     @app.get("/metrics")
     def metrics() -> dict:
