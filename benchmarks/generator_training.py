@@ -19,6 +19,7 @@ The configurations (--configs picks some):
     gumbel_utility  + the same with L_con = minus the predicted utility, alpha 2
     dpo             + DPO between the best and worst of 16 judged lists, beta 0.1, weight 1
     dpo_strong      + the same with beta 0.5, weight 4
+    gumbel_critical gumbel_utility and self_critical together
 Every judged configuration trains up to 8 epochs (patience 3): their validation loss, the
 evaluator's utility for the greedy lists, keeps improving after the logged lists' likelihood
 has stopped (docs/results.md, the list-aware configuration).
@@ -47,6 +48,8 @@ CONFIGS = {
     "dpo": [*JUDGED, "generator.preference_lists=16"],
     "dpo_strong": [*JUDGED, "generator.preference_lists=16", "generator.preference_beta=0.5",
                    "generator.preference_weight=4"],
+    "gumbel_critical": [*JUDGED, "generator.gumbel_weight=2", "generator.gumbel_objective=utility",
+                        "generator.evaluator_lists=16", "generator.evaluator_weight=16"],
 }
 
 
