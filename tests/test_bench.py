@@ -34,6 +34,12 @@ def test_bench_measures_every_figure(tmp_path):
         assert arithmetic["flops_per_batch"] > 1e5 and result["matmul_gflops"] > 0
         assert arithmetic["gflops"] == pytest.approx(
             arithmetic["flops_per_batch"] / arithmetic["forward_s"] / 1e9)
+        # a training step: forward and backward, so more arithmetic than the forward pass
+        assert arithmetic["train_flops_per_batch"] > 1.5 * arithmetic["flops_per_batch"]
+        assert arithmetic["train_s"] == rows[name]["train_s_per_batch"]
+        assert arithmetic["train_gflops"] == pytest.approx(
+            arithmetic["train_flops_per_batch"] / arithmetic["train_s"] / 1e9)
+    assert "A training step" in format_bench(result)
     assert [row["m"] for row in result["sweep"]] == [2, 5, 6]
     for row in result["sweep"]:
         assert row["infer_ratio"] == pytest.approx(row["seq2slate_infer_s"]
@@ -97,6 +103,11 @@ def test_bench_command(tmp_path, capsys):
     assert 0 < onnx["latency_ms_p50"] <= onnx["latency_ms_p99"] and onnx["infer_s_per_batch"] > 0
     assert onnx["latency_requests"] == 5
     assert onnx["proposals"] == 4 + 2 and result["settings"]["reranker"]["samples"] == 2
+    import onnx as onnx_package
+    graph = onnx_package.load(str(tmp_path / "work" / "avito-nar4rec.onnx")).graph
+    assert onnx["onnx_operations"] >= len(graph.node) > 50          # the top level at least
+    assert sum(onnx["onnx_top_operations"].values()) <= onnx["onnx_operations"]
+    assert "Operations of each exported system graph" in printed
     assert cli.main(["bench", "--models", "nope", "--json", str(out)]) == 2
 
 

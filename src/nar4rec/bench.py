@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -196,6 +197,8 @@ def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
                         row.update(_latencies(system.rerank, requests,
                                               warmup=config.warmup * 10, device=device))
             result["rows"].append(row)
+            if index == 0:
+                train_s = row["train_s_per_batch"]
             log(f"{call_name}: " + (f"train {row['train_s_per_batch']:.4f} s, "
                                     if index == 0 else "")
                 + f"infer {row['infer_s_per_batch']:.4f} s per batch of {len(batch)}"
@@ -210,7 +213,7 @@ def run_bench(config: BenchConfig, workdir: str | Path, log=print) -> dict:
             if onnx_row is not None:
                 result["rows"].append({**onnx_row, "proposals": proposals})
         result["arithmetic"][name] = _arithmetic(module, batch, timing, result["matmul_gflops"],
-                                                 log, name)
+                                                 log, name, step=step, train_s=train_s)
     if set(config.sweep) <= set(config.models):
         result["sweep"] = _sweep(space, tau, batch, config, timing, log)
         result["sweep_models"] = list(config.sweep)
@@ -271,6 +274,7 @@ def _onnx_system_row(system, requests, batch, config: BenchConfig, workdir: Path
         log(f"{system.name}: no ONNX row ({exc})")
         return None
     session = cpu_session(path, threads=torch.get_num_threads())
+    operations = onnx_operations(path)
 
     def feeds(batch: RequestBatch) -> dict[str, np.ndarray]:
         return {k: getattr(batch, k).numpy() for k in FEATURE_INPUTS}
@@ -283,7 +287,29 @@ def _onnx_system_row(system, requests, batch, config: BenchConfig, workdir: Path
             "train_s_per_batch": None,
             "infer_s_per_batch": statistics.median(seconds_per_call(
                 lambda: session.run(None, whole), warmup=timing["warmup"],
-                repeats=timing["repeats"])), **latencies}
+                repeats=timing["repeats"])), **latencies,
+            "onnx_operations": sum(operations.values()),
+            "onnx_top_operations": dict(operations.most_common(8))}
+
+
+def onnx_operations(path: str | Path) -> Counter:
+    """The operations of an ONNX file by type, those of Loop, If and Scan bodies included
+    (each counted once, as the graph holds it: a loop body runs once per iteration)."""
+    import onnx
+
+    counts: Counter = Counter()
+
+    def walk(graph) -> None:
+        for node in graph.node:
+            counts[node.op_type] += 1
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    walk(attribute.g)
+                for sub in attribute.graphs:
+                    walk(sub)
+
+    walk(onnx.load(str(path), load_external_data=False).graph)
+    return counts
 
 
 def _cuda_graph_row(system, requests, batch, config: BenchConfig, timing) -> dict:
@@ -314,10 +340,13 @@ def _latencies(call: Callable, requests: list, *, warmup: int,
 
 
 def _arithmetic(module: nn.Module, batch: RequestBatch, timing, peak: float, log=print,
-                name: str = "") -> dict:
+                name: str = "", step: Callable | None = None,
+                train_s: float | None = None) -> dict:
     """The forward pass of the module a system trains last (NAR4Rec: the generator): its
     FLOPs per batch, and the GFLOP/s it achieves against the measured matrix-multiply peak,
-    eager and (on a GPU) from a CUDA graph."""
+    eager and (on a GPU) from a CUDA graph; with its training `step` and the measured seconds
+    of one (`train_s`), the same for a training step (forward, loss and backward, as torch's
+    FLOP counter counts them; the optimiser's update is not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     module = module.eval()
@@ -328,12 +357,25 @@ def _arithmetic(module: nn.Module, batch: RequestBatch, timing, peak: float, log
     forward = time_inference(module, batch, **timing)
     figures = {"flops_per_batch": flops, "forward_s": forward, "gflops": flops / forward / 1e9,
                "matmul_gflops": peak, "share_of_peak": flops / forward / 1e9 / peak}
+    if step is not None and train_s:
+        module.train()
+        with FlopCounterMode(display=False) as counter:
+            loss, _ = step(module, batch)
+            loss.backward()
+        module.zero_grad(set_to_none=True)
+        module.eval()
+        train_flops = counter.get_total_flops()
+        figures.update({"train_flops_per_batch": train_flops, "train_s": train_s,
+                        "train_gflops": train_flops / train_s / 1e9,
+                        "train_share_of_peak": train_flops / train_s / 1e9 / peak})
     if device_of(batch).type == "cuda":
         forward_graph = time_graphed(module, batch, timing, log, f"{name} forward")
         figures["forward_graph_s"] = forward_graph
         figures["gflops_graph"] = flops / forward_graph / 1e9 if forward_graph else None
     log(f"{name} forward: {figures['gflops']:.1f} GFLOP/s ({figures['share_of_peak']:.0%} of "
-        "the peak)")
+        "the peak)" + (f"; training step {figures['train_gflops']:.1f} GFLOP/s "
+                       f"({figures['train_share_of_peak']:.0%})" if "train_gflops" in figures
+                       else ""))
     return figures
 
 
@@ -421,6 +463,21 @@ def format_bench(result: dict) -> str:
             lines.append(f"| {name} | {g['flops_per_batch'] / 1e9:.2f} | {g['forward_s']:.4f} | "
                          f"{g['gflops']:.1f} | {100 * g['share_of_peak']:.0f}% |"
                          + (f" {cell(g.get('gflops_graph'), 1)} |" if graphs else ""))
+        trained = {n: g for n, g in result["arithmetic"].items() if "train_gflops" in g}
+        if trained:
+            lines += ["", "A training step (forward, loss, backward) of the same module:", "",
+                      "| model | GFLOP per step | step s | GFLOP/s | share of the peak |",
+                      "|---|---|---|---|---|"]
+            lines += [f"| {n} | {g['train_flops_per_batch'] / 1e9:.2f} | {g['train_s']:.4f} | "
+                      f"{g['train_gflops']:.1f} | {100 * g['train_share_of_peak']:.0f}% |"
+                      for n, g in trained.items()]
+    counted = [row for row in result["rows"] if "onnx_operations" in row]
+    if counted:
+        lines += ["", "Operations of each exported system graph (Loop bodies once):", "",
+                  "| graph | operations | most frequent |", "|---|---|---|"]
+        lines += [f"| {row['model']} | {row['onnx_operations']} | " + ", ".join(
+            f"{op} {count}" for op, count in row["onnx_top_operations"].items()) + " |"
+            for row in counted]
     if "sweep" in result:
         ours, theirs = result["sweep_models"]
         lines += ["", f"| m | {ours} inference s | {theirs} inference s | {theirs} / {ours} "
