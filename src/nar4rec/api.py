@@ -15,6 +15,7 @@ row per request keyed by the request-log columns (docs/data-format.md), and rais
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,14 +30,12 @@ from nar4rec.data.format import (
     CAND_NUM,
     EXPOSED,
     FEEDBACK,
+    FORMAT_NAME,
+    FORMAT_VERSION,
     ITEM_ID,
-    LABEL_COLUMNS,
     LOG_PROPENSITY,
     LOGGING_COLUMNS,
-    LOGGING_MARGINAL,
-    LOGGING_PREFIX,
-    LOGGING_SCORE,
-    LOGGING_TEMPERATURE,
+    METADATA_KEY,
     REQUEST_ID,
     TIMESTAMP,
     TIMESTAMP_TYPE,
@@ -298,25 +297,10 @@ def _spec_of(table: pa.Table, utility_weights: Mapping[str, float] | None) -> Fo
     if unknown:
         raise DataError(f"utility weight for '{unknown[0]}', which has no column",
                         file=REQUESTS, field=FEEDBACK + unknown[0])
-    has_labels = bool(behaviours) or any(name in LABEL_COLUMNS for name in names)
-    for column, partner in ((LOGGING_SCORE, LOGGING_TEMPERATURE),
-                            (LOGGING_TEMPERATURE, LOGGING_SCORE)):
-        if column in names and partner not in names:
-            raise DataError(f"required column is missing: {column} declares a Plackett-Luce "
-                            f"logging policy with {partner}, both or neither",
-                            file=REQUESTS, field=partner)
-    try:
-        return FormatSpec(
-            behaviours=behaviours, utility_weights=weights,
-            user_cat=suffixes(USER_CAT), user_num=suffixes(USER_NUM),
-            cand_cat=suffixes(CAND_CAT), cand_num=suffixes(CAND_NUM),
-            has_upstream_score=UPSTREAM_SCORE in names,
-            has_log_propensity=LOG_PROPENSITY in names, has_labels=has_labels,
-            has_logging_score=LOGGING_SCORE in names,
-            has_logging_marginal=LOGGING_MARGINAL in names,
-            has_logging_prefix=LOGGING_PREFIX in names)
-    except ValueError as exc:
-        raise DataError(str(exc), file=REQUESTS) from None
+    metadata = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+                "behaviours": list(behaviours), "utility_weights": weights}
+    schema = table.schema.with_metadata({METADATA_KEY: json.dumps(metadata).encode()})
+    return FormatSpec.from_schema(schema, REQUESTS)        # the format's own column checks
 
 
 def _id_type(column: pa.ChunkedArray, name: str, forced: str | pa.DataType | None

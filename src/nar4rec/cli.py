@@ -519,17 +519,24 @@ def _evaluate_options(parser: argparse.ArgumentParser) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from nar4rec.evaluation import evaluate_run
-    from nar4rec.io import atomic_file
     from nar4rec.report import format_evaluation, write_report
 
     result = evaluate_run(args.run_dir, args.data, split=args.split, batch_size=args.batch_size,
                           sets=parse_sets(args.set))
+    return _publish(result, args, write_report, format_evaluation)
+
+
+def _publish(result: dict, args: argparse.Namespace, write_report: Callable[[dict, str], None],
+             format_result: Callable[[dict], str]) -> int:
+    """Write a result as --json and --report where asked, and print it."""
+    from nar4rec.io import atomic_file
+
     if args.json:
         with atomic_file(args.json) as tmp:
             Path(tmp).write_text(json.dumps(result, indent=1) + "\n")
     if args.report:
         write_report(result, args.report)
-    print(format_evaluation(result))
+    print(format_result(result))
     return 0
 
 
@@ -579,19 +586,12 @@ def _ope_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _ope(args: argparse.Namespace) -> int:
-    from nar4rec.io import atomic_file
     from nar4rec.offpolicy import format_ope, ope_run, write_ope_report
 
     result = ope_run(args.run_dir, args.data, split=args.split, reward_model=args.reward_model,
                      estimators=args.estimators, max_weight=args.max_weight, samples=args.samples,
                      batch_size=args.batch_size)
-    if args.json:
-        with atomic_file(args.json) as tmp:
-            Path(tmp).write_text(json.dumps(result, indent=1) + "\n")
-    if args.report:
-        write_ope_report(result, args.report)
-    print(format_ope(result))
-    return 0
+    return _publish(result, args, write_ope_report, format_ope)
 
 
 OPE = Command(
