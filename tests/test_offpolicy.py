@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -118,3 +119,15 @@ def test_the_command_writes_json_and_a_report(dnn_run, small_world, tmp_path, ca
               "ips,magic"])
     assert exit_code.value.code == 2
     assert "unknown estimator 'magic'" in capsys.readouterr().err
+
+
+def test_a_peaked_logger_does_not_stop_the_marginal_estimators(dnn_run, tmp_path):
+    """At a low logging temperature a logged item can sit where none of the Monte Carlo
+    draws put it: its marginal is floored at the samples' resolution, not taken as 0."""
+    data = tmp_path / "peaked"
+    simulate_small(data, requests=3000, n_candidates=20, list_length=5,
+                   logging_temperature=0.05)
+    report = ope_run(dnn_run, data, estimators=("iips", "pbm"), samples=8)
+    for name in ("iips", "pbm"):
+        assert report["estimates"][name]["skipped"] is None, report["estimates"][name]
+        assert np.isfinite(report["estimates"][name]["utility"])

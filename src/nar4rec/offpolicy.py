@@ -104,7 +104,9 @@ def ope_run(run_dir: str | Path, data_dir: str | Path, *, split: str = "test",
                 logged=logged_np, logged_mask=mask, rewards=rewards,
                 mu_list=_exp(probabilities.list_log_prob),
                 mu_prefix=_exp(probabilities.prefix_log_prob),
-                mu_marginal=probabilities.marginal,
+                mu_marginal=_floored(probabilities.marginal, logged_np, samples)
+                if "logging_score" in probabilities.sources.get("marginal", "")
+                else probabilities.marginal,
                 logging_samples=_logging_samples(batch, m, samples, rng)
                 if "pi" in estimators else None,
                 target_lists=target.numpy(),
@@ -182,6 +184,24 @@ def _logging_samples(batch, m: int, samples: int, rng: np.random.Generator):
                       score / temperature[:, None], -np.inf)
     drawn = propensity.pl_sample(logits, min(m, logits.shape[1]), rng, samples=samples)
     return _fit(drawn, m, axis=2)
+
+
+def _floored(marginal: np.ndarray | None, logged: np.ndarray, samples: int
+             ) -> np.ndarray | None:
+    """Monte Carlo marginals with each logged slot at least 0.5 / samples.
+
+    A logged item's estimated probability at its logged position is 0 when no sampled prefix
+    left it free there (a peaked logger that almost always shows it higher up); it is not 0,
+    as the log shows, only below what the samples resolve. Half a sample's weight is that
+    resolution (`propensity.pl_marginals`)."""
+    if marginal is None:
+        return None
+    rows, positions = np.nonzero(logged >= 0)
+    items = logged[rows, positions]
+    floored = marginal.copy()
+    floored[rows, items, positions] = np.maximum(floored[rows, items, positions],
+                                                 0.5 / samples)
+    return floored
 
 
 def _fit(values: np.ndarray, m: int, axis: int = 1) -> np.ndarray:
