@@ -129,6 +129,33 @@ def summarise(records: list[dict], runs: list[str]) -> dict:
     return table
 
 
+def plot(result: dict, preset: str, out: Path) -> None:
+    """Each estimator's errors (estimate - truth) over every (part, run), per temperature, on
+    a symmetric log scale (whole-list weights make some errors thousands)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nar4rec.report import save_figure
+
+    keys = [k for k in result if "summary" in result[k]]
+    figure, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 3.8), squeeze=False)
+    for axis, key in zip(axes[0], keys, strict=True):
+        records = result[key]["records"]
+        names = [n for n in ESTIMATORS if any(r["estimator"] == n and r["estimate"] is not None
+                                               for r in records)]
+        errors = [[r["estimate"] - r["truth"] for r in records
+                   if r["estimator"] == n and r["estimate"] is not None] for n in names]
+        axis.boxplot(errors, showfliers=True)
+        axis.set_xticks(range(1, len(names) + 1), names, rotation=30)
+        axis.set_yscale("symlog", linthresh=1.0)
+        axis.axhline(0, color="black", lw=0.8)
+        axis.set_ylabel("estimate - truth (utility per request)")
+        axis.set_title(f"{preset}, logging temperature {key[1:]}")
+        axis.grid(axis="y", alpha=0.3)
+    save_figure(figure, out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", required=True)
@@ -148,6 +175,7 @@ def main() -> None:
     parser.add_argument("--sim-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a simulator setting the runs' data was simulated with")
     parser.add_argument("--out", type=Path, default=Path("runs/ope"))
+    parser.add_argument("--plot", type=Path, help="also draw the errors into this PNG")
     args = parser.parse_args()
     runs = sorted(p for p in args.runs.iterdir() if (p / "run.json").exists())
     reward = args.runs / args.reward_model
@@ -199,6 +227,8 @@ def main() -> None:
         for name, s in result[key]["summary"].items():
             print(f"| {name} | {s['bias']:+.3f} | {s['rmse']:.3f} | {s['coverage']:.2f} | "
                   f"{s['rank']:.2f} | {s['median_ess']:.0f} |")
+    if args.plot:
+        plot(result, args.preset, args.plot)
 
 
 if __name__ == "__main__":
