@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 # The main job: simulate the kuaishou preset, train NAR4Rec (evaluator, then generator),
 # evaluate it against the logging policy and the oracle, write a Markdown report with curves.
-# 3 min 24 s on 2 cores (venv already made).
+# 49 s on the idle 2-core VM (venv already made; stop 23).
 demo: $(STAMP)
 	$(BIN)/nar4rec simulate --preset kuaishou --requests 20000 --seed 0 --out $(DEMO)/data --overwrite
 	$(BIN)/nar4rec validate $(DEMO)/data --json $(DEMO)/data/validate.json
