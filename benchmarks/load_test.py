@@ -5,7 +5,14 @@ as /v1/rerank bodies at each concurrency level, bounded by --requests per level 
 --max-seconds per level, and prints one JSON line per level:
 
     python benchmarks/load_test.py --run runs/demo/run --data runs/demo/data/test.parquet \
-        --concurrency 1,8,32 --requests 2000 --max-seconds 60
+        --concurrency 1,8,32 --requests 2000 --max-seconds 60 --in-process
+
+Each HTTP level also reports the CPU seconds the load generator (this process) and the
+service spent per request (from the kernel's accounting of each process). With --in-process
+(and --run), the same request stream then goes through the service's own batched path
+without HTTP: a `serve.Backend` and `serve.Batcher` in this process, `concurrency` threads
+submitting the requests' rows (parsed and validated before the clock starts) and waiting for
+each answer: the ceiling the service's HTTP, parsing and validation cost is measured against.
 """
 
 from __future__ import annotations
@@ -41,6 +48,46 @@ def space_of(args) -> FeatureSpace:
         return FeatureSpace.from_dict(read_run(args.run)["space"])
     manifest = json.loads(open(os.path.join(args.export, "manifest.json")).read())
     return FeatureSpace.from_dict(manifest["space"])
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used so far."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def in_process_level(batcher, rows: list[dict], concurrency: int, requests: int,
+                     max_seconds: float) -> dict:
+    """`concurrency` threads submitting rows to the batcher back to back, no HTTP."""
+    latencies: list[float] = []
+    issued = itertools.count()
+    lock = threading.Lock()
+    deadline = time.perf_counter() + max_seconds
+
+    def worker() -> None:
+        while time.perf_counter() < deadline:
+            index = next(issued)
+            if index >= requests:
+                break
+            started = time.perf_counter()
+            batcher.submit(rows[index % len(rows)]).result(timeout=30)
+            with lock:
+                latencies.append((time.perf_counter() - started) * 1000)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    cpu, started = time.process_time(), time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    values = np.array(latencies)
+    return {"mode": "in-process", "concurrency": concurrency, "requests": len(latencies),
+            "seconds": round(seconds, 2),
+            "throughput_rps": round(len(latencies) / seconds, 1),
+            "latency_ms_p50": round(float(np.percentile(values, 50)), 2),
+            "latency_ms_p99": round(float(np.percentile(values, 99)), 2),
+            "cpu_ms_per_request": round(1000 * (time.process_time() - cpu) / len(latencies), 2)}
 
 
 def level(port: int, bodies: list[bytes], concurrency: int, requests: int,
@@ -85,17 +132,20 @@ def level(port: int, bodies: list[bytes], concurrency: int, requests: int,
         connection.close()
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    started = time.perf_counter()
+    cpu, started = time.process_time(), time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - started
     values = np.array(latencies)
-    return {"concurrency": concurrency, "requests": len(latencies), "seconds": round(seconds, 2),
+    return {"mode": "http", "concurrency": concurrency, "requests": len(latencies),
+            "seconds": round(seconds, 2),
             "throughput_rps": round(len(latencies) / seconds, 1),
             "latency_ms_p50": round(float(np.percentile(values, 50)), 2),
             "latency_ms_p99": round(float(np.percentile(values, 99)), 2),
+            "client_cpu_ms_per_request": round(
+                1000 * (time.process_time() - cpu) / max(len(latencies), 1), 2),
             "errors": errors}
 
 
@@ -112,6 +162,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="the service's model threads")
     parser.add_argument("--device", default="cpu", help="the service's --device (a run's)")
     parser.add_argument("--json", help="also write the levels here")
+    parser.add_argument("--in-process", action="store_true",
+                        help="also run the levels through the batched path without HTTP")
     args = parser.parse_args()
 
     table = pq.read_table(args.data).slice(0, 1000)
@@ -136,7 +188,10 @@ def main() -> None:
         level(port, bodies, 1, args.warmup, 30)
         results = []
         for concurrency in (int(c) for c in args.concurrency.split(",")):
+            service_cpu = process_cpu(server.pid)
             result = level(port, bodies, concurrency, args.requests, args.max_seconds)
+            result["service_cpu_ms_per_request"] = round(
+                1000 * (process_cpu(server.pid) - service_cpu) / max(result["requests"], 1), 2)
             results.append(result)
             print(json.dumps(result), flush=True)
         results_all = {"levels": results, "service": httpx.get(base + "/metrics").json(),
@@ -147,6 +202,33 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+    if args.in_process and args.run:
+        results += in_process_levels(args, table, space)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({**results_all, "levels": results}, fh, indent=1)
+
+
+def in_process_levels(args, table, space) -> list[dict]:
+    """The same requests through `Backend` and `Batcher` in this process (after the service
+    has stopped, so that the two do not share the cores)."""
+    import torch
+
+    from nar4rec.serve import Backend, Batcher, RerankRequest, request_row
+
+    backend = Backend(run=args.run, threads=args.threads, device=args.device)
+    torch.set_num_threads(max(args.threads, 1))
+    batcher = Batcher(backend)
+    rows = [request_row(RerankRequest.model_validate(request_json(table, row, space)),
+                        space, backend.list_length, 10_000)
+            for row in range(table.num_rows)]
+    in_process_level(batcher, rows, 1, args.warmup, 30)
+    results = []
+    for concurrency in (int(c) for c in args.concurrency.split(",")):
+        result = in_process_level(batcher, rows, concurrency, args.requests, args.max_seconds)
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    return results
 
 
 if __name__ == "__main__":
