@@ -82,7 +82,8 @@ def explore(lists: np.ndarray, upstream_score: np.ndarray, cand_mask: np.ndarray
     real = np.asarray(cand_mask, dtype=bool)
     batch, m = lists.shape
     logits = _logits(np.asarray(upstream_score, dtype=np.float64), real, config.temperature)
-    drawn = _fit(propensity.pl_sample(logits, min(m, logits.shape[1]), rng)[:, 0], m)  # (B, m)
+    drawn = propensity.fit_width(
+        propensity.pl_sample(logits, min(m, logits.shape[1]), rng)[:, 0], m)      # (B, m)
     explored = rng.random(batch) < config.epsilon                             # (B,)
     shown = np.where(explored[:, None], drawn, lists)                         # (B, m)
     eps = config.epsilon
@@ -94,8 +95,8 @@ def explore(lists: np.ndarray, upstream_score: np.ndarray, cand_mask: np.ndarray
     prefix = np.where(placed, prefix, np.nan)
     length = placed.sum(1)
     log_propensity = np.take_along_axis(prefix, np.maximum(length - 1, 0)[:, None], 1)[:, 0]
-    pl_marginal = _fit(propensity.pl_marginals(logits, min(m, logits.shape[1]),
-                                               samples=config.samples, rng=rng), m, axis=2)
+    pl_marginal = propensity.fit_width(propensity.pl_marginals(
+        logits, min(m, logits.shape[1]), samples=config.samples, rng=rng), m)    # (B, N, m)
     own = np.zeros_like(pl_marginal)                                          # (B, N, m)
     rows, positions = np.nonzero(lists >= 0)
     own[rows, lists[rows, positions], positions] = 1.0
@@ -112,13 +113,3 @@ def _logits(score: np.ndarray, real: np.ndarray, temperature: float) -> np.ndarr
     spread = np.sqrt(np.where(real, (score - mean) ** 2, 0.0).sum(1, keepdims=True) / count)
     z = (score - mean) / np.where(spread > 0, spread, 1.0)
     return np.where(real, z / temperature, -np.inf)
-
-
-def _fit(values: np.ndarray, m: int, axis: int = 1) -> np.ndarray:
-    """Pad `values` with -1 (integers) or 0 to m entries along `axis`."""
-    missing = m - values.shape[axis]
-    if missing <= 0:
-        return values
-    pad = [(0, 0)] * values.ndim
-    pad[axis] = (0, missing)
-    return np.pad(values, pad, constant_values=-1 if values.dtype.kind == "i" else 0)

@@ -97,9 +97,9 @@ def ope_run(run_dir: str | Path, data_dir: str | Path, *, split: str = "test",
             missing.update(probabilities.missing)
             target = run.system.rerank(batch).lists                         # (B, m)
             rewards = (batch.feedback * batch.exposed_mask.unsqueeze(-1)).double().numpy()
-            logged_np = _fit(logged.numpy(), m)
+            logged_np = propensity.fit_width(logged.numpy(), m)
             mask = logged_np >= 0
-            rewards = _fit(rewards, m)
+            rewards = propensity.fit_width(rewards, m, axis=1)
             part = ope.OffPolicyBatch(
                 logged=logged_np, logged_mask=mask, rewards=rewards,
                 mu_list=_exp(probabilities.list_log_prob),
@@ -183,7 +183,7 @@ def _logging_samples(batch, m: int, samples: int, rng: np.random.Generator):
     logits = np.where(np.isfinite(score) & batch.cand_mask.numpy(),
                       score / temperature[:, None], -np.inf)
     drawn = propensity.pl_sample(logits, min(m, logits.shape[1]), rng, samples=samples)
-    return _fit(drawn, m, axis=2)
+    return propensity.fit_width(drawn, m)
 
 
 def _floored(marginal: np.ndarray | None, logged: np.ndarray, samples: int
@@ -202,17 +202,6 @@ def _floored(marginal: np.ndarray | None, logged: np.ndarray, samples: int
     floored[rows, items, positions] = np.maximum(floored[rows, items, positions],
                                                  0.5 / samples)
     return floored
-
-
-def _fit(values: np.ndarray, m: int, axis: int = 1) -> np.ndarray:
-    """Cut or pad (with -1 for integers, 0 otherwise) `values` to m along `axis`."""
-    length = values.shape[axis]
-    if length >= m:
-        return np.take(values, np.arange(m), axis=axis)
-    pad = [(0, 0)] * values.ndim
-    pad[axis] = (0, m - length)
-    fill = -1 if np.issubdtype(values.dtype, np.integer) else 0
-    return np.pad(values, pad, constant_values=fill)
 
 
 def _exp(log_values: np.ndarray | None) -> np.ndarray | None:

@@ -372,7 +372,7 @@ def logging_probabilities(logging: LoggingPolicy | None, lists, m: int, *,
     """
     full = _numpy(lists).astype(np.int64)
     rows = len(full)
-    cut = _fit(full, m, NO_ITEM)                                          # (B, M)
+    cut = fit_width(full, m, NO_ITEM)                                     # (B, M)
     placed = cut >= 0
     length = placed.sum(axis=1)                                           # (B,)
     result = LoggingProbabilities()
@@ -386,7 +386,7 @@ def logging_probabilities(logging: LoggingPolicy | None, lists, m: int, *,
             logits = np.where(np.isnan(score), -np.inf,
                               score / np.where(known, temperature, 1.0)[:, None])
         logits[~known] = 0.0            # computed for every request, then marked unknown
-    explicit_prefix = None if prefix is None else np.where(placed, _fit(prefix, m, np.nan),
+    explicit_prefix = None if prefix is None else np.where(placed, fit_width(prefix, m, np.nan),
                                                            np.nan)
 
     def combine(name: str, parts: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
@@ -430,7 +430,7 @@ def logging_probabilities(logging: LoggingPolicy | None, lists, m: int, *,
 
     parts = []
     if marginal is not None:
-        explicit = _fit(marginal, m, 0.0) * placed[:, None, :]
+        explicit = fit_width(marginal, m, 0.0) * placed[:, None, :]
         parts.append((LOGGING_MARGINAL, explicit, ~np.isnan(explicit).any(axis=(1, 2))))
     if logits is not None and "marginal" in quantities and (
             not parts or not parts[0][2].all()):
@@ -440,13 +440,18 @@ def logging_probabilities(logging: LoggingPolicy | None, lists, m: int, *,
     return result
 
 
-def _fit(values: np.ndarray, width: int, fill) -> np.ndarray:
-    """`values` cut or padded with `fill` to `width` along the last axis."""
-    extra = width - values.shape[-1]
-    if extra <= 0:
-        return values[..., :width]
-    return np.concatenate([values, np.full((*values.shape[:-1], extra), fill,
-                                           dtype=values.dtype)], axis=-1)
+def fit_width(values: np.ndarray, width: int, fill=None, axis: int = -1) -> np.ndarray:
+    """`values` cut or padded to `width` entries along `axis`, padding with `fill` (default
+    NO_ITEM for integers, 0 otherwise): lists and their per-position arrays brought to the
+    M positions of a batch."""
+    length = values.shape[axis]
+    if length >= width:
+        return np.take(values, np.arange(width), axis=axis)
+    if fill is None:
+        fill = NO_ITEM if np.issubdtype(values.dtype, np.integer) else 0
+    pad = [(0, 0)] * values.ndim
+    pad[axis] = (0, width - length)
+    return np.pad(values, pad, constant_values=fill)
 
 
 def _numpy(values: np.ndarray | torch.Tensor | None, dtype=None) -> np.ndarray | None:
