@@ -71,7 +71,7 @@ def ope_run(run_dir: str | Path, data_dir: str | Path, *, split: str = "test",
     m = run.info["list_length"]
     weights = np.asarray(spec.weights)
     truth = {"model": [], "logged": []}
-    logged_mean = _Observed()
+    logged_mean = ope.Moments()
     quantities = {q for name in estimators for q in NEEDS[name]}
     sources: dict[str, str] = {}
     missing: dict[str, str] = {}
@@ -134,7 +134,7 @@ def ope_run(run_dir: str | Path, data_dir: str | Path, *, split: str = "test",
               "behaviours": list(spec.behaviours),
               "utility_weights": dict(zip(spec.behaviours, weights.tolist(), strict=True)),
               "estimates": {name: estimate.to_dict() for name, estimate in results.items()},
-              "logged": logged_mean.summary(weights), "reward_model": reward_note,
+              "logged": _observed_summary(logged_mean, weights), "reward_model": reward_note,
               "sources": sources, "max_weight": max_weight, "samples": samples}
     if world is not None:
         report["truth"] = {name: _behaviour_summary(np.concatenate(parts), weights)
@@ -208,30 +208,14 @@ def _exp(log_values: np.ndarray | None) -> np.ndarray | None:
     return None if log_values is None else np.exp(log_values)
 
 
-class _Observed:
-    """Running mean and variance of the logged lists' observed feedback per request."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.total = None
-        self.squares = None
-
-    def add(self, per_request: np.ndarray) -> None:                    # (B, K)
-        self.count += len(per_request)
-        if self.total is None:
-            self.total = np.zeros(per_request.shape[1])
-            self.squares = np.zeros((per_request.shape[1],) * 2)
-        self.total += per_request.sum(0)
-        self.squares += per_request.T @ per_request
-
-    def summary(self, weights: np.ndarray) -> dict:
-        mean = self.total / self.count
-        covariance = self.squares / self.count - np.outer(mean, mean)
-        utility_variance = float(weights @ covariance @ weights)
-        error = math.sqrt(max(utility_variance, 0.0) / max(self.count - 1, 1))
-        utility = float(weights @ mean)
-        return {"value": mean.tolist(), "utility": utility,
-                "utility_low": utility - Z95 * error, "utility_high": utility + Z95 * error}
+def _observed_summary(moments: ope.Moments, weights: np.ndarray) -> dict:
+    """The logged lists' observed mean per behaviour and utility, with its 95 % interval,
+    from the running moments of each request's feedback (B, K)."""
+    utility = float(weights @ moments.mean)
+    error = math.sqrt(max(float(weights @ moments.covariance() @ weights), 0.0)
+                      / moments.count)
+    return {"value": moments.mean.tolist(), "utility": utility,
+            "utility_low": utility - Z95 * error, "utility_high": utility + Z95 * error}
 
 
 def _behaviour_summary(counts: np.ndarray, weights: np.ndarray) -> dict:

@@ -647,7 +647,7 @@ class _Terms:
     diagnostics: dict[str, float] = field(default_factory=dict)
 
 
-class _Moments:
+class Moments:
     """Running mean and scatter matrix of vectors, merged batch by batch (Chan et al. 1979)."""
 
     def __init__(self) -> None:
@@ -682,7 +682,7 @@ class _State:
     """One estimator's running sums, or the reason it was skipped."""
 
     def __init__(self) -> None:
-        self.moments = _Moments()
+        self.moments = Moments()
         self.weight_sum = np.zeros((0, 0))                                     # (P, Kt)
         self.weight_square = np.zeros((0, 0))                                  # (P, Kt)
         self.weight_count = 0
@@ -693,7 +693,7 @@ class _State:
 
     def skip(self, reason: str) -> None:
         self.skipped = reason
-        self.moments = _Moments()
+        self.moments = Moments()
 
     def add(self, terms: _Terms) -> None:
         self.moments.add(terms.values)
