@@ -74,6 +74,14 @@ def in_process_level(batcher, rows: list[dict], concurrency: int, requests: int,
             with lock:
                 latencies.append((time.perf_counter() - started) * 1000)
 
+    figures, cpu_ms = drive(worker, concurrency, latencies)
+    return {"mode": "in-process", "concurrency": concurrency, **figures,
+            "cpu_ms_per_request": cpu_ms}
+
+
+def drive(worker, concurrency: int, latencies: list[float]) -> tuple[dict, float]:
+    """Run `concurrency` threads of `worker` to the end; the level's figures from the
+    latencies they recorded, and this process's CPU milliseconds per request."""
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     cpu, started = time.process_time(), time.perf_counter()
     for thread in threads:
@@ -81,13 +89,12 @@ def in_process_level(batcher, rows: list[dict], concurrency: int, requests: int,
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - started
+    cpu_ms = round(1000 * (time.process_time() - cpu) / max(len(latencies), 1), 2)
     values = np.array(latencies)
-    return {"mode": "in-process", "concurrency": concurrency, "requests": len(latencies),
-            "seconds": round(seconds, 2),
+    return {"requests": len(latencies), "seconds": round(seconds, 2),
             "throughput_rps": round(len(latencies) / seconds, 1),
             "latency_ms_p50": round(float(np.percentile(values, 50)), 2),
-            "latency_ms_p99": round(float(np.percentile(values, 99)), 2),
-            "cpu_ms_per_request": round(1000 * (time.process_time() - cpu) / len(latencies), 2)}
+            "latency_ms_p99": round(float(np.percentile(values, 99)), 2)}, cpu_ms
 
 
 def level(port: int, bodies: list[bytes], concurrency: int, requests: int,
@@ -131,22 +138,9 @@ def level(port: int, bodies: list[bytes], concurrency: int, requests: int,
                     errors["5xx"] += 1
         connection.close()
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    cpu, started = time.process_time(), time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
-    values = np.array(latencies)
-    return {"mode": "http", "concurrency": concurrency, "requests": len(latencies),
-            "seconds": round(seconds, 2),
-            "throughput_rps": round(len(latencies) / seconds, 1),
-            "latency_ms_p50": round(float(np.percentile(values, 50)), 2),
-            "latency_ms_p99": round(float(np.percentile(values, 99)), 2),
-            "client_cpu_ms_per_request": round(
-                1000 * (time.process_time() - cpu) / max(len(latencies), 1), 2),
-            "errors": errors}
+    figures, cpu_ms = drive(worker, concurrency, latencies)
+    return {"mode": "http", "concurrency": concurrency, **figures,
+            "client_cpu_ms_per_request": cpu_ms, "errors": errors}
 
 
 def main() -> None:
