@@ -24,7 +24,8 @@ from nar4rec import decode
 from nar4rec.data.batch import RequestBatch
 from nar4rec.data.loader import RequestLoader
 from nar4rec.models.base import Ranking, predicted_utility, top_m
-from nar4rec.models.evaluator import Evaluator, evaluator_loss
+from nar4rec.decode import NO_ITEM
+from nar4rec.models.evaluator import Evaluator, EvaluatorConfig, evaluator_loss
 from nar4rec.models.nar4rec import (
     GeneratorOutput,
     NAR4Rec,
@@ -384,11 +385,33 @@ def propose(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tenso
 TAU_REQUESTS = 200_000          # logged lists read to set tau from the training utilities
 
 
-def evaluator_step(network: torch.nn.Module, batch: RequestBatch
-                   ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The evaluator's LossFn for the training loop: per-behaviour BCE on the logged lists."""
-    loss = evaluator_loss(network(batch), batch.feedback, batch.exposed_mask)
-    return loss, {"loss": float(loss.detach())}
+def evaluator_step(config: EvaluatorConfig):
+    """The evaluator's LossFn for the training loop: per-behaviour BCE on the logged lists,
+    plus, with `config.alone_weight`, the same BCE for every logged item scored alone (a
+    one-item list at the first position, as `item_wise_scores` scores candidates), so that
+    the evaluator's item-wise scores are trained, like a point-wise model's, on every shown
+    item's feedback instead of read out of a context it never saw in training."""
+    weight = config.alone_weight
+
+    def step(network: torch.nn.Module, batch: RequestBatch
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        if not weight:
+            loss = evaluator_loss(network(batch), batch.feedback, batch.exposed_mask)
+            return loss, {"loss": float(loss.detach())}
+        exposed, mask = batch.exposed, batch.exposed_mask                       # (B, M)
+        # one forward pass over the logged list and its M one-item lists, padded to M
+        alone = torch.full(exposed.shape + exposed.shape[-1:], NO_ITEM,
+                           dtype=exposed.dtype, device=exposed.device)          # (B, M, M)
+        alone[..., 0] = exposed
+        lists = torch.cat([exposed.unsqueeze(1), alone], dim=1)                 # (B, 1+M, M)
+        lists_mask = torch.cat([mask.unsqueeze(1), alone >= 0], dim=1)
+        logits = network(batch, lists, lists_mask)                              # (B, 1+M, M, K)
+        in_context = evaluator_loss(logits[:, 0], batch.feedback, mask)
+        alone_loss = evaluator_loss(logits[:, 1:, 0], batch.feedback, mask)
+        loss = in_context + weight * alone_loss
+        return loss, {"loss": float(loss.detach()), "in_context": float(in_context.detach()),
+                      "alone": float(alone_loss.detach())}
+    return step
 
 
 def generator_step(config, weights: torch.Tensor, evaluator: Evaluator | None = None):
@@ -434,7 +457,7 @@ class EvaluatorSystem(System):
 
     @classmethod
     def loss(cls, phase, model_config, space, trained):
-        return evaluator_step
+        return evaluator_step(model_config)
 
     def to(self, device) -> EvaluatorSystem:
         super().to(device)
@@ -497,7 +520,7 @@ class NAR4RecSystem(EvaluatorSystem):
     @classmethod
     def loss(cls, phase, model_config, space, trained):
         if phase.name == "evaluator":
-            return evaluator_step
+            return evaluator_step(model_config)
         judge = trained("evaluator") if model_config.needs_evaluator else None
         return generator_step(model_config, space.utility_weights, judge)
 

@@ -56,6 +56,10 @@ class EvaluatorConfig:
         is like this one, which is what fatigue and diversity are about.
     shared_values: also give each item, per categorical feature but the id, whether an item
         above has the same value.
+    alone_weight: weight of a second training loss, the same BCE for every logged item
+        scored alone (a one-item list at the first position, as the evaluator's item-wise
+        scores read it; `reranker.evaluator_step`); 0: the logged lists only (the paper's
+        reading).
     """
 
     list_length: int = 6
@@ -75,6 +79,7 @@ class EvaluatorConfig:
     similarity_heads: int = 0
     similarity_dim: int = 16
     shared_values: bool = False
+    alone_weight: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -88,6 +93,8 @@ class EvaluatorConfig:
         if self.similarity_heads < 0 or self.similarity_dim < 1:
             problems.append(f"similarity_heads must be >= 0 and similarity_dim >= 1, not "
                             f"{self.similarity_heads} and {self.similarity_dim}")
+        if self.alone_weight < 0:
+            problems.append(f"alone_weight must be >= 0, not {self.alone_weight}")
         if self.upstream_norm not in UPSTREAM_NORMS:
             problems.append(f"upstream_norm must be one of {UPSTREAM_NORMS}, not "
                             f"{self.upstream_norm!r}")
