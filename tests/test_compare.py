@@ -14,6 +14,7 @@ from nar4rec.compare import compare, format_tables, relative_change, write_repor
 from nar4rec.config import RunConfig, dataset_of, dataset_settings, load_overrides
 from nar4rec.evaluation import evaluate_run
 from nar4rec.report import NDCG_NOTE
+from nar4rec.reranker import PAPER_SETTINGS
 from nar4rec.runs import load_run, read_run, rerank_file, train_run
 
 TINY = ["train.epochs=1", "train.steps_per_epoch=6", "evaluator_train.epochs=1",
@@ -88,7 +89,9 @@ def test_compare_lays_out_every_table(data, tmp_path):
     models = ("nar4rec", "edge_rerank", "dnn")
     result = compare(data, tmp_path / "runs", models=models, seeds=2, config=tiny_config(),
                      time_batch=32, progress=False, log=lambda _: None)
-    assert [row["model"] for row in result["rows"]] == list(models)
+    # NAR4Rec at the paper's settings (configs/paper.toml) is a row beside the defaults
+    assert [row["model"] for row in result["rows"]] == ["nar4rec", "nar4rec_paper",
+                                                         "edge_rerank", "dnn"]
     for row in result["rows"]:
         assert len(row["per_seed"]) == 2
         for key in ("recall@6", "recall@10", "utility", "captured_lift",
@@ -104,6 +107,11 @@ def test_compare_lays_out_every_table(data, tmp_path):
     oracle_row = next(r for r in table5["rows"] if r["model"] == "oracle")
     assert oracle_row["utility_relative"]["change"] >= 0
     assert [r["training"].split()[0] for r in result["table6"]] == ["vanilla", "unlikelihood"]
+    for name in ("nar4rec_paper", "nar4rec_vanilla"):    # Table 6 at the paper's settings
+        recorded = read_run(tmp_path / "runs" / "seed0" / name)["config"]
+        for key, value in PAPER_SETTINGS.items():
+            section, setting = key.split(".")
+            assert recorded[section][setting] == value, (name, key)
     assert len(result["table7"]) == 6
     # Seed 1 trains different models than seed 0.
     assert result["rows"][0]["per_seed"][0] != result["rows"][0]["per_seed"][1]

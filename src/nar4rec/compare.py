@@ -3,9 +3,11 @@ paper's tables.
 
 For each seed, each model is trained on the train split (validated on valid, early-stopped on
 the validation loss: nothing is tuned on test) into RUNS/seed<S>/<model>/ and evaluated on the
-test split by `evaluation.evaluate_run`. With NAR4Rec among the models, a second generator is
-trained with vanilla (likelihood) training on the same evaluator for Table 6, and Table 7 comes
-from decoding the unlikelihood generator with each decoder. The seed sets every training seed
+test split by `evaluation.evaluate_run`. Each model's companions (`System.companions`) are
+trained beside it: with NAR4Rec, NAR4Rec at the paper's settings (configs/paper.toml), a row
+of its own named nar4rec_paper, and for Table 6 a generator trained with vanilla (likelihood)
+training on that run's evaluator; Table 7 comes from decoding the default generator with each
+decoder. The seed sets every training seed
 and the reranker's sampling seed; the data stay the same.
 
 Tables (the paper's numbering):
@@ -76,26 +78,26 @@ def compare(data_dir: str | Path, runs_dir: str | Path, *, models=COMPARED,
                                        source="the data set's settings")
     evaluations: dict[str, list[dict]] = {}
     timings: dict[str, dict] = {}
+    rows: list[str] = []
     for seed in range(seeds):
         seeded = _seeded(config, seed)
         for model in models:
-            run = runs_dir / f"seed{seed}" / model
-            log(f"seed {seed}: {model}")
-            _train(data_dir, run, model, seeded, resume, progress)
-            evaluations.setdefault(model, []).append(
-                evaluate_run(run, data_dir, per_request=True))
-            if seed == 0:
-                timings[model] = time_run(run, data_dir, time_batch)
-            companions = system_class(model).companions(seeded)
-            for name, (settings, reused) in companions.items():
+            runs = {model: (seeded, {}, True)} | {
+                name: (c.config, c.reuse, c.row)
+                for name, c in system_class(model).companions(seeded).items()}
+            for name, (settings, reuse, row) in runs.items():
                 run = runs_dir / f"seed{seed}" / name
                 log(f"seed {seed}: {name}")
                 _train(data_dir, run, model, settings, resume, progress,
-                       reuse={phase: runs_dir / f"seed{seed}" / model for phase in reused})
+                       reuse={phase: runs_dir / f"seed{seed}" / source
+                              for phase, source in reuse.items()})
                 evaluations.setdefault(name, []).append(
                     evaluate_run(run, data_dir, per_request=True))
+                if row and seed == 0:
+                    rows.append(name)
+                    timings[name] = time_run(run, data_dir, time_batch)
     return tables(evaluations, timings, data_dir=str(data_dir), seeds=seeds,
-                  time_batch=time_batch, models=list(models))
+                  time_batch=time_batch, models=list(models), rows=rows)
 
 
 def _seeded(config: RunConfig, seed: int) -> RunConfig:
@@ -133,13 +135,18 @@ def time_run(run_dir: Path, data_dir, batch_size: int) -> dict:
 
 
 def tables(evaluations: dict[str, list[dict]], timings: dict[str, dict], *, data_dir: str,
-           seeds: int, time_batch: int, models: list[str]) -> dict:
-    """Aggregate per-seed evaluations into the JSON `nar4rec compare` writes."""
+           seeds: int, time_batch: int, models: list[str], rows: list[str] | None = None
+           ) -> dict:
+    """Aggregate per-seed evaluations into the JSON `nar4rec compare` writes.
+
+    models: the registered models compared; rows: the runs shown as rows, in order (default
+    `models`; `compare` adds the companions that ask for a row after their model)."""
     first = evaluations[models[0]][0]
     protocol = first["protocol"]
     simulated = "variants" in first
+    names = rows or list(models)
     rows = []
-    for model in models:
+    for model in names:
         runs = evaluations[model]
         metrics = _mean_std([r["metrics"] for r in runs])
         row = {"model": model, "metrics": metrics["mean"], "std": metrics["std"],
@@ -155,7 +162,7 @@ def tables(evaluations: dict[str, list[dict]], timings: dict[str, dict], *, data
         reference = REFERENCE if REFERENCE in models else "logging"
         behaviours = list(next(iter(first["behaviour_means"].values())))
         counts = {model: [r["per_request"][r["model"]] for r in evaluations[model]]
-                  for model in models}
+                  for model in names}
         for name in ("logging", "upstream", "oracle"):
             if name in first["per_request"]:
                 counts[name] = [r["per_request"][name] for r in evaluations[models[0]]]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from nar4rec import decode
+from nar4rec.config import apply_overrides
 from nar4rec.data.batch import RequestBatch
 from nar4rec.data.loader import RequestLoader
 from nar4rec.models.base import Ranking, predicted_utility, top_m
@@ -33,7 +34,7 @@ from nar4rec.models.nar4rec import (
     greedy_judged_utility,
     resolve_tau,
 )
-from nar4rec.system import Phase, Reranked, System
+from nar4rec.system import Companion, Phase, Reranked, System
 
 SELECTIONS = ("evaluator", "first")
 
@@ -383,6 +384,22 @@ def propose(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tenso
 # The systems of the registry: the evaluator alone, and NAR4Rec (evaluator, then generator)
 
 TAU_REQUESTS = 200_000          # logged lists read to set tau from the training utilities
+# The paper's NAR4Rec where the defaults go beyond it (issue 21; docs/results.md): the
+# generator trained on the logged lists alone, the evaluator on the logged lists with plain
+# self-attention, the proposals the generator's only. configs/paper.toml holds the same.
+PAPER_SETTINGS = {
+    "generator.gumbel_weight": 0.0,
+    "generator.gumbel_objective": "log",
+    "evaluator.causal": False,
+    "evaluator.user_interaction": False,
+    "evaluator.alone_weight": 0.0,
+    "reranker.evaluator_top_m": False,
+}
+
+
+def paper_config(config):
+    """`config` (a `RunConfig`) with NAR4Rec at the paper's settings (`PAPER_SETTINGS`)."""
+    return apply_overrides(config, PAPER_SETTINGS, source="the paper's settings")
 
 
 def evaluator_step(config: EvaluatorConfig):
@@ -503,7 +520,7 @@ class NAR4RecSystem(EvaluatorSystem):
     VARIANTS = ("generator_greedy", "generator_contrastive", "generator_beam", "generator_top_k",
                 "generator_dpp", "evaluator_top_m")
     TABLE6 = {"nar4rec_vanilla": "vanilla (likelihood on every logged list)",
-              "nar4rec": "unlikelihood (eq. 15)"}
+              "nar4rec_paper": "unlikelihood (eq. 15)"}
     TABLE7 = {"contrastive": "generator_contrastive", "greedy": "generator_greedy",
               "beam search": "generator_beam", "top-k sampling": "generator_top_k",
               "DPP": "generator_dpp", "pipeline (proposals + evaluator)": "nar4rec"}
@@ -526,11 +543,18 @@ class NAR4RecSystem(EvaluatorSystem):
 
     @classmethod
     def companions(cls, config):
-        """Table 6: a generator trained with vanilla (likelihood) training on the same
-        evaluator."""
-        vanilla = dataclasses.replace(config, generator=dataclasses.replace(
-            config.generator, objective="likelihood"))
-        return {"nar4rec_vanilla": (vanilla, ("evaluator",))}
+        """NAR4Rec at the paper's settings (`PAPER_SETTINGS`, configs/paper.toml), a row of
+        its own beside the defaults; and Table 6's generator trained with vanilla (likelihood)
+        training on the paper run's evaluator. Where `config` already is the paper's, the
+        paper run is `config`'s own run, reused whole."""
+        paper = paper_config(config)
+        vanilla = dataclasses.replace(paper, generator=dataclasses.replace(
+            paper.generator, objective="likelihood"))
+        same = paper == config
+        return {"nar4rec_paper": Companion(
+                    paper, reuse={"evaluator": "nar4rec", "generator": "nar4rec"} if same else {},
+                    row=True),
+                "nar4rec_vanilla": Companion(vanilla, reuse={"evaluator": "nar4rec_paper"})}
 
     @property
     def generator(self) -> NAR4Rec:

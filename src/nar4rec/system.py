@@ -22,7 +22,8 @@ only what this class declares, and find a model's class through `registry.system
     graphs()                        what `export` writes: "system" (the six feature inputs to
                                     the lists, scores and utility that `rerank` returns) and
                                     any other graph worth serving
-    companions(config)              other runs `compare` trains beside it (Table 6)
+    companions(config)              other runs `compare` trains beside it (`Companion`:
+                                    NAR4Rec at the paper's settings, Table 6's vanilla)
 
 Nothing here loops over requests.
 """
@@ -47,6 +48,22 @@ if TYPE_CHECKING:
 
 FEATURE_INPUTS = ("user_cat", "user_num", "cand_cat", "cand_num", "upstream_score", "cand_mask")
 SYSTEM_OUTPUTS = ("list", "item_scores", "utility")
+
+
+@dataclass(frozen=True)
+class Companion:
+    """A run `compare` trains beside a system's own, for each seed.
+
+    config: its settings (the system's `RunConfig` with some changed).
+    reuse: phases it takes, trained, from another run of the same seed ({phase: that run's
+        name}: the system's own name or an earlier companion's) instead of training them.
+    row: whether the tables show it as a model of its own (otherwise only where its system's
+        TABLE6 names it).
+    """
+
+    config: Any
+    reuse: dict[str, str] = dataclasses.field(default_factory=dict)
+    row: bool = False
 
 
 @dataclass(frozen=True)
@@ -195,9 +212,9 @@ class System:
         return cls(modules, config, space, list_length)
 
     @classmethod
-    def companions(cls, config: Any) -> dict[str, tuple[Any, tuple[str, ...]]]:
-        """Other runs `compare` trains beside this one, by name: (their settings, the phases
-        they reuse from this run). None by default."""
+    def companions(cls, config: Any) -> dict[str, Companion]:
+        """Other runs `compare` trains beside this one at `config`, by name, in the order
+        they are trained. None by default."""
         return {}
 
     # -- a system -------------------------------------------------------------------------
