@@ -33,12 +33,20 @@ import math
 import time
 from pathlib import Path
 
-from nar4rec.config import RunConfig, load_overrides
+from nar4rec.config import RunConfig, load_overrides, parse_sets
 from nar4rec.evaluation import evaluate_run
 from nar4rec.io import atomic_file
 from nar4rec.runs import phases_of, read_run, train_run
 
 JUDGED = ["train.epochs=8", "train.patience=3"]
+DEFAULT_EPOCHS = ["train.epochs=10", "train.patience=2", "evaluator_train.epochs=10",
+                  "evaluator_train.patience=2"]
+GUMBEL = ["generator.gumbel_weight=2", "generator.gumbel_objective=utility"]
+# the evaluator as issue 21's investigation left it (benchmarks/evaluator_relevance.py)
+IMPROVED_EVALUATOR = ["evaluator.causal=true", "evaluator.user_interaction=true",
+                      "evaluator.alone_weight=1"]
+LIST_AWARE_EVALUATOR = ["evaluator.causal=true", "evaluator.similarity_heads=4",
+                        "evaluator.shared_values=true"]
 CONFIGS = {
     "paper": None,
     "self_critical": [*JUDGED, "generator.evaluator_lists=16", "generator.evaluator_weight=16"],
@@ -50,7 +58,35 @@ CONFIGS = {
                    "generator.preference_weight=4"],
     "gumbel_critical": [*JUDGED, "generator.gumbel_weight=2", "generator.gumbel_objective=utility",
                         "generator.evaluator_lists=16", "generator.evaluator_weight=16"],
+    # the candidates for the default, trained as `nar4rec train` trains by default (10 epochs,
+    # patience 2, both phases), each with its own evaluator
+    "gumbel_default": [*DEFAULT_EPOCHS, *GUMBEL],
+    "improved": [*DEFAULT_EPOCHS, *GUMBEL, *IMPROVED_EVALUATOR, "reranker.evaluator_top_m=true"],
+    "list_aware_gumbel": [*DEFAULT_EPOCHS, *GUMBEL, *LIST_AWARE_EVALUATOR, "evaluator.alone_weight=1",
+                          "reranker.evaluator_alphas=[0.01,0.02,0.05,0.1]",
+                          "reranker.evaluator_top_m=true"],
 }
+
+
+# proposal sets, applied at evaluation (`nar4rec evaluate --set`): fewer proposals cost less
+# to serve (the evaluator scores each)
+PROPOSALS = {
+    "as_trained": [],
+    "no_samples": ["reranker.samples=0"],
+    "greedy_and_evaluator": ["reranker.samples=0", "reranker.alphas=[0]"],
+    "lean": ["reranker.samples=0", "reranker.alphas=[0]", "reranker.evaluator_alphas=[0.02,0.1]"],
+}
+
+
+def applies(proposals: str, settings: list[str]) -> bool:
+    """Whether a proposal set applies to a configuration: every set to one that proposes the
+    evaluator's top m, a set with evaluator_alphas only to one that has them."""
+    if proposals == "as_trained":
+        return True
+    alphas = "reranker.evaluator_alphas"
+    needs_alphas = any(s.startswith(alphas) for s in PROPOSALS[proposals])
+    return "reranker.evaluator_top_m=true" in settings and (
+        not needs_alphas or any(s.startswith(alphas) for s in settings))
 
 
 def trained(base: Path, out: Path, settings: list[str] | None) -> tuple[Path, float]:
@@ -63,7 +99,10 @@ def trained(base: Path, out: Path, settings: list[str] | None) -> tuple[Path, fl
     info = read_run(base)
     config = load_overrides(RunConfig.from_dict(info["config"]), None, settings)
     start = time.perf_counter()
-    train_run(info["data"], out, config=config, reuse={"evaluator": base}, progress=False,
+    # a configuration that sets the evaluator, or how it trains, trains its own
+    own_evaluator = any(s.startswith(("evaluator.", "evaluator_train.")) for s in settings)
+    train_run(info["data"], out, config=config,
+              reuse=None if own_evaluator else {"evaluator": base}, progress=False,
               resume=(out / "run.json").exists())
     return out, time.perf_counter() - start
 
@@ -73,6 +112,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", type=Path, required=True)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--split", default="valid")
+    parser.add_argument("--proposals", default="as_trained",
+                        help=f"proposal sets to evaluate each run under ({', '.join(PROPOSALS)})")
     parser.add_argument("--out", type=Path, default=Path("runs/gen"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -84,15 +125,20 @@ def main() -> None:
     for base in args.runs:
         label = base.parent.name
         data = read_run(base)["data"]
-        for name in names:
-            key = f"{label}/{name}/{args.split}"
+        for name, proposals in [(n, p) for n in names for p in args.proposals.split(",")]:
+            if not applies(proposals, CONFIGS[name] or []):
+                continue
+            key = f"{label}/{name}{'' if proposals == 'as_trained' else '+' + proposals}/" \
+                  f"{args.split}"
             if key in results:
                 continue
             run, seconds = trained(base, args.out / label / name, CONFIGS[name])
-            report = evaluate_run(run, data, split=args.split)
+            report = evaluate_run(run, data, split=args.split,
+                                  sets=parse_sets(PROPOSALS[proposals]) or None)
             variants = report["variants"]
             results[key] = {"utility": report["metrics"]["utility"],
                             "greedy": variants["generator_greedy"]["utility"],
+                            "evaluator_top_m": variants["evaluator_top_m"]["utility"],
                             "logging": report["metrics"]["logging_utility"],
                             "captured_lift": report["metrics"].get("captured_lift", math.nan),
                             "seconds": seconds}
