@@ -9,9 +9,9 @@ OUT/<data's parent name>/<variant>/, then scored on the split two ways:
     topm_utility  the true utility of the m candidates it rates best one by one, in that order
                   (the evaluator scores each candidate alone at the first position,
                   `Reranker.item_wise_scores`): relevance without list context.
-    valid_bce     the mean binary cross-entropy of its behaviour predictions for the logged
+    bce           the mean binary cross-entropy of its behaviour predictions for the logged
                   items, each in its logged list (the evaluator) or alone (DNN): the loss both
-                  are trained on, on the validation split, from run.json.
+                  are trained on (`System.predict_feedback`).
 Finished runs are reused. Choose on --split valid; check on the test split of other seeds.
 """
 
@@ -22,10 +22,13 @@ import json
 import math
 from pathlib import Path
 
+import torch
+
 from nar4rec.config import RunConfig, dataset_settings, load_overrides
+from nar4rec.data.loader import RequestLoader
 from nar4rec.evaluation import evaluate_run
 from nar4rec.io import atomic_file
-from nar4rec.runs import read_run, train_run
+from nar4rec.runs import load_run, read_run, split_files, train_run
 
 EPOCHS = ["evaluator_train.epochs=3"]
 VARIANTS = {
@@ -37,6 +40,7 @@ VARIANTS = {
     "layers2": ("evaluator", [*EPOCHS, "evaluator.layers=2"]),
     "dropout": ("evaluator", [*EPOCHS, "evaluator.dropout=0.1"]),
     "alone": ("evaluator", [*EPOCHS, "evaluator.alone_weight=1"]),
+    "causal_alone": ("evaluator", [*EPOCHS, "evaluator.causal=true", "evaluator.alone_weight=1"]),
     "causal_interaction_alone": ("evaluator", [*EPOCHS, "evaluator.causal=true",
                                                "evaluator.user_interaction=true",
                                                "evaluator.alone_weight=1"]),
@@ -46,6 +50,20 @@ VARIANTS = {
                                               "evaluator.user_interaction=true",
                                               "evaluator.d_model=128"]),
 }
+
+
+@torch.no_grad()
+def logged_bce(run: Path, data: Path, split: str) -> float:
+    """The mean per-behaviour BCE of the run's feedback predictions for the logged items."""
+    loaded = load_run(run)
+    total, cells = 0.0, 0
+    for batch in RequestLoader(split_files(data, split), loaded.space, batch_size=1024):
+        probs = loaded.system.predict_feedback(batch, batch.exposed)           # (B, M, K)
+        cell = torch.nn.functional.binary_cross_entropy(
+            probs.clamp(1e-7, 1 - 1e-7), batch.feedback, reduction="none")
+        total += float(cell[batch.exposed_mask].sum())
+        cells += int(batch.exposed_mask.sum()) * cell.shape[-1]
+    return total / cells
 
 
 def main() -> None:
@@ -78,11 +96,11 @@ def main() -> None:
             report = evaluate_run(out, data, split=args.split)
             phase = read_run(out)["phases"]
             results[key] = {"topm_utility": report["metrics"]["utility"],
-                            "valid_bce": next(iter(phase.values()))["best_valid_loss"],
+                            "bce": logged_bce(out, data, args.split),
                             "logging": report["metrics"]["logging_utility"],
                             "seconds": sum(p["seconds"] for p in phase.values())}
-            print(f"{key}: top m {results[key]['topm_utility']:.4f}, valid BCE "
-                  f"{results[key]['valid_bce']:.5f}", flush=True)
+            print(f"{key}: top m {results[key]['topm_utility']:.4f}, BCE "
+                  f"{results[key]['bce']:.5f}", flush=True)
             if args.json:
                 with atomic_file(args.json) as tmp:
                     tmp.write_text(json.dumps(results, indent=1) + "\n")
@@ -96,8 +114,8 @@ def main() -> None:
         dnn = results.get(f"{label}/dnn/{split}", {})
         print(f"| {label} / {name} | {values['topm_utility']:.4f} | "
               f"{values['topm_utility'] - dnn.get('topm_utility', math.nan):+.4f} | "
-              f"{values['valid_bce']:.5f} | "
-              f"{values['valid_bce'] - dnn.get('valid_bce', math.nan):+.5f} |")
+              f"{values['bce']:.5f} | "
+              f"{values['bce'] - dnn.get('bce', math.nan):+.5f} |")
 
 
 if __name__ == "__main__":

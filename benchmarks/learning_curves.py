@@ -14,7 +14,11 @@ each model's lists on the test split with the simulator's exact expected utility
 (`evaluation.evaluate_run`). With --list-aware, NAR4Rec is trained a second time with that TOML
 file applied, into its own run directory, labelled "nar4rec (list-aware)".
 
-Settings, applied in this order: the data set's settings, the results protocol
+"nar4rec" is NAR4Rec at the paper's settings (`reranker.PAPER_SETTINGS`, configs/paper.toml:
+the defaults these curves were measured with, before stop 24).
+
+Settings, applied in this order: the data set's settings, the paper's settings ("nar4rec"
+only), the results protocol
 (`train.epochs=3`, `evaluator_train.epochs=3`, as `nar4rec compare` in docs/results.md), the
 --list-aware TOML (its run only, so its own epochs win there), every --set (every run), every
 --list-aware-set (the list-aware run only).
@@ -51,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from nar4rec.config import RunConfig, dataset_settings, load_overrides
+from nar4rec.reranker import PAPER_SETTINGS
 from nar4rec.errors import Nar4recError
 from nar4rec.evaluation import evaluate_run
 from nar4rec.io import atomic_file
@@ -95,7 +100,9 @@ class Curves:
         toml = self.list_aware if model == LIST_AWARE else None
         sets = [*self.sets, *(self.list_aware_sets if model == LIST_AWARE else []),
                 f"train.seed={seed}", f"evaluator_train.seed={seed}", f"reranker.seed={seed}"]
-        defaults = {**dataset_settings(data),
+        # "nar4rec" is NAR4Rec at the paper's settings (the defaults before stop 24)
+        paper = PAPER_SETTINGS if model == "nar4rec" else {}
+        defaults = {**dataset_settings(data), **paper,
                     **dict(item.split("=", 1) for item in PROTOCOL)}
         return load_overrides(RunConfig(), toml, sets, defaults=defaults)
 

@@ -102,7 +102,10 @@ def test_bench_command(tmp_path, capsys):
     onnx = next(row for row in result["rows"] if row["model"] == "nar4rec_system_onnx")
     assert 0 < onnx["latency_ms_p50"] <= onnx["latency_ms_p99"] and onnx["infer_s_per_batch"] > 0
     assert onnx["latency_requests"] == 5
-    assert onnx["proposals"] == 4 + 2 and result["settings"]["reranker"]["samples"] == 2
+    reranker = result["settings"]["reranker"]
+    assert reranker["samples"] == 2 and onnx["proposals"] == (
+        len(reranker["alphas"]) + 2 + len(reranker["evaluator_alphas"])
+        + reranker["evaluator_top_m"])
     import onnx as onnx_package
     graph = onnx_package.load(str(tmp_path / "work" / "avito-nar4rec.onnx")).graph
     assert onnx["onnx_operations"] >= len(graph.node) > 50          # the top level at least

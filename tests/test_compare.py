@@ -111,7 +111,9 @@ def test_compare_lays_out_every_table(data, tmp_path):
         recorded = read_run(tmp_path / "runs" / "seed0" / name)["config"]
         for key, value in PAPER_SETTINGS.items():
             section, setting = key.split(".")
-            assert recorded[section][setting] == value, (name, key)
+            recorded_value = recorded[section][setting]
+            assert (list(recorded_value) == list(value) if isinstance(value, tuple)
+                    else recorded_value == value), (name, key)
     assert len(result["table7"]) == 6
     # Seed 1 trains different models than seed 0.
     assert result["rows"][0]["per_seed"][0] != result["rows"][0]["per_seed"][1]

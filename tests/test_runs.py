@@ -57,6 +57,9 @@ def batch(data):
 
 
 def untrained_reranker(space, evaluator_config: dict | None = None, **config) -> Reranker:
+    """A reranker of untrained modules whose proposals are the generator's (the paper's), and
+    the evaluator's only where `config` asks for them."""
+    config = {"evaluator_alphas": (), "evaluator_top_m": False, **config}
     torch.manual_seed(0)
     generator = NAR4Rec(NAR4RecConfig(list_length=M, d_model=32), space)
     evaluator = Evaluator(EvaluatorConfig(list_length=M, d_model=32, **(evaluator_config or {})),
@@ -109,7 +112,8 @@ def test_proposals_with_the_evaluators_similarity(batch):
     predicted = reranker.item_utility(batch, out.proposals).sum(-1)
     assert torch.equal(out.chosen, predicted.argmax(1))
     with pytest.raises(ValueError, match="evaluator_alphas needs an evaluator"):
-        untrained_reranker(space, evaluator_alphas=(0.1,))
+        untrained_reranker(space, {"similarity_heads": 0, "shared_values": False},
+                           evaluator_alphas=(0.1,))
     with pytest.raises(ValueError, match="evaluator_alphas must lie in"):
         RerankerConfig(evaluator_alphas=(-0.1,))
 
@@ -129,7 +133,7 @@ def test_the_evaluators_top_m_is_proposed_last(batch):
     assert (out.chosen == 3).any()
     with pytest.raises(ValueError, match="evaluator_top_m needs an evaluator"):
         Reranker(reranker.generator, None, space.utility_weights,
-                 RerankerConfig(evaluator_top_m=True))
+                 RerankerConfig(evaluator_top_m=True, evaluator_alphas=()))
 
 
 def test_proposals_are_repeatable_and_the_sampler_seeded(batch):
@@ -188,7 +192,10 @@ def test_reranker_config_checks_its_values():
         RerankerConfig(alphas=(1.5,))
     with pytest.raises(ValueError, match="select must be one of"):
         RerankerConfig(select="best")
-    assert RerankerConfig(alphas=[0.1, 0.2], samples=1).proposals == 3
+    assert RerankerConfig(alphas=[0.1, 0.2], samples=1, evaluator_alphas=[],
+                          evaluator_top_m=False).proposals == 3
+    # the default: greedy, two evaluator-similarity lists, the evaluator's item-wise top m
+    assert RerankerConfig().proposals == 1 + 2 + 1
 
 
 def test_nested_settings_from_set_and_toml(tmp_path):
@@ -222,6 +229,21 @@ def test_the_shipped_list_aware_config_builds_its_pipeline(batch):
     assert out.proposals.shape == (len(batch), reranker.config.proposals, M)
     for k in range(reranker.config.proposals):
         assert_valid_lists(out.proposals[:, k], batch.cand_mask)
+
+
+def test_the_shipped_paper_config_is_the_papers_settings():
+    """configs/paper.toml and `PAPER_SETTINGS` (what `compare` trains as nar4rec_paper) set
+    the same values, and each differs from the default it sets back."""
+    from nar4rec.reranker import PAPER_SETTINGS, paper_config
+
+    path = Path(__file__).parents[1] / "configs" / "paper.toml"
+    from_file = load_overrides(RunConfig(), path, [])
+    assert from_file == paper_config(RunConfig())
+    defaults = RunConfig()
+    for key, value in PAPER_SETTINGS.items():
+        section, name = key.split(".")
+        assert getattr(getattr(from_file, section), name) == value
+        assert getattr(getattr(defaults, section), name) != value, key
 
 
 def test_a_trained_system_beats_the_logging_policy(run, data):
@@ -264,7 +286,9 @@ def test_item_wise_protocol_when_every_candidate_is_shown(tmp_path):
     data = tmp_path / "avito"
     simulate_small(data, preset="avito", requests=1500)
     run = tmp_path / "run"
+    # Avito's batch of 1024 would leave 1,200 training requests two steps an epoch
     config = load_overrides(RunConfig(), None, ["evaluator_train.epochs=2",
+                                                "evaluator_train.batch_size=128",
                                                 "evaluator.d_model=16",
                                                 "features.min_count=3"])
     train_run(data, run, model="evaluator", config=config, progress=False)

@@ -64,12 +64,12 @@ class RerankerConfig:
     seed: the sampler's seed; the same batch gives the same lists.
     """
 
-    alphas: tuple[float, ...] = (0.0, 0.3, 0.6, 0.9)
+    alphas: tuple[float, ...] = (0.0,)
     contrastive_k: int = decode.CONTRASTIVE_K
     contrastive_alpha: float = decode.CONTRASTIVE_ALPHA
-    evaluator_alphas: tuple[float, ...] = ()
-    samples: int = 4
-    evaluator_top_m: bool = False
+    evaluator_alphas: tuple[float, ...] = (0.02, 0.1)
+    samples: int = 0
+    evaluator_top_m: bool = True
     sample_k: int = 5
     temperature: float = 1.0
     similarity: str = "cosine"
@@ -391,8 +391,12 @@ PAPER_SETTINGS = {
     "generator.gumbel_weight": 0.0,
     "generator.gumbel_objective": "log",
     "evaluator.causal": False,
-    "evaluator.user_interaction": False,
+    "evaluator.similarity_heads": 0,
+    "evaluator.shared_values": False,
     "evaluator.alone_weight": 0.0,
+    "reranker.alphas": (0.0, 0.3, 0.6, 0.9),
+    "reranker.samples": 4,
+    "reranker.evaluator_alphas": (),
     "reranker.evaluator_top_m": False,
 }
 

@@ -71,15 +71,15 @@ class EvaluatorConfig:
     embedding_dim: int = 16
     activation: str = "gelu"
     norm_first: bool = True
-    causal: bool = False
+    causal: bool = True
     personalised: bool = True
     user_interaction: bool = False
     use_upstream_score: bool = True
     upstream_norm: str = "request"
-    similarity_heads: int = 0
+    similarity_heads: int = 4
     similarity_dim: int = 16
-    shared_values: bool = False
-    alone_weight: float = 0.0
+    shared_values: bool = True
+    alone_weight: float = 1.0
 
     def __post_init__(self) -> None:
         problems = []

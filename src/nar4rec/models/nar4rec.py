@@ -151,10 +151,10 @@ class NAR4RecConfig:
     omega: float = 0.01
     evaluator_lists: int = 0
     evaluator_weight: float = 1.0
-    gumbel_weight: float = 0.0
+    gumbel_weight: float = 2.0
     gumbel_temperature: float = 0.3
     gumbel_hard: bool = True
-    gumbel_objective: str = "log"
+    gumbel_objective: str = "utility"
     gumbel_duplicate: float = 1.0
     preference_lists: int = 0
     preference_beta: float = 0.1
