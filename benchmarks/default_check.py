@@ -6,12 +6,13 @@ test splits, paired over requests.
 
 For each split NAME, the data are DATA_ROOT/NAME/data and the runs every directory
 RUNS/NAME/<model>/ of each --runs root: "nar4rec" (the default), "nar4rec_paper"
-(configs/paper.toml) and every run of one of the six baselines (other runs are ignored). Every run's lists are scored on the
-test split by the simulator's exact expected utility (`evaluation.evaluate_run`). Per split and
-pooled per preset (the splits' requests together): each run's captured lift, and NAR4Rec's
-utility minus the best baseline's (the baseline with the highest mean utility on that split,
-picked on test, which favours the baselines) and minus the paper settings', with a 95 %
-interval over requests (normal approximation of the paired differences).
+(configs/paper.toml) and every run of one of the six baselines (other runs are ignored). Every
+run's lists are scored on the test split by the simulator's exact expected utility
+(`evaluation.evaluate_run`). Per split and pooled per preset (the splits' requests
+together): each run's captured lift, and NAR4Rec's utility minus the best baseline's (the
+baseline with the highest mean utility on that split, picked on test, which favours the
+baselines) and minus the paper settings', with a 95 % interval over requests (normal
+approximation of the paired differences).
 """
 
 from __future__ import annotations

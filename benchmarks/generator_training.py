@@ -62,7 +62,8 @@ CONFIGS = {
     # patience 2, both phases), each with its own evaluator
     "gumbel_default": [*DEFAULT_EPOCHS, *GUMBEL],
     "improved": [*DEFAULT_EPOCHS, *GUMBEL, *IMPROVED_EVALUATOR, "reranker.evaluator_top_m=true"],
-    "list_aware_gumbel": [*DEFAULT_EPOCHS, *GUMBEL, *LIST_AWARE_EVALUATOR, "evaluator.alone_weight=1",
+    "list_aware_gumbel": [*DEFAULT_EPOCHS, *GUMBEL, *LIST_AWARE_EVALUATOR,
+                          "evaluator.alone_weight=1",
                           "reranker.evaluator_alphas=[0.01,0.02,0.05,0.1]",
                           "reranker.evaluator_top_m=true"],
 }

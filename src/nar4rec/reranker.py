@@ -24,8 +24,8 @@ from nar4rec import decode
 from nar4rec.config import apply_overrides
 from nar4rec.data.batch import RequestBatch
 from nar4rec.data.loader import RequestLoader
-from nar4rec.models.base import Ranking, predicted_utility, top_m
 from nar4rec.decode import NO_ITEM
+from nar4rec.models.base import Ranking, predicted_utility, top_m
 from nar4rec.models.evaluator import Evaluator, EvaluatorConfig, evaluator_loss
 from nar4rec.models.nar4rec import (
     GeneratorOutput,
