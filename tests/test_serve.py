@@ -8,6 +8,7 @@ import http.client
 import itertools
 import json
 import math
+import re
 import socket
 import subprocess
 import sys
@@ -330,6 +331,120 @@ def test_garbage_bodies_and_health(served):
     assert client.post("/v1/rerank", json=body(served)).status_code == 200   # still alive
     assert "/v1/rerank" in client.get("/openapi.json").json()["paths"]
     assert client.get("/metrics").json()["requests"]["bad_input"] >= 1
+
+
+GARBAGE = {
+    "not JSON": (b"{not json", "application/json",
+                 "body: Invalid JSON: key must be a string at line 1 column 2"),
+    "cut short": (b'{"user": {"user_id": 1', "application/json", "body: Invalid JSON: EOF"),
+    "not UTF-8": (b'{"user": "\xff"}', "application/json", "body: Invalid JSON"),
+    "empty": (b"", "application/json", "body: Field required"),
+    "a list": (b"[1, 2]", "application/json", "body: Input should be an object"),
+    "not sent as JSON": (b"{}", "text/plain", "body: a JSON body expected (Content-Type: "
+                         "application/json), got 'text/plain'"),
+}
+
+
+@pytest.mark.parametrize("case", GARBAGE, ids=list(GARBAGE))
+def test_a_body_that_is_not_a_json_object_gets_a_422_saying_so(served, case):
+    # The endpoint parses its raw body itself (`serve.parse_request`): what FastAPI's body
+    # parameter answered with a 422 (or, for bytes that are not UTF-8, a 400) is a 422 whose
+    # detail says what is wrong, counted as bad input; never a 500.
+    _, client, _ = served
+    content, content_type, detail = GARBAGE[case]
+    refused = client.get("/metrics").json()["requests"]["bad_input"]
+    answer = client.post("/v1/rerank", content=content, headers={"content-type": content_type})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"].startswith(detail), answer.json()
+    assert client.get("/metrics").json()["requests"]["bad_input"] == refused + 1
+
+
+def test_a_json_body_is_taken_with_any_json_media_type(served):
+    _, client, _ = served
+    content = json.dumps(body(served)).encode()
+    for content_type in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        answer = client.post("/v1/rerank", content=content,
+                             headers={"content-type": content_type})
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["content-type"] == "application/json"
+
+
+def test_the_openapi_schema_holds_the_request_and_the_answer(served):
+    # The endpoint takes a Request and returns a pre-serialised Response; the schema still
+    # describes both bodies, with every model they refer to.
+    _, client, _ = served
+    schema = client.get("/openapi.json").json()
+    operation = schema["paths"]["/v1/rerank"]["post"]
+    ref = "#/components/schemas/"
+    assert operation["requestBody"] == {"required": True, "content": {
+        "application/json": {"schema": {"$ref": ref + "RerankRequest"}}}}
+    assert operation["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": ref + "RerankResponse"}
+    for status in ("408", "413", "422"):
+        assert operation["responses"][status]["content"]["application/json"]["schema"] == {
+            "$ref": ref + "ErrorDetail"}
+    models = schema["components"]["schemas"]
+    assert set(models["RerankRequest"]["properties"]) == {"request_id", "user", "candidates"}
+    assert models["RerankRequest"]["properties"]["candidates"]["items"] == {
+        "$ref": ref + "Candidate"}
+    assert models["RerankRequest"]["example"]["user"]["user_id"] == 17
+    assert set(models["Candidate"]["properties"]) == {"item_id", "features", "upstream_score"}
+    assert "user_id" in models["User"]["properties"]
+    assert "logging_marginal" in models["RerankResponse"]["properties"]
+    refs = {value for value in _values(schema) if isinstance(value, str)
+            and value.startswith(ref)}
+    assert {r.removeprefix(ref) for r in refs} <= set(models)      # nothing dangles
+    assert client.get("/docs").status_code == 200
+
+
+def _values(tree):
+    """Every leaf value of a JSON document."""
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _values(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            yield from _values(value)
+    else:
+        yield tree
+
+
+VALUES = {   # request_row settles a whole feature at once when all is well: never a misfit
+    "NaN among numbers": ("duration", 1, math.nan, "candidates[1].features.duration: a finite"),
+    "NaN first": ("duration", 0, math.nan, "candidates[0].features.duration: a finite"),
+    "infinity": ("quality_estimate", 2, -math.inf, "candidates[2].features.quality_estimate"),
+    "beyond float32": ("duration", 3, 3.5e38, "candidates[3].features.duration"),
+    "integer beyond float32": ("duration", 1, 10**39, "candidates[1].features.duration"),
+    "text": ("duration", 1, "long", "candidates[1].features.duration"),
+    "a float category": ("topic", 2, 3.0, "candidates[2].features.topic: an integer or string"),
+    "NaN score": ("upstream_score", 1, math.nan, "candidates[1].upstream_score: a finite"),
+    "score beyond float32": ("upstream_score", 0, 1e39, "candidates[0].upstream_score"),
+    "null": ("duration", 1, None, None),
+    "integer": ("duration", 1, 7, None),
+    "largest float32": ("duration", 1, -3.4028234e38, None),
+    "text category": ("topic", 1, "news", None),
+}
+
+
+@pytest.mark.parametrize("case", VALUES, ids=list(VALUES))
+def test_request_row_names_the_first_value_that_does_not_fit(served, case):
+    root, _, _ = served
+    space = load_run(root / "run").space
+    name, index, value, message = VALUES[case]
+    request = body(served)
+    for candidate in request["candidates"][index:]:        # the first misfit is named
+        if name == "upstream_score":
+            candidate[name] = value
+        else:
+            candidate["features"][name] = value
+    parsed = RerankRequest.model_validate(request)
+    if message is None:
+        row = request_row(parsed, space, 4, 30)
+        column = [c for c in row if c.endswith(name)][0]
+        assert row[column][index] == value
+    else:
+        with pytest.raises(BadInput, match=re.escape(message)):
+            request_row(parsed, space, 4, 30)
 
 
 class HeldBackend:
