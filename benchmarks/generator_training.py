@@ -20,6 +20,16 @@ The configurations (--configs picks some):
     dpo             + DPO between the best and worst of 16 judged lists, beta 0.1, weight 1
     dpo_strong      + the same with beta 0.5, weight 4
     gumbel_critical gumbel_utility and self_critical together
+The candidates for the default (stop 24), trained as `nar4rec train` trains by default (10
+epochs, patience 2, both phases), each with its own evaluator where it sets one:
+    gumbel_default  gumbel_utility alone
+    improved        + a causal evaluator with the user interaction term, trained on items
+                    alone too, and its item-wise top m proposed
+    list_aware_gumbel  + the list-aware evaluator (causal, redundancy inputs), items alone,
+                    four evaluator-similarity proposals and its top m (the stop 24 default
+                    with --proposals lean)
+--proposals evaluates the runs that propose the evaluator's lists under other proposal sets
+(PROPOSALS; settings `nar4rec evaluate --set` can change after training).
 Every judged configuration trains up to 8 epochs (patience 3): their validation loss, the
 evaluator's utility for the greedy lists, keeps improving after the logged lists' likelihood
 has stopped (docs/results.md, the list-aware configuration).
