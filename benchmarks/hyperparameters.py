@@ -60,7 +60,13 @@ import numpy as np
 import torch
 
 from nar4rec import decode, metrics
-from nar4rec.config import RunConfig, apply_overrides, dataset_settings, load_overrides
+from nar4rec.config import (
+    PAPER_SETTINGS,
+    RunConfig,
+    apply_overrides,
+    dataset_settings,
+    load_overrides,
+)
 from nar4rec.data.batch import RequestBatch
 from nar4rec.data.loader import RequestLoader
 from nar4rec.evaluation import evaluate_run
@@ -528,7 +534,8 @@ def main(argv: list[str] | None = None) -> None:
         simulate_once(args, seed, data)
         config = load_overrides(RunConfig(), args.config, [
             *PROTOCOL, f"train.seed={seed}", f"evaluator_train.seed={seed}",
-            f"reranker.seed={seed}", *args.set], defaults=dataset_settings(data))
+            f"reranker.seed={seed}", *args.set],
+            defaults={**dataset_settings(data), **PAPER_SETTINGS})   # the paper's NAR4Rec
         defaults.update({p.name: setting(config, p.keys["nar4rec"][0]) for p in PARAMETERS})
         defaults.update({ALPHA: config.reranker.contrastive_alpha,
                          "k": config.reranker.contrastive_k})

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from nar4rec import decode
-from nar4rec.config import RunConfig, dataset_settings, load_overrides
+from nar4rec.config import PAPER_SETTINGS, RunConfig, dataset_settings, load_overrides
 from nar4rec.data.loader import RequestLoader
 from nar4rec.evaluation import evaluate_run
 from nar4rec.metrics import list_utility
@@ -84,7 +84,8 @@ def one_seed(preset: str, seed: int, args, sets: list[str]) -> dict:
         if not finished(run):
             config = load_overrides(RunConfig(), args.config, [
                 f"train.seed={seed}", f"evaluator_train.seed={seed}",
-                f"generator.objective={objective}", *sets], defaults=dataset_settings(data))
+                f"generator.objective={objective}", *sets],
+                defaults={**dataset_settings(data), **PAPER_SETTINGS})   # the paper's NAR4Rec
             started = time.perf_counter()
             train_run(data, run, config=config, overwrite=True, progress=False,
                       reuse=None if objective == "unlikelihood"

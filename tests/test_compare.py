@@ -12,6 +12,7 @@ from helpers import simulate_small
 from nar4rec import cli
 from nar4rec.compare import compare, format_tables, relative_change, write_report
 from nar4rec.config import RunConfig, dataset_of, dataset_settings, load_overrides
+from nar4rec.errors import Nar4recError
 from nar4rec.evaluation import evaluate_run
 from nar4rec.report import NDCG_NOTE
 from nar4rec.reranker import PAPER_SETTINGS
@@ -141,6 +142,21 @@ def test_compare_lays_out_every_table(data, tmp_path):
     assert (tmp_path / "runs" / "seed0" / "dnn" / "model" / "best.pt").stat().st_mtime_ns \
         == stamp
     assert again["rows"][0]["metrics"]["utility"] == result["rows"][0]["metrics"]["utility"]
+
+
+def test_resume_refuses_runs_trained_with_other_settings(data, tmp_path):
+    """--resume reuses a finished run only if it was trained with the settings asked for now:
+    a runs folder from older defaults or another --config is refused, naming the table."""
+    compare(data, tmp_path / "runs", models=("dnn",), config=tiny_config(), time_batch=32,
+            progress=False, log=lambda _: None)
+    other = load_overrides(tiny_config(), None, ["dnn.hidden=[8]"])
+    with pytest.raises(Nar4recError, match="trained with other 'dnn' settings"):
+        compare(data, tmp_path / "runs", models=("dnn",), config=other, time_batch=32,
+                resume=True, progress=False, log=lambda _: None)
+    # the same settings again: reused
+    again = compare(data, tmp_path / "runs", models=("dnn",), config=tiny_config(),
+                    time_batch=32, resume=True, progress=False, log=lambda _: None)
+    assert again["rows"][0]["model"] == "dnn"
 
 
 def test_compare_command_and_its_errors(data, tmp_path, capsys):

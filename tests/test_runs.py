@@ -246,6 +246,29 @@ def test_the_shipped_paper_config_is_the_papers_settings():
         assert getattr(getattr(defaults, section), name) != value, key
 
 
+def test_a_stored_run_without_a_newer_setting_reads_the_value_it_was_trained_with():
+    """run.json files written before stop 24 lack alone_weight (and older ones the Gumbel
+    settings): they were trained at the paper's values, and must not turn into today's
+    defaults when read (to resume, time or export them)."""
+    from nar4rec.config import PAPER_SETTINGS, stored_section
+
+    stored = json.loads(json.dumps(dataclasses.asdict(RunConfig())))    # as run.json holds it
+    for key in PAPER_SETTINGS:
+        section, name = key.split(".")
+        del stored[section][name]
+    stored["evaluator"]["d_model"] = 48                                   # a value it has
+    read = RunConfig.from_dict(stored)
+    for key, value in PAPER_SETTINGS.items():
+        section, name = key.split(".")
+        assert getattr(getattr(read, section), name) == value, key
+    assert read.evaluator.d_model == 48
+    # a file that holds the settings keeps them, defaults and all
+    assert RunConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(RunConfig())))) \
+        == RunConfig()
+    assert stored_section("evaluator", {"causal": True})["causal"] is True
+    assert stored_section("dnn", {"d_model": 8}) == {"d_model": 8}
+
+
 def test_a_trained_system_beats_the_logging_policy(run, data):
     report = evaluate_run(run, data)
     values = report["metrics"]

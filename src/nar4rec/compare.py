@@ -40,7 +40,14 @@ from nar4rec.evaluation import evaluate_run, verdicts
 from nar4rec.io import atomic_file
 from nar4rec.registry import COMPARED, check_models, system_class
 from nar4rec.report import NDCG_NOTE, OFFLINE_CAVEAT, REFERENCE_NAMES
-from nar4rec.runs import load_run, phases_of, read_run, split_files, train_run
+from nar4rec.runs import (
+    changed_settings,
+    load_run,
+    phases_of,
+    read_run,
+    split_files,
+    train_run,
+)
 
 REFERENCE = "edge_rerank"
 OFFLINE = {"item-wise (n = m)": ("auc", "logloss", "ndcg"),
@@ -111,6 +118,11 @@ def _train(data_dir, run: Path, model: str, config: RunConfig, resume: bool, pro
            reuse: dict[str, Path] | None = None) -> None:
     if resume and (run / "run.json").exists():
         info = read_run(run)
+        changed = changed_settings(info, config)
+        if changed:
+            raise Nar4recError(f"{run}: trained with other '{changed[0]}' settings than this "
+                               "comparison's (an older default, or another --config); use "
+                               "--overwrite or another --runs")
         if all(p in info["phases"] for p in phases_of(model)):
             return
         train_run(data_dir, run, model=model, resume=True, progress=progress, reuse=reuse)

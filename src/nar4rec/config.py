@@ -41,6 +41,35 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+# The paper's NAR4Rec where the defaults go beyond it (issue 21, stop 24; docs/results.md):
+# the generator trained on the logged lists alone, the evaluator on the logged lists with plain
+# self-attention, the proposals the generator's only. configs/paper.toml holds the same, and
+# `reranker.paper_config` applies it. Every run written before stop 24 was trained at these
+# values, so a stored run's settings that lack one of them read it from here
+# (`RunConfig.from_dict`, `stored_section`), not from today's defaults.
+PAPER_SETTINGS: dict[str, Any] = {
+    "generator.gumbel_weight": 0.0,
+    "generator.gumbel_objective": "log",
+    "evaluator.causal": False,
+    "evaluator.similarity_heads": 0,
+    "evaluator.shared_values": False,
+    "evaluator.alone_weight": 0.0,
+    "reranker.alphas": (0.0, 0.3, 0.6, 0.9),
+    "reranker.samples": 4,
+    "reranker.evaluator_alphas": (),
+    "reranker.evaluator_top_m": False,
+}
+
+
+def stored_section(section: str, values: dict) -> dict:
+    """A stored table of settings (`section`: its RunConfig name, e.g. "evaluator") with the
+    keys it lacks filled in from `PAPER_SETTINGS`: what a run written before those settings
+    existed, or before their defaults changed, was trained with."""
+    legacy = {key.partition(".")[2]: value for key, value in PAPER_SETTINGS.items()
+              if key.partition(".")[0] == section}
+    return {**legacy, **values}
+
+
 def _lazy(target: str) -> Callable[[], Any]:
     """A `default_factory` for the config class `target` ("module:Class"), imported when the
     first default is made, so that importing this module imports no model (nor torch)."""
@@ -100,7 +129,11 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
-        return apply_overrides(cls(), data, source=RUN_FILE)
+        """A run's stored settings (run.json's "config"); a setting the file lacks takes the
+        value it was trained with (`stored_section`), not today's default."""
+        return apply_overrides(cls(), {name: stored_section(name, values)
+                                       if isinstance(values, dict) else values
+                                       for name, values in data.items()}, source=RUN_FILE)
 
 
 def _coerce(current: Any, text: str, key: str) -> Any:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from nar4rec import decode
-from nar4rec.config import apply_overrides
+from nar4rec.config import PAPER_SETTINGS, apply_overrides
 from nar4rec.data.batch import RequestBatch
 from nar4rec.data.loader import RequestLoader
 from nar4rec.decode import NO_ITEM
@@ -384,23 +384,6 @@ def propose(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tenso
 # The systems of the registry: the evaluator alone, and NAR4Rec (evaluator, then generator)
 
 TAU_REQUESTS = 200_000          # logged lists read to set tau from the training utilities
-# The paper's NAR4Rec where the defaults go beyond it (issue 21; docs/results.md): the
-# generator trained on the logged lists alone, the evaluator on the logged lists with plain
-# self-attention, the proposals the generator's only. configs/paper.toml holds the same.
-PAPER_SETTINGS = {
-    "generator.gumbel_weight": 0.0,
-    "generator.gumbel_objective": "log",
-    "evaluator.causal": False,
-    "evaluator.similarity_heads": 0,
-    "evaluator.shared_values": False,
-    "evaluator.alone_weight": 0.0,
-    "reranker.alphas": (0.0, 0.3, 0.6, 0.9),
-    "reranker.samples": 4,
-    "reranker.evaluator_alphas": (),
-    "reranker.evaluator_top_m": False,
-}
-
-
 def paper_config(config):
     """`config` (a `RunConfig`) with NAR4Rec at the paper's settings (`PAPER_SETTINGS`)."""
     return apply_overrides(config, PAPER_SETTINGS, source="the paper's settings")

@@ -27,7 +27,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from nar4rec.config import RUN_FILE, RunConfig, apply_overrides, dataset_settings
+from nar4rec.config import (
+    RUN_FILE,
+    RunConfig,
+    apply_overrides,
+    dataset_settings,
+    stored_section,
+)
 from nar4rec.data.batch import RequestBatch
 from nar4rec.data.features import FeatureSpace
 from nar4rec.data.format import folder_files
@@ -293,6 +299,24 @@ def read_run(run_dir: str | Path) -> dict:
         raise Nar4recError(f"{path}: not valid JSON ({exc})") from None
 
 
+# settings training fills in, or that do not change what is trained
+UNCOMPARED_SETTINGS = frozenset({"list_length", "tau", "threads", "log_every",
+                                 "checkpoint_every"})
+
+
+def changed_settings(info: dict, config: RunConfig) -> list[str]:
+    """The tables of `config` (for example "evaluator") whose settings differ from those the
+    run of run.json's `info` was trained with, ignoring `UNCOMPARED_SETTINGS`."""
+    recorded = RunConfig.from_dict(info["config"])
+
+    def comparable(table) -> dict:
+        return {k: v for k, v in dataclasses.asdict(table).items()
+                if k not in UNCOMPARED_SETTINGS}
+
+    return [name for name in info["config"]
+            if comparable(getattr(recorded, name)) != comparable(getattr(config, name))]
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -338,7 +362,8 @@ def _load_phase(run_dir: Path, system: type[System], phase: Phase,
     """The trained module of `phase` (its best checkpoint), in evaluation mode."""
     checkpoint = load_checkpoint(run_dir / phase.name / BEST)
     config_class = type(getattr(RunConfig(), phase.section))
-    module = system.build(phase, config_class(**checkpoint["describe"]["config"]), space)
+    stored = stored_section(phase.section, checkpoint["describe"]["config"])
+    module = system.build(phase, config_class(**stored), space)
     module.load_state_dict(checkpoint["model"])
     return module.eval()
 
