@@ -51,9 +51,21 @@ def space_of(args) -> FeatureSpace:
 
 
 def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) process `pid` has used so far."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds (user + system) process `pid` and the processes it started (the service's
+    model process with --model-process) have used so far."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stats[int(entry)] = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:                               # it ended meanwhile
+                continue
+    tree, grew = {pid}, True
+    while grew:
+        more = {p for p, fields in stats.items() if int(fields[1]) in tree} - tree
+        tree, grew = tree | more, bool(more)
+    return sum(int(stats[p][11]) + int(stats[p][12]) for p in tree if p in stats) \
+        / os.sysconf("SC_CLK_TCK")
 
 
 def in_process_level(batcher, rows: list[dict], concurrency: int, requests: int,
@@ -156,6 +168,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="the service's model threads")
     parser.add_argument("--device", default="cpu", help="the service's --device (a run's)")
     parser.add_argument("--json", help="also write the levels here")
+    parser.add_argument("--model-process", action="store_true",
+                        help="the service's model in a process of its own (serve "
+                             "--model-process)")
     parser.add_argument("--in-process", action="store_true",
                         help="also run the levels through the batched path without HTTP")
     args = parser.parse_args()
@@ -167,7 +182,8 @@ def main() -> None:
     port = free_port()
     command = [sys.executable, "-m", "nar4rec", "serve", "--host", "127.0.0.1", "--port",
                str(port), "--threads", str(args.threads), "--device", args.device,
-               *(["--run", args.run] if args.run else ["--export", args.export])]
+               *(["--run", args.run] if args.run else ["--export", args.export]),
+               *(["--model-process"] if args.model_process else [])]
     server = subprocess.Popen(command)
     try:
         base = f"http://127.0.0.1:{port}"

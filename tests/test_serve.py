@@ -8,6 +8,7 @@ import http.client
 import itertools
 import json
 import math
+import os
 import re
 import socket
 import subprocess
@@ -39,6 +40,7 @@ from nar4rec.serve import (
     BadInput,
     Batcher,
     BodyLimit,
+    ModelProcess,
     RerankRequest,
     create_app,
     request_json,
@@ -598,3 +600,84 @@ def test_exploring_mode_returns_propensities_that_match_the_frequencies(served):
     # Off by default: no propensities.
     _, client, _ = served
     assert client.post("/v1/rerank", json=request).json()["log_propensity"] is None
+
+
+def test_the_model_in_its_own_process_answers_as_the_thread_does(served):
+    """`serve --model-process`: the same lists and scores as the library, a row that cannot
+    be encoded fails alone with its BadInput (status kept), and the process ends with its
+    pipe."""
+    root, _, table = served
+    run = load_run(root / "run")
+    backend = Backend(run=root / "run")
+    process = ModelProcess(backend.args)
+    try:
+        batcher = Batcher(backend, process=process)
+        rows = [request_row(RerankRequest.model_validate(request_json(table, row, run.space)),
+                            run.space, 4, 30) for row in range(3)]
+        bad = {**rows[2], CAND_NUM + "duration": ["long"] * len(rows[2][ITEM_ID])}
+        outcomes = process.serve([rows[0], bad, rows[1]])
+        assert isinstance(outcomes[1], BadInput) and outcomes[1].status == 422
+        assert "do not fit the model's features" in str(outcomes[1])
+        loader = RequestLoader([root / "data" / "test.parquet"], run.space, batch_size=1)
+        for row, batch in zip((0, 1), loader, strict=False):
+            expected = run.reranker.rerank(batch)
+            lists, scores, utility, unseen, logged = outcomes[2 * row]
+            np.testing.assert_array_equal(lists, expected.lists[0].numpy())
+            np.testing.assert_allclose(scores, expected.item_scores[0].numpy(), rtol=1e-4,
+                                       atol=1e-5)
+            assert logged is None
+        answer = batcher.submit(rows[0]).result(timeout=60)              # through the batcher
+        np.testing.assert_array_equal(answer[0], outcomes[0][0])
+        app = create_app(backend, max_candidates=30, model_process=True)
+        served_answer = TestClient(app).post("/v1/rerank",
+                                             json=request_json(table, 0, run.space))
+        app.state.model_process.close()
+        assert served_answer.status_code == 200, served_answer.text
+        np.testing.assert_array_equal(
+            served_answer.json()["items"],
+            [int(i) for i in np.asarray(table.column("item_id")[0].as_py())[outcomes[0][0]]])
+    finally:
+        process.close()
+    assert not process.process.is_alive()
+
+
+def test_a_killed_service_leaves_no_model_process_behind(served):
+    """The model process reads its pipe; when the service dies (SIGKILL, no clean-up), the
+    pipe closes and the process ends."""
+    root, _, _ = served
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "nar4rec", "serve", "--run",
+                               str(root / "run"), "--port", str(port), "--model-process"])
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, "the service did not start"
+                time.sleep(0.1)
+        children = [int(p) for p in os.listdir("/proc")
+                    if p.isdigit() and _parent(p) == server.pid]
+        assert children, "no model process started"
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and _parent(p) != 0
+                                         and not _zombie(p) for p in children):
+        time.sleep(0.1)
+    assert not [p for p in children if os.path.exists(f"/proc/{p}") and not _zombie(p)]
+
+
+def _parent(pid) -> int:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
+
+
+def _zombie(pid) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -828,6 +828,10 @@ def _explore_options(parser: argparse.ArgumentParser, carried: str) -> None:
                              "upstream score (default %(default)s)")
     parser.add_argument("--explore-seed", type=int,
                         help="seed of the exploring draws (default: fresh ones)")
+    parser.add_argument("--model-process", action="store_true",
+                        help="run the model in a process of its own, so that parsing requests "
+                             "and running the model use two cores instead of sharing one "
+                             "interpreter lock (docs/serving.md)")
 
 
 def _exploration(args: argparse.Namespace):
@@ -847,7 +851,8 @@ def _serve(args: argparse.Namespace) -> int:
                       device=args.device, exploration=_exploration(args),
                       seed=args.explore_seed)
     app = create_app(backend, max_candidates=args.max_candidates,
-                     max_body_bytes=args.max_body_bytes, body_seconds=args.body_timeout)
+                     max_body_bytes=args.max_body_bytes, body_seconds=args.body_timeout,
+                     model_process=args.model_process)
     # Two threads share the GIL, the event loop and the batcher: a 0.5 ms switch interval
     # (5 ms by default) lets a parsed request reach the batcher sooner, and freezing what is
     # loaded keeps the garbage collector's full passes short (both measured with

@@ -30,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -188,6 +189,9 @@ class Backend:
                  exploration: Exploration | None = None, seed: int | None = None):
         if (run is None) == (export is None):
             raise Nar4recError("serve needs exactly one of --run and --export")
+        # what another process needs to load the same backend (`ModelProcess`)
+        self.args = {"run": run, "export": export, "threads": threads, "device": device,
+                     "max_batch": max_batch, "exploration": exploration, "seed": seed}
         self.exploration = exploration
         self.rng = np.random.default_rng(seed)
         self.graphed = None
@@ -411,10 +415,12 @@ class Batcher:
     encoding fails is retried request by request, so one bad request fails alone.
     """
 
-    def __init__(self, backend: Backend, max_batch: int = 64):
-        self.backend, self.max_batch = backend, max_batch
+    def __init__(self, backend: Backend, max_batch: int = 64, *,
+                 process: ModelProcess | None = None, start: bool = True):
+        self.backend, self.max_batch, self.process = backend, max_batch, process
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._work, name="nar4rec-batcher", daemon=True).start()
+        if start:
+            threading.Thread(target=self._work, name="nar4rec-batcher", daemon=True).start()
 
     def submit(self, row: dict[str, object]) -> Future:
         """Queue one row from `request_row`; the future gets (list, scores, utility, unseen,
@@ -432,7 +438,18 @@ class Batcher:
                     pending.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            self._serve(pending)
+            if self.process is None:
+                self._serve(pending)
+                continue
+            try:
+                outcomes = self.process.serve([row for row, _ in pending])
+            except Exception as exc:                      # the model process is gone: 500s
+                outcomes = [exc] * len(pending)
+            for (_, future), outcome in zip(pending, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
 
     def _serve(self, pending: list[tuple[dict, Future]]) -> None:
         try:
@@ -475,6 +492,88 @@ class Batcher:
                                                     :int((out.lists[i] >= 0).sum())].tolist()}
                   for i in range(len(lists))]
         return out.lists, scores, utility, logged
+
+
+class ModelProcess:
+    """The backend in a process of its own, for `Batcher` (`serve --model-process`).
+
+    The service's event loop and a model thread share one interpreter lock, so a service
+    with the model in its own process spends no lock time on the model: the event loop parses
+    and checks requests on one core while the model encodes and reranks on another. The
+    batcher's thread sends each batch's rows through a pipe and waits (the lock released);
+    the process (spawned, so that torch's threads start clean) loads its own `Backend` from
+    the same arguments and answers with each request's result or error. It ends when the pipe
+    closes, so it does not outlive the service, however that ends.
+    """
+
+    def __init__(self, backend_args: dict):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_model_process, args=(child, backend_args),
+                                       name="nar4rec-model", daemon=True)
+        self.process.start()
+        child.close()
+        try:
+            status, message = self.conn.recv()
+        except EOFError:
+            status, message = "error", "it exited while loading"
+        if status != "ready":
+            self.process.join(5)
+            raise Nar4recError(f"the model process could not start: {message}")
+
+    def serve(self, rows: list[dict[str, object]]) -> list:
+        """Each row's (list, scores, utility, unseen, propensities), or the exception to
+        raise for it."""
+        self.conn.send(rows)
+        return [outcome.exception() if isinstance(outcome, _Failed) else outcome
+                for outcome in self.conn.recv()]
+
+    def close(self) -> None:
+        self.conn.close()
+        self.process.join(5)
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A request's error, as the model process sends it back (an exception with extra
+    fields does not survive pickling whole)."""
+
+    bad_input: bool
+    message: str
+    status: int
+
+    def exception(self) -> Exception:
+        return BadInput(self.message, self.status) if self.bad_input else \
+            RuntimeError(self.message)
+
+
+def _model_process(conn, backend_args: dict) -> None:
+    """The model process's loop: batches of rows in, outcomes out, until the pipe closes."""
+    try:
+        backend = Backend(**backend_args)
+    except Exception as exc:
+        conn.send(("error", str(exc)))
+        return
+    conn.send(("ready", ""))
+    batcher = Batcher(backend, start=False)
+    while True:
+        try:
+            rows = conn.recv()
+        except (EOFError, OSError):                       # the service has gone
+            return
+        pending = [(row, Future()) for row in rows]
+        batcher._serve(pending)
+        outcomes = []
+        for _, future in pending:
+            error = future.exception()
+            if error is None:
+                outcomes.append(future.result())
+            else:
+                outcomes.append(_Failed(isinstance(error, BadInput), str(error),
+                                        getattr(error, "status", 500)))
+        conn.send(outcomes)
 
 
 class BodyLimit:
@@ -561,14 +660,16 @@ class BodyLimit:
 
 def create_app(backend: Backend, *, max_candidates: int = 1000,
                max_body_bytes: int = 1_000_000, max_batch: int = 64,
-               body_seconds: float = 10.0) -> FastAPI:
+               body_seconds: float = 10.0, model_process: bool = False) -> FastAPI:
     """The FastAPI application around a loaded backend; concurrent requests are reranked
     together, at most `max_batch` per model call (`Batcher`); a body must arrive within
     `body_seconds` (`BodyLimit`)."""
     app = FastAPI(title="nar4rec", version="1",
                   description="NAR4Rec reranking: POST a request's candidates, get the list.")
     stats = Stats()
-    batcher = Batcher(backend, max_batch=max_batch)
+    batcher = Batcher(backend, max_batch=max_batch,
+                      process=ModelProcess(backend.args) if model_process else None)
+    app.state.model_process = batcher.process          # closed by whoever owns the app
 
     def count_refusal() -> None:
         with stats.lock:
