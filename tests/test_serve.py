@@ -188,17 +188,23 @@ def service(served):
                                 str(root / "run"), "--port", str(port),
                                 "--max-body-bytes", "60000"])
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                break
-            except OSError:
-                assert process.poll() is None, "the service did not start"
-                time.sleep(0.1)
+        wait_until_serving(process, port)
         yield port
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def wait_until_serving(process: subprocess.Popen, port: int) -> None:
+    """Until the service started as `process` answers /healthz on `port` (a minute at most)."""
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            return
+        except OSError:
+            assert process.poll() is None, "the service did not start"
+            time.sleep(0.1)
+    raise AssertionError(f"the service did not answer on port {port} within a minute")
 
 
 def post_with_urllib(port: int, content: bytes) -> tuple[int, str] | str:
@@ -649,13 +655,7 @@ def test_a_killed_service_leaves_no_model_process_behind(served):
     server = subprocess.Popen([sys.executable, "-m", "nar4rec", "serve", "--run",
                                str(root / "run"), "--port", str(port), "--model-process"])
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                break
-            except OSError:
-                assert server.poll() is None, "the service did not start"
-                time.sleep(0.1)
+        wait_until_serving(server, port)
         children = [int(p) for p in os.listdir("/proc")
                     if p.isdigit() and _parent(p) == server.pid]
         assert children, "no model process started"
