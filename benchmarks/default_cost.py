@@ -23,13 +23,12 @@ from pathlib import Path
 import torch
 
 from nar4rec.bench import _latencies, machine, time_inference, untrained_system
-from nar4rec.config import RunConfig, load_overrides
+from nar4rec.config import RunConfig, load_overrides, paper_config
 from nar4rec.data.features import FeatureSpace
 from nar4rec.data.loader import RequestLoader
 from nar4rec.export import FEATURE_INPUTS, cpu_session, export_graph
 from nar4rec.io import atomic_file
 from nar4rec.models.nar4rec import utility_threshold
-from nar4rec.reranker import paper_config
 from nar4rec.sim.presets import preset_config
 from nar4rec.sim.simulate import simulate
 

@@ -54,13 +54,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nar4rec.config import RunConfig, dataset_settings, load_overrides
+from nar4rec.config import PAPER_SETTINGS, RunConfig, dataset_settings, load_overrides
 from nar4rec.errors import Nar4recError
 from nar4rec.evaluation import evaluate_run
 from nar4rec.io import atomic_file
 from nar4rec.models import BASELINES
 from nar4rec.registry import check_models
-from nar4rec.reranker import PAPER_SETTINGS
 from nar4rec.runs import phases_of, read_run, train_run
 from nar4rec.sim.presets import preset_config
 from nar4rec.sim.simulate import simulate

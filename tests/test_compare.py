@@ -11,11 +11,10 @@ import pytest
 from helpers import simulate_small
 from nar4rec import cli
 from nar4rec.compare import compare, format_tables, relative_change, write_report
-from nar4rec.config import RunConfig, dataset_of, dataset_settings, load_overrides
+from nar4rec.config import PAPER_SETTINGS, RunConfig, dataset_of, dataset_settings, load_overrides
 from nar4rec.errors import Nar4recError
 from nar4rec.evaluation import evaluate_run
 from nar4rec.report import NDCG_NOTE
-from nar4rec.reranker import PAPER_SETTINGS
 from nar4rec.runs import load_run, read_run, rerank_file, train_run
 
 TINY = ["train.epochs=1", "train.steps_per_epoch=6", "evaluator_train.epochs=1",

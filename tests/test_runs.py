@@ -234,7 +234,7 @@ def test_the_shipped_list_aware_config_builds_its_pipeline(batch):
 def test_the_shipped_paper_config_is_the_papers_settings():
     """configs/paper.toml and `PAPER_SETTINGS` (what `compare` trains as nar4rec_paper) set
     the same values, and each differs from the default it sets back."""
-    from nar4rec.reranker import PAPER_SETTINGS, paper_config
+    from nar4rec.config import PAPER_SETTINGS, paper_config
 
     path = Path(__file__).parents[1] / "configs" / "paper.toml"
     from_file = load_overrides(RunConfig(), path, [])

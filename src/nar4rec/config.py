@@ -44,7 +44,7 @@ DATASET_SETTINGS: dict[str, dict[str, Any]] = {
 # The paper's NAR4Rec where the defaults go beyond it (issue 21, stop 24; docs/results.md):
 # the generator trained on the logged lists alone, the evaluator on the logged lists with plain
 # self-attention, the proposals the generator's only. configs/paper.toml holds the same, and
-# `reranker.paper_config` applies it. Every run written before stop 24 was trained at these
+# `paper_config` applies it. Every run written before stop 24 was trained at these
 # values, so a stored run's settings that lack one of them read it from here
 # (`RunConfig.from_dict`, `stored_section`), not from today's defaults.
 PAPER_SETTINGS: dict[str, Any] = {
@@ -68,6 +68,11 @@ def stored_section(section: str, values: dict) -> dict:
     legacy = {key.partition(".")[2]: value for key, value in PAPER_SETTINGS.items()
               if key.partition(".")[0] == section}
     return {**legacy, **values}
+
+
+def paper_config(config: RunConfig) -> RunConfig:
+    """`config` with NAR4Rec at the paper's settings (`PAPER_SETTINGS`)."""
+    return apply_overrides(config, PAPER_SETTINGS, source="the paper's settings")
 
 
 def _lazy(target: str) -> Callable[[], Any]:

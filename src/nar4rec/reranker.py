@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from nar4rec import decode
-from nar4rec.config import PAPER_SETTINGS, apply_overrides
+from nar4rec.config import paper_config
 from nar4rec.data.batch import RequestBatch
 from nar4rec.data.loader import RequestLoader
 from nar4rec.decode import NO_ITEM
@@ -384,9 +384,6 @@ def propose(probs: torch.Tensor, item_repr: torch.Tensor, cand_mask: torch.Tenso
 # The systems of the registry: the evaluator alone, and NAR4Rec (evaluator, then generator)
 
 TAU_REQUESTS = 200_000          # logged lists read to set tau from the training utilities
-def paper_config(config):
-    """`config` (a `RunConfig`) with NAR4Rec at the paper's settings (`PAPER_SETTINGS`)."""
-    return apply_overrides(config, PAPER_SETTINGS, source="the paper's settings")
 
 
 def evaluator_step(config: EvaluatorConfig):
