@@ -48,6 +48,7 @@ from nar4rec.runs import (
     split_files,
     train_run,
 )
+from nar4rec.system import Companion
 
 REFERENCE = "edge_rerank"
 OFFLINE = {"item-wise (n = m)": ("auc", "logloss", "ndcg"),
@@ -89,18 +90,16 @@ def compare(data_dir: str | Path, runs_dir: str | Path, *, models=COMPARED,
     for seed in range(seeds):
         seeded = _seeded(config, seed)
         for model in models:
-            runs = {model: (seeded, {}, True)} | {
-                name: (c.config, c.reuse, c.row)
-                for name, c in system_class(model).companions(seeded).items()}
-            for name, (settings, reuse, row) in runs.items():
+            runs = {model: Companion(seeded, row=True)} | system_class(model).companions(seeded)
+            for name, companion in runs.items():
                 run = runs_dir / f"seed{seed}" / name
                 log(f"seed {seed}: {name}")
-                _train(data_dir, run, model, settings, resume, progress,
+                _train(data_dir, run, model, companion.config, resume, progress,
                        reuse={phase: runs_dir / f"seed{seed}" / source
-                              for phase, source in reuse.items()})
+                              for phase, source in companion.reuse.items()})
                 evaluations.setdefault(name, []).append(
                     evaluate_run(run, data_dir, per_request=True))
-                if row and seed == 0:
+                if companion.row and seed == 0:
                     rows.append(name)
                     timings[name] = time_run(run, data_dir, time_batch)
     return tables(evaluations, timings, data_dir=str(data_dir), seeds=seeds,

@@ -404,8 +404,10 @@ def evaluator_step(config: EvaluatorConfig):
         alone = torch.full(exposed.shape + exposed.shape[-1:], NO_ITEM,
                            dtype=exposed.dtype, device=exposed.device)          # (B, M, M)
         alone[..., 0] = exposed
+        alone_mask = torch.zeros_like(alone, dtype=torch.bool)
+        alone_mask[..., 0] = mask                  # a padded position's list is all padding
         lists = torch.cat([exposed.unsqueeze(1), alone], dim=1)                 # (B, 1+M, M)
-        lists_mask = torch.cat([mask.unsqueeze(1), alone >= 0], dim=1)
+        lists_mask = torch.cat([mask.unsqueeze(1), alone_mask], dim=1)
         logits = network(batch, lists, lists_mask)                              # (B, 1+M, M, K)
         in_context = evaluator_loss(logits[:, 0], batch.feedback, mask)
         alone_loss = evaluator_loss(logits[:, 1:, 0], batch.feedback, mask)
