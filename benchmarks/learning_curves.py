@@ -60,7 +60,7 @@ from nar4rec.evaluation import evaluate_run
 from nar4rec.io import atomic_file
 from nar4rec.models import BASELINES
 from nar4rec.registry import check_models
-from nar4rec.runs import phases_of, read_run, train_run
+from nar4rec.runs import changed_settings, phases_of, read_run, train_run
 from nar4rec.sim.presets import preset_config
 from nar4rec.sim.simulate import simulate
 
@@ -70,8 +70,6 @@ LABELS = {"nar4rec": "nar4rec (paper's settings)", LIST_AWARE: "nar4rec (list-aw
 SIMULATION_FILE = "simulation.json"     # beside data/: what it was simulated with
 TRAINED_FILE = "curve_train.json"       # in a run: training seconds
 EVALUATED_FILE = "curve_test.npz"       # in a run: per-request test utilities
-# run.json keys that training fills in or that do not change the model
-UNCOMPARED = {"list_length", "tau", "threads", "log_every", "checkpoint_every"}
 Z95 = 1.959964
 
 
@@ -141,19 +139,13 @@ def simulated(curves: Curves, requests: int) -> tuple[Path, dict, float | None]:
     return data, summary, seconds
 
 
-def _comparable(section: dict) -> dict:
-    return {k: _comparable(v) if isinstance(v, dict) else v for k, v in section.items()
-            if k not in UNCOMPARED}
-
-
 def trained(curves: Curves, data: Path, run: Path, model: str, seed: int) -> dict:
     """Train the run unless it has finished with the same settings; its training seconds."""
-    config = json.loads(json.dumps(dataclasses.asdict(curves.config(model, data, seed))))
+    config = curves.config(model, data, seed)
     name = pipeline_model(model)
     if (run / "run.json").exists():
         info = read_run(run)
-        changed = [k for k, section in info["config"].items()
-                   if _comparable(section) != _comparable(config[k])]
+        changed = changed_settings(info, config)
         if changed:
             raise Nar4recError(f"{run}: trained with other '{changed[0]}' settings than "
                                "these; use another --out or delete the run")
@@ -163,7 +155,7 @@ def trained(curves: Curves, data: Path, run: Path, model: str, seed: int) -> dic
     else:
         resumed = False
     started = time.perf_counter()
-    info = train_run(data, run, model=name, config=RunConfig.from_dict(config),
+    info = train_run(data, run, model=name, config=config,
                      resume=resumed, overwrite=not resumed, progress=False)
     seconds = time.perf_counter() - started
     (run / TRAINED_FILE).write_text(json.dumps({"seconds": seconds, "resumed": resumed}) + "\n")
